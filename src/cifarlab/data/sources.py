@@ -1,0 +1,372 @@
+"""Dataset readers: CIFAR-10 (python and binary layouts), CIFAR-100, MNIST / Fashion-MNIST (IDX),
+a seeded synthetic set; plus finding a dataset on disk, extracting archives and downloading.
+
+Every reader returns a `Dataset` of uint8 (N, C, H, W) images with int64 labels and class names.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+MNIST_CLASSES = [str(d) for d in range(10)]
+# Debian's dataset-fashion-mnist package puts the IDX files here.
+SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
+
+
+@dataclass(frozen=True)
+class Archive:
+    url: str
+    md5: str
+    folder: str  # the folder the archive unpacks to
+
+
+# The official archives and their md5 (www.cs.toronto.edu/~kriz/cifar.html).
+ARCHIVES = {
+    "cifar10": Archive("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                       "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py"),
+    "cifar10-binary": Archive("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+                              "c32a1d4ab5d03f1284b67883e8d87530", "cifar-10-batches-bin"),
+    "cifar100": Archive("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                        "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python"),
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray  # uint8 (N, C, H, W)
+    y_train: np.ndarray  # int64 (N,)
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    origin: str  # where it was read from, for logs and env.json
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+    def head(self, train: Optional[int] = None, test: Optional[int] = None) -> "Dataset":
+        """The same dataset keeping only the first `train` / `test` images."""
+        return replace(self, x_train=self.x_train[:train], y_train=self.y_train[:train],
+                       x_test=self.x_test[:test], y_test=self.y_test[:test])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CIFARLAB_DATA") or Path.home() / ".cache" / "cifarlab")
+
+
+# ---------------------------------------------------------------- pickles
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only what the official CIFAR pickles contain: numpy array reconstruction and
+    builtins. Anything else (os.system, eval, ...) is refused before it can run."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            # latin1 turns Python 2 str keys into str and keeps array bytes intact.
+            obj = _RestrictedUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: not a dataset pickle we trust ({e})") from None
+    except (EOFError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: corrupt pickle ({e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def _pickled_images(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = read_pickle(path)
+    if "data" not in batch or label_key not in batch:
+        raise DataError(f"{path}: missing 'data' or '{label_key}' (keys: {', '.join(map(str, batch))})")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' has shape {data.shape}, expected (N, 3072)")
+    labels = np.asarray(batch[label_key], dtype=np.int64)
+    if len(labels) != len(data):
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+# ---------------------------------------------------------------- CIFAR
+
+
+def read_cifar10_python(folder: Path) -> Dataset:
+    folder = Path(folder)
+    parts = [_pickled_images(folder / f"data_batch_{i}", "labels") for i in range(1, 6)]
+    x_test, y_test = _pickled_images(folder / "test_batch", "labels")
+    meta = folder / "batches.meta"
+    classes = list(read_pickle(meta)["label_names"]) if meta.exists() else list(CIFAR10_CLASSES)
+    return Dataset("cifar10", np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                   x_test, y_test, classes, str(folder))
+
+
+def _read_cifar10_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    record = 1 + 3072
+    if raw.size == 0 or raw.size % record:
+        raise DataError(f"{path}: {raw.size} bytes is not a whole number of {record}-byte CIFAR-10 records")
+    raw = raw.reshape(-1, record)
+    return raw[:, 1:].reshape(-1, 3, 32, 32).copy(), raw[:, 0].astype(np.int64)
+
+
+def read_cifar10_binary(folder: Path) -> Dataset:
+    folder = Path(folder)
+    parts = [_read_cifar10_records(folder / f"data_batch_{i}.bin") for i in range(1, 6)]
+    x_test, y_test = _read_cifar10_records(folder / "test_batch.bin")
+    meta = folder / "batches.meta.txt"
+    classes = [c for c in meta.read_text().split() if c] if meta.exists() else list(CIFAR10_CLASSES)
+    return Dataset("cifar10", np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                   x_test, y_test, classes, str(folder))
+
+
+def read_cifar100_python(folder: Path, labels: str = "fine") -> Dataset:
+    folder = Path(folder)
+    key = f"{labels}_labels"
+    x_train, y_train = _pickled_images(folder / "train", key)
+    x_test, y_test = _pickled_images(folder / "test", key)
+    classes = list(read_pickle(folder / "meta")[f"{labels}_label_names"])
+    return Dataset("cifar100", x_train, y_train, x_test, y_test, classes, str(folder))
+
+
+# ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (raw or .gz) as a uint8 array of its stated shape."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} but holds {body.size} values")
+    return body.reshape(shape)
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    for name in (stem, f"{stem}.gz"):
+        if (folder / name).exists():
+            return folder / name
+    raise DataError(f"{folder}: no {stem} or {stem}.gz")
+
+
+def read_mnist_folder(folder: Path, name: str = "fashion-mnist") -> Dataset:
+    folder = Path(folder)
+    arrays = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(_idx_file(folder, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_idx_file(folder, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+        if images.ndim != 3 or len(images) != len(labels):
+            raise DataError(f"{folder}: {prefix} images {images.shape} do not match labels {labels.shape}")
+        arrays[split] = (images[:, None, :, :].copy(), labels)
+    classes = FASHION_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
+    return Dataset(name, *arrays["train"], *arrays["test"], list(classes), str(folder))
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def synthetic(seed: int = 0, n_train: int = 5000, n_test: int = 1000, shape: tuple[int, int, int] = (3, 32, 32),
+              classes: int = 10) -> Dataset:
+    """Seeded random images with a weak class signal (a coarse per-class color pattern under
+    noise): enough to check shapes and that training runs and learns, no more."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    patterns = rng.uniform(60, 196, size=(classes, c, 4, 4))
+    patterns = patterns.repeat(-(-h // 4), axis=2)[:, :, :h].repeat(-(-w // 4), axis=3)[:, :, :, :w]
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, classes, size=n)
+        images = patterns[labels] + rng.normal(0, 50, size=(n, c, h, w))
+        return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+    return Dataset("synthetic", *draw(n_train), *draw(n_test), [f"class{i}" for i in range(classes)],
+                   f"synthetic(seed={seed})")
+
+
+# ---------------------------------------------------------------- finding, extracting, downloading
+
+
+def find_cifar10_folder(root: Path, fmt: str = "auto") -> tuple[Path, str]:
+    """(folder, "python" | "binary") for a CIFAR-10 root: the batches folder itself or its parent."""
+    layouts = {"python": ("cifar-10-batches-py", "data_batch_1"), "binary": ("cifar-10-batches-bin", "data_batch_1.bin")}
+    wanted = ["python", "binary"] if fmt == "auto" else [fmt]
+    for layout in wanted:
+        sub, marker = layouts[layout]
+        for folder in (root, root / sub):
+            if (folder / marker).is_file():
+                return folder, layout
+    names = " or ".join(layouts[w][0] for w in wanted)
+    raise DataError(f"{root}: no CIFAR-10 {names} folder (looked for {root}/{layouts[wanted[0]][0]}/)")
+
+
+def extract_archive(archive: Path, into: Optional[Path] = None) -> Path:
+    """Unpack a .tar.gz once into the cache (atomically) and return the folder holding its contents."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise DataError(f"{archive}: file not found")
+    stat = archive.stat()
+    key = hashlib.md5(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = (into or cache_dir() / "extracted") / f"{archive.name.split('.')[0]}-{key}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(tmp, filter="data")
+        os.replace(tmp, target)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{archive}: cannot extract ({e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def fetch(url: str, md5: str, dest: Path, timeout: float = 30.0) -> Path:
+    """Download `url` to `dest` unless a file with that md5 is already there. On a checksum
+    mismatch or a network error nothing is left at `dest`."""
+    import pooch
+    import requests
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path = pooch.retrieve(url, known_hash=f"md5:{md5}", fname=dest.name, path=dest.parent,
+                              progressbar=False, downloader=pooch.HTTPDownloader(timeout=timeout))
+    except ValueError as e:
+        dest.unlink(missing_ok=True)
+        raise DataError(f"{url}: checksum mismatch, expected md5 {md5}; nothing was cached ({_first_line(e)})") from None
+    except (requests.RequestException, OSError) as e:
+        dest.unlink(missing_ok=True)
+        raise DataError(f"{url}: download failed ({_first_line(e)})") from None
+    return Path(path)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def download(name: str, url: Optional[str] = None, timeout: float = 30.0) -> Path:
+    """Download and unpack an official archive into the cache; the unpacked folder."""
+    if name not in ARCHIVES:
+        raise DataError(f"{name}: nothing to download (downloadable: {', '.join(ARCHIVES)})")
+    archive = ARCHIVES[name]
+    folder = cache_dir() / archive.folder
+    if folder.is_dir():
+        return folder
+    source = url or archive.url
+    path = fetch(source, archive.md5, cache_dir() / "downloads" / source.rsplit("/", 1)[-1], timeout)
+    unpacked = extract_archive(path)
+    os.replace(unpacked / archive.folder, folder)
+    shutil.rmtree(unpacked, ignore_errors=True)
+    return folder
+
+
+def _search_dirs(dataset: str) -> list[Path]:
+    cache = cache_dir()
+    found = {"cifar10": [cache], "cifar100": [cache / "cifar-100-python"],
+             "mnist": [cache / "mnist"], "fashion-mnist": [cache / "fashion-mnist"]}[dataset]
+    return found + SYSTEM_DIRS.get(dataset, [])
+
+
+def _read_from(dataset: str, folder: Path, fmt: str, labels: str) -> Dataset:
+    if dataset == "cifar10":
+        batches, layout = find_cifar10_folder(folder, fmt)
+        return read_cifar10_python(batches) if layout == "python" else read_cifar10_binary(batches)
+    if dataset == "cifar100":
+        sub = folder / "cifar-100-python"
+        return read_cifar100_python(sub if sub.is_dir() else folder, labels)
+    return read_mnist_folder(folder, dataset)
+
+
+def _has_data(dataset: str, folder: Path, fmt: str) -> bool:
+    if not folder.is_dir():
+        return False
+    if dataset == "cifar10":
+        try:
+            find_cifar10_folder(folder, fmt)
+            return True
+        except DataError:
+            return False
+    if dataset == "cifar100":
+        return (folder / "train").is_file() or (folder / "cifar-100-python" / "train").is_file()
+    return any(folder.glob("train-images-idx3-ubyte*"))
+
+
+def load_dataset(dataset: str, root: Optional[str] = None, fmt: str = "auto", labels: str = "fine",
+                 allow_download: bool = False, seed: int = 0) -> Dataset:
+    """Read a dataset from `root` (a folder or a .tar.gz), else from the cache and system folders,
+    else (with allow_download) from the official archive."""
+    if dataset == "synthetic":
+        return synthetic(seed)
+    if root:
+        path = Path(root).expanduser()
+        if path.is_file():
+            path = extract_archive(path)
+        elif not path.exists():
+            raise DataError(f"data.root={root}: no such file or directory")
+        return _read_from(dataset, path, fmt, labels)
+    for folder in _search_dirs(dataset):
+        if _has_data(dataset, folder, fmt):
+            return _read_from(dataset, folder, fmt, labels)
+    key = "cifar10-binary" if dataset == "cifar10" and fmt == "binary" else dataset
+    if allow_download and key in ARCHIVES:
+        return _read_from(dataset, download(key).parent, fmt, labels)
+    where = ", ".join(str(d) for d in _search_dirs(dataset))
+    hint = " or data.download=true" if key in ARCHIVES else ""
+    raise DataError(f"{dataset}: not found in {where}; set data.root=FOLDER or .tar.gz{hint}")
+
+
+def dataset_from_config(data_config, seed: int = 0) -> Dataset:
+    ds = load_dataset(data_config.dataset, data_config.root, data_config.format, data_config.labels,
+                      data_config.download, seed)
+    return ds.head(data_config.train_limit, data_config.test_limit)
+

@@ -1,0 +1,55 @@
+"""Train / validation split of the training set and per-channel statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError
+
+
+def validation_count(n: int, val_size: float) -> int:
+    """How many of `n` training images go to validation: a fraction if val_size < 1, else a count."""
+    count = int(round(n * val_size)) if val_size < 1 else int(val_size)
+    if count >= n:
+        raise ConfigError(f"data.val_size={val_size} leaves no training images out of {n}")
+    return count
+
+
+def split_indices(labels: np.ndarray, val_size: float, seed: int, stratify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx), seeded. Stratified splits give each class its share of the validation
+    set (largest remainders settle the rounding), so class balance matches the training set."""
+    n = len(labels)
+    n_val = validation_count(n, val_size)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    if n_val == 0:
+        return np.sort(order), np.empty(0, dtype=np.int64)
+    if not stratify:
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n_val / n
+    quota = np.floor(exact).astype(int)
+    leftover = n_val - quota.sum()
+    quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
+    shuffled_labels = labels[order]
+    val = np.concatenate([order[shuffled_labels == c][:q] for c, q in zip(classes, quota)])
+    is_val = np.zeros(n, dtype=bool)
+    is_val[val] = True
+    return np.flatnonzero(~is_val), np.sort(val)
+
+
+def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images, in [0, 1] units (float64 sums)."""
+    if len(images) == 0:
+        raise ConfigError("cannot compute normalization statistics of an empty training split")
+    channels = images.shape[1]
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    for start in range(0, len(images), chunk):
+        block = images[start:start + chunk].astype(np.float64) / 255.0
+        total += block.sum(axis=(0, 2, 3))
+        total_sq += (block ** 2).sum(axis=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0))
+    return mean.tolist(), np.maximum(std, 1e-8).tolist()

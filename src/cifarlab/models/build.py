@@ -1,0 +1,249 @@
+"""Layer spec (a list of YAML items) -> torch.nn.Sequential with stable layer names.
+
+A layer item is a kind alone (`relu`, `flatten`, `batchnorm`) or a one-key mapping from the kind to
+its arguments (`conv: {filters: 32, kernel: 3}`, `dense: 512`, `dropout: 0.5`). Shapes are
+inferred from the input, so a spec never states in_channels or in_features.
+
+Presets are YAML files in presets/ of the same form plus `params` (their defaults). In a preset,
+`$name` (or `$name.i`, item i of a list) is replaced by a parameter, `$classes` and `$channels` come from the
+dataset, and an item with `if: name` (or `if: not name`) is kept only when that parameter is truthy.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from torch import nn
+
+from ..errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+# kind -> (allowed argument names, the argument a bare value sets, defaults)
+LAYER_KINDS: dict[str, tuple[tuple[str, ...], Optional[str], dict[str, Any]]] = {
+    "conv": (("filters", "kernel", "stride", "padding", "bias"), "filters",
+             {"kernel": 3, "stride": 1, "padding": "same", "bias": True}),
+    "dense": (("units", "bias"), "units", {"bias": True}),
+    "batchnorm": (("momentum", "eps"), None, {"momentum": 0.1, "eps": 1e-5}),
+    "relu": ((), None, {}),
+    "gelu": ((), None, {}),
+    "elu": ((), None, {}),
+    "tanh": ((), None, {}),
+    "sigmoid": ((), None, {}),
+    "leaky_relu": (("slope",), "slope", {"slope": 0.01}),
+    "maxpool": (("size", "stride"), "size", {"size": 2, "stride": None}),
+    "avgpool": (("size", "stride"), "size", {"size": 2, "stride": None}),
+    "pool": (("type", "size", "stride"), "type", {"type": "max", "size": 2, "stride": None}),
+    "global_avgpool": ((), None, {}),
+    "dropout": (("p",), "p", {"p": 0.5}),
+    "dropout2d": (("p",), "p", {"p": 0.5}),
+    "flatten": ((), None, {}),
+}
+NAME_PREFIX = {"conv": "conv", "dense": "fc", "batchnorm": "bn", "maxpool": "pool", "avgpool": "pool",
+               "pool": "pool", "global_avgpool": "gap", "dropout": "drop", "dropout2d": "drop"}
+BUILTIN_PARAMS = ("classes", "channels")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+@lru_cache(maxsize=None)
+def _read_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"model.preset={name!r}: no such preset (available: {', '.join(preset_names())})")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if "base" in spec:
+        base = _read_preset(spec["base"])
+        spec = {**base, **spec, "params": {**base.get("params", {}), **spec.get("params", {})},
+                "layers": spec.get("layers", base["layers"])}
+    return spec
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """{description, source, params, layers} of a named preset (base presets merged in)."""
+    spec = _read_preset(name)
+    return {**spec, "params": dict(spec.get("params", {})), "layers": list(spec["layers"])}
+
+
+def check_model_config(preset: Optional[str], layers: Optional[list], params: dict[str, Any]) -> None:
+    """Fail on an unknown preset, an unknown or ill-typed preset parameter, or a bad layer item."""
+    if layers is not None:
+        if params:
+            raise ValueError(f"model.{next(iter(params))}: preset parameters need model.preset, "
+                             "and model.layers replaces the preset")
+        for index, item in enumerate(layers):
+            parse_layer(item, f"model.layers[{index}]")
+        return
+    if preset is None:
+        raise ValueError("give model.preset or model.layers")
+    spec = load_preset(preset)
+    defaults = spec["params"]
+    for key, value in params.items():
+        if key not in defaults:
+            allowed = ", ".join(["preset", "layers", *defaults]) or "preset, layers"
+            raise ValueError(f"model.{key}: unknown key for preset {preset} (allowed: {allowed})")
+        if not _same_type(defaults[key], value):
+            raise ValueError(f"model.{key}={value!r}: expected {type(defaults[key]).__name__} "
+                             f"like the default {defaults[key]!r}")
+    for index, item in enumerate(expand_layers(spec["layers"], {**defaults, **params, "classes": 10,
+                                                                 "channels": 3})):
+        parse_layer(item, f"preset {preset} layer {index}")
+
+
+def _same_type(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool) or default is None
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float))
+    if isinstance(default, list):
+        return isinstance(value, list) and len(value) == len(default)
+    return default is None or isinstance(value, type(default))
+
+
+def expand_layers(items: list, params: dict[str, Any]) -> list:
+    """Apply `if:` conditions and `$name` substitutions of a preset."""
+    kept = []
+    for item in items:
+        if isinstance(item, dict) and "if" in item:
+            condition = str(item["if"]).split()
+            negate = condition[0] == "not"
+            key = condition[-1]
+            if key not in params:
+                raise ConfigError(f"preset condition 'if: {item['if']}' names no parameter")
+            if bool(params[key]) == negate:
+                continue
+            item = {k: v for k, v in item.items() if k != "if"}
+        kept.append(_substitute(item, params))
+    return kept
+
+
+def _substitute(value: Any, params: dict[str, Any]) -> Any:
+    if isinstance(value, str) and value.startswith("$"):
+        name, _, index = value[1:].partition(".")
+        if name not in params:
+            raise ConfigError(f"preset reference {value} names no parameter")
+        found = params[name]
+        return found[int(index)] if index else found
+    if isinstance(value, dict):
+        return {k: _substitute(v, params) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, params) for v in value]
+    return value
+
+
+def parse_layer(item: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """One spec item -> (kind, complete arguments), or a ConfigError naming the item."""
+    if isinstance(item, str):
+        kind, given = item, None
+    elif isinstance(item, dict) and len(item) == 1:
+        kind, given = next(iter(item.items()))
+    else:
+        raise ConfigError(f"{where}: expected a layer kind or a one-key mapping, got {item!r}")
+    if kind not in LAYER_KINDS:
+        raise ConfigError(f"{where}: unknown layer kind {kind!r} (known: {', '.join(LAYER_KINDS)})")
+    allowed, bare, defaults = LAYER_KINDS[kind]
+    if given is None:
+        given = {}
+    elif not isinstance(given, dict):
+        if bare is None:
+            raise ConfigError(f"{where}: {kind} takes no value, got {given!r}")
+        given = {bare: given}
+    unknown = set(given) - set(allowed)
+    if unknown:
+        raise ConfigError(f"{where}: {kind} has no argument {sorted(unknown)[0]!r} "
+                          f"(allowed: {', '.join(allowed) or 'none'})")
+    args = {**defaults, **given}
+    missing = [a for a in allowed if a not in args]
+    if missing:
+        raise ConfigError(f"{where}: {kind} needs {missing[0]}")
+    if kind in ("dropout", "dropout2d") and not 0 <= float(args["p"]) < 1:
+        raise ConfigError(f"{where}: {kind} p={args['p']} must be in [0, 1)")
+    if kind == "pool" and args["type"] not in ("max", "avg"):
+        raise ConfigError(f"{where}: pool type={args['type']!r} must be max or avg")
+    if kind == "conv" and not (args["padding"] in ("same", "valid") or isinstance(args["padding"], int)):
+        raise ConfigError(f"{where}: conv padding={args['padding']!r} must be same, valid or a number")
+    return kind, args
+
+
+def resolve_layers(preset: Optional[str], layers: Optional[list], params: dict[str, Any],
+                   channels: int, classes: int) -> list:
+    if layers is not None:
+        return expand_layers(layers, {"classes": classes, "channels": channels})
+    spec = load_preset(preset)
+    values = {**spec["params"], **params, "classes": classes, "channels": channels}
+    return expand_layers(spec["layers"], values)
+
+
+def build_model(model_config, input_shape: tuple[int, int, int], classes: int) -> nn.Sequential:
+    """The network a ModelConfig describes, for inputs of `input_shape` (C, H, W)."""
+    layers = resolve_layers(model_config.preset, model_config.layers, model_config.params(),
+                            input_shape[0], classes)
+    return build_layers(layers, input_shape)
+
+
+def build_layers(items: list, input_shape: tuple[int, int, int]) -> nn.Sequential:
+    shape = tuple(input_shape)
+    modules: "OrderedDict[str, nn.Module]" = OrderedDict()
+    counts: dict[str, int] = {}
+    for index, item in enumerate(items):
+        kind, args = parse_layer(item, f"layer {index}")
+        module, shape = _make_layer(kind, args, shape, f"layer {index} ({kind})")
+        prefix = NAME_PREFIX.get(kind, kind)
+        counts[prefix] = counts.get(prefix, 0) + 1
+        name = prefix if prefix == "flatten" and counts[prefix] == 1 else f"{prefix}{counts[prefix]}"
+        modules[name] = module
+    return nn.Sequential(modules)
+
+
+def _conv_padding(padding: Any, kernel: int) -> int:
+    if padding == "same":
+        # Symmetric k//2: output size ceil(H / stride) for odd kernels, as Keras 'same' gives.
+        return kernel // 2
+    return 0 if padding == "valid" else int(padding)
+
+
+def _make_layer(kind: str, a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
+    spatial = len(shape) == 3
+    if kind in ("conv", "maxpool", "avgpool", "pool", "global_avgpool", "dropout2d") and not spatial:
+        raise ConfigError(f"{where}: needs an image input (C, H, W), got a flat vector of {shape[0]}")
+    if kind == "dense" and spatial:
+        raise ConfigError(f"{where}: needs a flat input; add `flatten` before it")
+    if kind == "conv":
+        pad = _conv_padding(a["padding"], a["kernel"])
+        module = nn.Conv2d(shape[0], a["filters"], a["kernel"], a["stride"], pad, bias=a["bias"])
+        h, w = ((s + 2 * pad - a["kernel"]) // a["stride"] + 1 for s in shape[1:])
+        if h < 1 or w < 1:
+            raise ConfigError(f"{where}: kernel {a['kernel']} does not fit a {shape[1]}x{shape[2]} input")
+        return module, (a["filters"], h, w)
+    if kind in ("maxpool", "avgpool", "pool"):
+        kind = {"max": "maxpool", "avg": "avgpool"}.get(a.get("type"), kind)
+        size, stride = a["size"], a.get("stride") or a["size"]
+        module = nn.MaxPool2d(size, stride) if kind == "maxpool" else nn.AvgPool2d(size, stride)
+        h, w = ((s - size) // stride + 1 for s in shape[1:])
+        if h < 1 or w < 1:
+            raise ConfigError(f"{where}: pool size {size} does not fit a {shape[1]}x{shape[2]} input")
+        return module, (shape[0], h, w)
+    if kind == "dense":
+        return nn.Linear(shape[0], a["units"], bias=a["bias"]), (a["units"],)
+    if kind == "batchnorm":
+        norm = nn.BatchNorm2d if spatial else nn.BatchNorm1d
+        return norm(shape[0], eps=a["eps"], momentum=a["momentum"]), shape
+    if kind == "flatten":
+        return nn.Flatten(), (int(torch.tensor(shape).prod()),)
+    if kind == "global_avgpool":
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), (shape[0],)
+    if kind == "dropout":
+        return nn.Dropout(a["p"]), shape
+    if kind == "dropout2d":
+        return nn.Dropout2d(a["p"]), shape
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(a["slope"]), shape
+    activations = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+    return activations[kind](), shape
