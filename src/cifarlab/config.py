@@ -45,7 +45,7 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         if self.val_size >= 1 and self.val_size != int(self.val_size):
-            raise ValueError(f"val_size={self.val_size}: use a fraction below 1 or a whole count")
+            raise ValueError(f"data.val_size={self.val_size}: use a fraction below 1 or a whole count")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both data.mean and data.std, or neither")
         if self.std is not None and any(s <= 0 for s in self.std):
@@ -227,7 +227,7 @@ def describe_validation_error(error: ValidationError) -> str:
             problems.append(f"{key}: unknown key (allowed: {allowed})")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            where = f"{key}: " if key else ""
+            where = f"{key}: " if key and not message.startswith(key) else ""
             shown = item.get("input")
             value = f" (got {shown!r})" if key and not isinstance(shown, (dict, list)) else ""
             problems.append(f"{where}{message}{value}")

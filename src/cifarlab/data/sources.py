@@ -32,6 +32,11 @@ MNIST_CLASSES = [str(d) for d in range(10)]
 SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
 
 
+# (C, H, W) and class count of each dataset, known without reading it (for `cifarlab summary`).
+SHAPES = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "mnist": ((1, 28, 28), 10),
+          "fashion-mnist": ((1, 28, 28), 10), "synthetic": ((3, 32, 32), 10)}
+
+
 @dataclass(frozen=True)
 class Archive:
     url: str

@@ -277,3 +277,31 @@ def fit(config: Config, reporter: Optional[Reporter] = None) -> Path:
     runs.write_json(run_dir / runs.SUMMARY, summary)
     reporter.finish(summary)
     return run_dir
+
+
+def evaluate_run(run_dir: Path, split: str = "test") -> dict[str, Any]:
+    """Accuracy, loss and per-class accuracy of a run's best.pt on one split, with the run's own
+    normalization; also written to eval_<split>.json in the run directory."""
+    from ..analysis.metrics import per_class_accuracy
+
+    run_dir = runs.resolve_run(run_dir)
+    config = runs.read_run_config(run_dir)
+    device = select_device("auto" if config.train.device == "auto" else config.train.device)
+    checkpoint = load_checkpoint(run_dir / runs.CHECKPOINTS / "best.pt", str(device))
+    splits = prepare_data(config)
+    splits.mean, splits.std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
+    arrays = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+    if len(arrays[1]) == 0:
+        raise ConfigError(f"{run_dir}: the {split} split is empty (data.val_size=0?)")
+    classes = checkpoint["classes"]
+    model = build_model(config.model, tuple(checkpoint["input_shape"]), len(classes)).to(device)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.load_state_dict(checkpoint["model"])
+    result = evaluate(model, eval_loader(arrays, splits, config, device))
+    per_class = per_class_accuracy(result["predictions"].numpy(), arrays[1], len(classes))
+    report = {"run": run_dir.name, "split": split, "epoch": checkpoint["epoch"], "images": len(arrays[1]),
+              "loss": result["loss"], "acc": result["acc"],
+              "per_class_acc": dict(zip(classes, per_class))}
+    runs.write_json(run_dir / f"eval_{split}.json", report)
+    return report

@@ -1,0 +1,28 @@
+# Every target sets up .venv itself: torch 2.13.0 (a CPU build on our machines), then cifarlab
+# in editable mode with its test extras.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Real CIFAR-10 images used by `make demo` when the full set is not in the cache.
+CIFAR10_HEAD ?= ../shared/data/cifar10-head
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cifarlab demo -c configs/quickstart.yaml --cifar10-root $(CIFAR10_HEAD)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,298 @@
+"""The `cifarlab` command: parses arguments, builds a config, calls the library, prints results."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from .errors import CifarlabError, ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train and study small CNNs on CIFAR-10 and its cousins.")
+data_app = typer.Typer(no_args_is_help=True, help="Find, download and look at datasets.")
+app.add_typer(data_app, name="data")
+# No markup: user values such as [32, 64] must print as they are.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
+state = {"debug": False}
+
+DATASET_HELP = "cifar10 | cifar100 | mnist | fashion-mnist | synthetic"
+
+
+def user_errors(command):
+    """Print a user's mistake as one line and exit 2 (1 for failed training); --debug shows the traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CifarlabError as e:
+            if state["debug"]:
+                raise
+            err.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return run
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+    state["debug"] = debug
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("pooch").setLevel(logging.WARNING)
+
+
+class BarReporter:
+    """A rich progress bar per epoch with running loss, accuracy and img/s; epoch lines above it."""
+
+    def __init__(self, console: Console, batch_size: int):
+        self.console = console
+        self.batch_size = batch_size
+        self.progress: Optional[Progress] = None
+        self.task = None
+
+    def start(self, run_dir: Path, epochs: int, steps_per_epoch: int) -> None:
+        self.epochs, self.steps = epochs, steps_per_epoch
+        self.console.print(f"run directory: {run_dir}")
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=self.console,
+                                 transient=True)
+        self.progress.start()
+
+    def step(self, epoch: int, step: int, running: Optional[dict[str, float]]) -> None:
+        if step == 1:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=self.steps, stats="")
+            self.epoch_start = time.perf_counter()
+        fields = {}
+        if running is not None:
+            rate = step * self.batch_size / max(time.perf_counter() - self.epoch_start, 1e-9)
+            fields["stats"] = f"loss {running['loss']:.4f} acc {100 * running['acc']:.1f}% {rate:.0f} img/s"
+        self.progress.update(self.task, completed=step, **fields)
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        from .train.trainer import format_epoch
+
+        self.progress.console.print(format_epoch(record))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def train_and_report(config) -> Path:
+    from .train.trainer import Reporter, fit
+
+    use_bar = not state.get("quiet") and sys.stderr.isatty()
+    reporter = BarReporter(err, config.train.batch_size) if use_bar else Reporter()
+    try:
+        run_dir = fit(config, reporter)
+    finally:
+        if use_bar:
+            reporter.close()
+    print_summary(run_dir)
+    return run_dir
+
+
+def print_summary(run_dir: Path) -> None:
+    from .runs import read_summary
+
+    s = read_summary(run_dir)
+    table = Table(title=f"{s['run']}  ({s['stop_reason']})", show_header=True)
+    for column in ("best epoch", "epochs", "train acc", "val acc", "test acc", "train time", "img/s", "params"):
+        table.add_column(column, justify="right")
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    table.add_row(str(s["best_epoch"]), str(s["epochs_run"]), pct(s["train_acc"]), pct(s["val_acc"]),
+                  pct(s["test_acc"]), f"{s['train_time_s']:.1f} s", f"{s['train_img_per_s']:.0f}",
+                  f"{s['params']['trainable'] + s['params']['non_trainable']:,}")
+    out.print(table)
+    out.print(f"run directory: {run_dir}")
+
+
+@app.command()
+@user_errors
+def train(
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value settings, e.g. train.epochs=5"),
+    config_file: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML config file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
+) -> None:
+    """Train a model; writes a run directory (config, metrics, summary, checkpoints)."""
+    from .config import load_config
+
+    state["quiet"] = quiet
+    setup_logging()
+    config = load_config(config_file, overrides or [])
+    train_and_report(config)
+
+
+@app.command()
+@user_errors
+def demo(
+    config_file: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML config for the demo run."),
+    cifar10_root: Optional[str] = typer.Option(None, "--cifar10-root", help="A CIFAR-10 folder to use if present."),
+    offline: bool = typer.Option(False, "--offline", help="Do not try to download CIFAR-10."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Quick start: train on the best dataset this machine has (CIFAR-10, else Fashion-MNIST, else synthetic)."""
+    from .config import load_config
+    from .demo import choose_demo_data
+
+    state["quiet"] = quiet
+    setup_logging()
+    load_config(config_file)  # a bad config fails before any download
+    overrides, why = choose_demo_data(cifar10_root, try_download=not offline)
+    out.print(f"demo data: {why}")
+    train_and_report(load_config(config_file, overrides))
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    run: Path = typer.Argument(..., help="A run directory."),
+    split: str = typer.Option("test", "--split", help="test | val | train"),
+) -> None:
+    """Accuracy and per-class accuracy of a run's best checkpoint; saved as eval_<split>.json."""
+    from .train.trainer import evaluate_run
+
+    if split not in ("test", "val", "train"):
+        raise ConfigError(f"--split={split}: use test, val or train")
+    report = evaluate_run(run, split)
+    out.print(f"{report['run']}: {split} accuracy {100 * report['acc']:.2f}% on {report['images']} images "
+              f"(best.pt, epoch {report['epoch']})")
+    table = Table()
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, acc in report["per_class_acc"].items():
+        table.add_row(name, "-" if acc != acc else f"{100 * acc:.1f}%")
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def summary(
+    model: str = typer.Argument(..., help="A preset name (see `cifarlab summary list`) or a config YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value, e.g. model.dropout=0.2"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help=f"Input shape of: {DATASET_HELP}"),
+) -> None:
+    """Keras-style summary: layers, output shapes, parameters (trainable / non-trainable)."""
+    from .config import load_config
+    from .data.sources import SHAPES
+    from .models.build import build_model, load_preset, preset_names
+    from .models.summary import format_summary, summarize
+
+    if model == "list":
+        for name in preset_names():
+            out.print(f"{name:16s} {load_preset(name).get('description', '')}")
+        return
+    is_file = model.endswith((".yaml", ".yml")) or Path(model).is_file()
+    config = load_config(model if is_file else None, ([] if is_file else [f"model.preset={model}"]) + (overrides or []))
+    name = dataset or config.data.dataset
+    if name not in SHAPES:
+        raise ConfigError(f"--dataset={name}: use one of {DATASET_HELP}")
+    shape, classes = SHAPES[name]
+    if name == "cifar100" and config.data.labels == "coarse":
+        classes = 20
+    network = build_model(config.model, shape, classes)
+    title = f"{config.model.preset or 'custom'} for {name} ({'x'.join(map(str, shape))}, {classes} classes)"
+    out.print(format_summary(summarize(network, shape), title))
+
+
+def _load(dataset: str, root: Optional[str], download: bool = False):
+    from .config import DATASETS
+    from .data.sources import load_dataset
+
+    if dataset not in DATASETS:
+        raise ConfigError(f"dataset {dataset!r}: use one of {DATASET_HELP}")
+    return load_dataset(dataset, root, allow_download=download)
+
+
+ROOT_OPTION = typer.Option(None, "--root", help="Folder or .tar.gz holding the dataset (default: the cache).")
+
+
+@data_app.command("download")
+@user_errors
+def data_download(dataset: str = typer.Argument(..., help="cifar10 | cifar10-binary | cifar100"),
+                  url: Optional[str] = typer.Option(None, "--url", help="A mirror of the official archive.")) -> None:
+    """Download an official archive into the cache ($CIFARLAB_DATA), checking its md5."""
+    from .data.sources import download
+
+    out.print(f"{dataset}: {download(dataset, url=url)}")
+
+
+@data_app.command("info")
+@user_errors
+def data_info(dataset: str = typer.Argument(..., help=DATASET_HELP), root: Optional[str] = ROOT_OPTION) -> None:
+    """Where a dataset was found, its sizes, image shape and images per class."""
+    import numpy as np
+
+    ds = _load(dataset, root)
+    out.print(f"{ds.name} from {ds.origin}")
+    out.print(f"train {len(ds.y_train)}, test {len(ds.y_test)}, images {'x'.join(map(str, ds.image_shape))} uint8")
+    table = Table()
+    for column in ("class", "train", "test"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    train_counts = np.bincount(ds.y_train, minlength=len(ds.classes))
+    test_counts = np.bincount(ds.y_test, minlength=len(ds.classes))
+    for i, name in enumerate(ds.classes):
+        table.add_row(f"{i} {name}", str(train_counts[i]), str(test_counts[i]))
+    out.print(table)
+
+
+@data_app.command("stats")
+@user_errors
+def data_stats(dataset: str = typer.Argument(..., help=DATASET_HELP), root: Optional[str] = ROOT_OPTION) -> None:
+    """Per-channel mean and std of the training set, in [0, 1] units."""
+    from .data.splits import channel_stats
+
+    ds = _load(dataset, root)
+    mean, std = channel_stats(ds.x_train)
+    out.print(f"{ds.name} training set, {len(ds.y_train)} images")
+    out.print("mean: " + ", ".join(f"{m:.4f}" for m in mean))
+    out.print("std:  " + ", ".join(f"{s:.4f}" for s in std))
+
+
+@data_app.command("show")
+@user_errors
+def data_show(dataset: str = typer.Argument(..., help=DATASET_HELP), root: Optional[str] = ROOT_OPTION,
+              output: Optional[Path] = typer.Option(None, "-o", "--output", help="PNG path."),
+              count: int = typer.Option(32, "-n", "--count", min=1, max=400),
+              seed: int = typer.Option(0, "--seed")) -> None:
+    """Write a PNG grid of random training images titled with their class names."""
+    import numpy as np
+
+    from .analysis.plots import sample_grid
+
+    ds = _load(dataset, root)
+    pick = np.random.default_rng(seed).choice(len(ds.y_train), size=min(count, len(ds.y_train)), replace=False)
+    path = sample_grid(ds.x_train[pick], ds.y_train[pick], ds.classes, output or Path(f"{ds.name}-samples.png"),
+                       title=f"{ds.name}: {len(pick)} training images")
+    out.print(f"wrote {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
