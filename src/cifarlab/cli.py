@@ -22,8 +22,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Find, download and look at datasets.")
 app.add_typer(data_app, name="data")
 # No markup: user values such as [32, 64] must print as they are.
-out = Console(markup=False)
-err = Console(stderr=True, markup=False)
+out = Console(markup=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 state = {"debug": False}
 
 DATASET_HELP = "cifar10 | cifar100 | mnist | fashion-mnist | synthetic"

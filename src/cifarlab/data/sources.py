@@ -224,12 +224,12 @@ def synthetic(seed: int = 0, n_train: int = 5000, n_test: int = 1000, shape: tup
     noise): enough to check shapes and that training runs and learns, no more."""
     rng = np.random.default_rng(seed)
     c, h, w = shape
-    patterns = rng.uniform(60, 196, size=(classes, c, 4, 4))
+    patterns = rng.uniform(124, 132, size=(classes, c, 4, 4))
     patterns = patterns.repeat(-(-h // 4), axis=2)[:, :, :h].repeat(-(-w // 4), axis=3)[:, :, :, :w]
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         labels = rng.integers(0, classes, size=n)
-        images = patterns[labels] + rng.normal(0, 50, size=(n, c, h, w))
+        images = patterns[labels] + rng.normal(0, 80, size=(n, c, h, w))
         return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
 
     return Dataset("synthetic", *draw(n_train), *draw(n_test), [f"class{i}" for i in range(classes)],

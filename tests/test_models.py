@@ -1,0 +1,113 @@
+import re
+
+import pytest
+import torch
+
+from cifarlab.config import load_config
+from cifarlab.errors import ConfigError
+from cifarlab.models.build import build_layers, build_model, preset_names
+from cifarlab.models.summary import count_params, format_summary, summarize
+
+# Parameter counts of the reports' networks: (trainable, non-trainable), from their own tables.
+REPORT_COUNTS = {
+    "cnn3": (1_147_914, 448),  # report 000
+    "cnn3-avg": (1_211_018, 1_728),  # report 001
+    "lab-m1": (48_970, 0),  # report 002, model 1
+    "lab-m1-bn": (51_146, 2_176),
+    "lab-m2": (1_442_902, 0),
+    "lab-m2-bn": (1_443_230, 328),
+    "lab-m3": (1_121_430, 0),
+    "lab-m3-bn": (1_121_758, 328),
+    "cnn4": (890_410, 0),  # report 003 CNNModel
+    "cnn4-improved": (4_270_474, 576),  # report 003 CNNImp
+    "cnn-5x5": (2_284_970, 384),  # report 004 as described there (our widths: 32, 64, dense 512)
+}
+
+
+def model_for(preset, shape=(3, 32, 32), classes=10, *overrides):
+    config = load_config(overrides=[f"model.preset={preset}", *overrides])
+    return build_model(config.model, shape, classes)
+
+
+@pytest.mark.parametrize("preset", sorted(REPORT_COUNTS))
+def test_preset_parameter_counts_match_the_reports(preset):
+    assert count_params(model_for(preset)) == REPORT_COUNTS[preset]
+
+
+def test_every_preset_has_a_count_in_this_test():
+    assert set(preset_names()) == set(REPORT_COUNTS)
+
+
+@pytest.mark.parametrize("preset", preset_names())
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
+def test_every_preset_runs_forward_and_backward(preset, shape):
+    torch.manual_seed(0)
+    model = model_for(preset, shape, 10)
+    x = torch.randn(4, *shape)
+    out = model(x)
+    assert out.shape == (4, 10)
+    assert torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{preset}: {name} got no gradient"
+
+
+def test_cnn3_summary_has_the_layer_shapes_of_report_000():
+    model = model_for("cnn3")
+    rows = summarize(model, (3, 32, 32))
+    shapes = {r.name: r.output_shape for r in rows}
+    assert shapes["conv1"] == (32, 32, 32)
+    assert shapes["pool1"] == (16, 16, 32)
+    assert shapes["conv2"] == (16, 16, 64)
+    assert shapes["pool2"] == (8, 8, 64)
+    assert shapes["conv3"] == (8, 8, 128)
+    assert shapes["pool3"] == (4, 4, 128)
+    assert shapes["flatten"] == (2048,)
+    assert shapes["fc1"] == (512,)
+    assert shapes["fc2"] == (10,)
+    text = format_summary(rows)
+    assert "Total params: 1,148,362" in text
+    assert "Trainable params: 1,147,914" in text
+    assert "Non-trainable params: 448" in text
+    # BN layers count gamma, beta, moving mean and moving variance, as Keras does.
+    assert {r.name: r.params for r in rows}["bn1"] == 4 * 32
+
+
+def test_layer_names_are_stable():
+    names = [n for n, _ in model_for("cnn3-avg").named_children()]
+    assert names[:4] == ["conv1", "bn1", "relu1", "pool1"]
+    assert "flatten" in names and "fc1" in names and "bn4" in names and names[-1] == "fc3"
+
+
+def test_preset_parameters_change_the_network():
+    plain = model_for("cnn3", (3, 32, 32), 10, "model.batchnorm=false")
+    assert count_params(plain) == (1_147_914 - 448, 0)
+    wide = model_for("cnn3", (3, 32, 32), 10, "model.kernels=[7,5,3]")
+    assert wide.conv1.kernel_size == (7, 7) and wide.conv2.kernel_size == (5, 5)
+    dropped = model_for("cnn3-avg", (3, 32, 32), 10, "model.dropout=0.2")
+    assert [m.p for m in dropped.modules() if isinstance(m, torch.nn.Dropout)] == [0.2, 0.2]
+
+
+def test_mnist_input_and_class_count_follow_the_dataset():
+    model = model_for("cnn3-avg", (1, 28, 28), 100)
+    assert model.conv1.in_channels == 1
+    assert model.fc1.in_features == 128 * 3 * 3
+    assert model.fc3.out_features == 100
+
+
+def test_inline_layers_build_with_inferred_shapes():
+    config = load_config(overrides=["model.layers=[{conv: 8}, relu, {maxpool: 2}, flatten, {dense: 10}]"])
+    assert config.model.preset is None
+    model = build_model(config.model, (3, 32, 32), 10)
+    assert model.fc1.in_features == 8 * 16 * 16
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([{"conv": {"filters": 8, "kernal": 3}}], "conv has no argument 'kernal'"),
+    (["softmaxx"], "unknown layer kind 'softmaxx'"),
+    ([{"dense": 10}], "needs a flat input"),
+    ([{"dropout": 1.5}], "p=1.5 must be in [0, 1)"),
+])
+def test_bad_layer_specs_name_the_problem(layers, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_layers(layers, (3, 32, 32))

@@ -1,0 +1,82 @@
+import json
+import math
+
+import pytest
+
+from cifarlab import runs
+from cifarlab.config import load_config
+from cifarlab.errors import TrainingFailed
+from cifarlab.train.callbacks import EarlyStopping
+from cifarlab.train.trainer import evaluate_run, fit
+
+
+def without_time(path):
+    return [{k: v for k, v in row.items() if k != "time"} for row in runs.read_jsonl(path)]
+
+
+def test_early_stopping_fires_after_patience_epochs_and_keeps_the_best():
+    stopper = EarlyStopping("val_acc", patience=3, min_delta=0.01)
+    sequence = [0.30, 0.40, 0.405, 0.408, 0.50, 0.45, 0.45, 0.509, 0.60]
+    stopped_at = None
+    for epoch, value in enumerate(sequence, start=1):
+        stopper.update(epoch, {"val_acc": value})
+        if stopper.should_stop:
+            stopped_at = epoch
+            break
+    # 0.405 and 0.408 do not beat 0.40 by more than 0.01; 0.50 resets; 0.45, 0.45, 0.509 do not beat it.
+    assert stopped_at == 8 and stopper.best_epoch == 5 and stopper.best == 0.50
+    loss = EarlyStopping("val_loss", patience=1)
+    loss.update(1, {"val_loss": 1.0})
+    assert loss.update(2, {"val_loss": 0.9}) and not loss.should_stop
+    assert not loss.update(3, {"val_loss": math.nan}) and loss.should_stop
+
+
+def test_cnn3_avg_learns_cifar10_head(cifar10_head, tmp_path):
+    config = load_config(overrides=[f"data.root={cifar10_head}", "train.epochs=4", f"train.out_dir={tmp_path}",
+                                    "model.preset=cnn3-avg"])
+    run = fit(config)
+    summary = runs.read_summary(run)
+    assert summary["status"] == "completed"
+    assert summary["sizes"] == {"train": 4653, "val": 517, "test": 1017}
+    assert summary["test_acc"] >= 0.45, summary["test_acc"]
+    assert summary["params"] == {"trainable": 1_211_018, "non_trainable": 1_728}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+    epochs = [r for r in runs.read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    best = max(epochs, key=lambda r: r["val_acc"])
+    assert summary["best_epoch"] == best["epoch"] and summary["val_acc"] == best["val_acc"]
+    # eval of best.pt reproduces the test accuracy the run reported, per class too
+    report = evaluate_run(run, "test")
+    assert report["acc"] == pytest.approx(summary["test_acc"])
+    assert len(report["per_class_acc"]) == 10
+    assert json.loads((run / "eval_test.json").read_text())["acc"] == report["acc"]
+
+
+def test_same_config_twice_gives_identical_metrics(cifar10_head, tmp_path):
+    overrides = [f"data.root={cifar10_head}", "data.train_limit=1200", "train.epochs=2", "train.log_every=5",
+                 "augment.preset=crop-flip", "model.preset=cnn3", f"train.out_dir={tmp_path}"]
+    first = fit(load_config(overrides=overrides))
+    second = fit(load_config(overrides=overrides))
+    assert first != second
+    rows = without_time(first / "metrics.jsonl")
+    assert len(rows) > 6 and rows == without_time(second / "metrics.jsonl")
+    changed = fit(load_config(overrides=overrides + ["seed=1"]))
+    assert without_time(changed / "metrics.jsonl") != rows
+
+
+def test_short_fashion_mnist_run(fashion_mnist, tmp_path):
+    config = load_config(overrides=["data.dataset=fashion-mnist", "data.train_limit=12000", "train.epochs=2",
+                                    "model.preset=cnn3-avg", "train.batch_size=128", f"train.out_dir={tmp_path}"])
+    summary = runs.read_summary(fit(config))
+    assert summary["input_shape"] == [1, 28, 28]
+    assert summary["test_acc"] >= 0.80, summary["test_acc"]
+
+
+def test_divergence_stops_the_run_and_says_so(tmp_path):
+    config = load_config(overrides=["data.dataset=synthetic", "data.train_limit=512", "model.preset=lab-m2",
+                                    "optim.name=sgd", "optim.lr=1e6", "train.epochs=3", f"train.out_dir={tmp_path}"])
+    with pytest.raises(TrainingFailed, match="diverged: training loss became nan in epoch 1"):
+        fit(config)
+    (run,) = tmp_path.iterdir()
+    summary = runs.read_summary(run)
+    assert summary["status"] == "diverged" and "nan" in summary["stop_reason"]
