@@ -119,8 +119,9 @@ def print_summary(run_dir: Path) -> None:
     from .runs import read_summary
 
     s = read_summary(run_dir)
-    table = Table(title=f"{s['run']}  ({s['stop_reason']})", show_header=True)
-    for column in ("best epoch", "epochs", "train acc", "val acc", "test acc", "train time", "img/s", "params"):
+    out.print(f"{s['run']}: {s['stop_reason']}")
+    table = Table(title="accuracy (best epoch's weights) and training time")
+    for column in ("best epoch", "epochs", "train", "val", "test", "time", "img/s", "params"):
         table.add_column(column, justify="right")
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     table.add_row(str(s["best_epoch"]), str(s["epochs_run"]), pct(s["train_acc"]), pct(s["val_acc"]),

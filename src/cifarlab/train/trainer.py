@@ -286,7 +286,7 @@ def evaluate_run(run_dir: Path, split: str = "test") -> dict[str, Any]:
 
     run_dir = runs.resolve_run(run_dir)
     config = runs.read_run_config(run_dir)
-    device = select_device("auto" if config.train.device == "auto" else config.train.device)
+    device = select_device(config.train.device)
     checkpoint = load_checkpoint(run_dir / runs.CHECKPOINTS / "best.pt", str(device))
     splits = prepare_data(config)
     splits.mean, splits.std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
