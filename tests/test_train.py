@@ -20,15 +20,15 @@ def test_early_stopping_fires_after_patience_epochs_and_keeps_the_best():
     stopped_at = None
     for epoch, value in enumerate(sequence, start=1):
         stopper.update(epoch, {"val_acc": value})
-        if stopper.should_stop:
+        if stopper.stop_reason():
             stopped_at = epoch
             break
     # 0.405 and 0.408 do not beat 0.40 by more than 0.01; 0.50 resets; 0.45, 0.45, 0.509 do not beat it.
     assert stopped_at == 8 and stopper.best_epoch == 5 and stopper.best == 0.50
     loss = EarlyStopping("val_loss", patience=1)
     loss.update(1, {"val_loss": 1.0})
-    assert loss.update(2, {"val_loss": 0.9}) and not loss.should_stop
-    assert not loss.update(3, {"val_loss": math.nan}) and loss.should_stop
+    assert loss.update(2, {"val_loss": 0.9}) and not loss.stop_reason()
+    assert not loss.update(3, {"val_loss": math.nan}) and "val_loss did not improve" in loss.stop_reason()
 
 
 def test_cnn3_avg_learns_cifar10_head(cifar10_head, tmp_path):

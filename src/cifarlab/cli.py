@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .errors import CifarlabError, ConfigError
+from .errors import CifarlabError, ConfigError, Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and study small CNNs on CIFAR-10 and its cousins.")
@@ -36,10 +36,13 @@ def user_errors(command):
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except Interrupted as e:
+            err.print(str(e))
+            raise typer.Exit(e.exit_code) from None
         except CifarlabError as e:
             if state["debug"]:
                 raise
-            err.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
+            err.print(Text.assemble(("error: ", "bold red"), str(e)))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -101,13 +104,13 @@ class BarReporter:
             self.progress = None
 
 
-def train_and_report(config) -> Path:
-    from .train.trainer import Reporter, fit
+def train_and_report(config, resume_run: Optional[Path] = None, overrides: Optional[list[str]] = None) -> Path:
+    from .train.trainer import Reporter, fit, resume
 
     use_bar = not state.get("quiet") and sys.stderr.isatty()
-    reporter = BarReporter(err, config.train.batch_size) if use_bar else Reporter()
+    reporter = BarReporter(err, config.train.batch_size if config else 64) if use_bar else Reporter()
     try:
-        run_dir = fit(config, reporter)
+        run_dir = resume(resume_run, overrides, reporter) if resume_run else fit(config, reporter)
     finally:
         if use_bar:
             reporter.close()
@@ -136,6 +139,7 @@ def print_summary(run_dir: Path) -> None:
 def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value settings, e.g. train.epochs=5"),
     config_file: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML config file."),
+    resume_run: Optional[Path] = typer.Option(None, "--resume", help="Continue this run from its last.pt."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
 ) -> None:
     """Train a model; writes a run directory (config, metrics, summary, checkpoints)."""
@@ -143,8 +147,12 @@ def train(
 
     state["quiet"] = quiet
     setup_logging()
-    config = load_config(config_file, overrides or [])
-    train_and_report(config)
+    if resume_run is not None:
+        if config_file is not None:
+            raise ConfigError("--resume takes its config from the run; give changes as key=value")
+        train_and_report(None, resume_run, overrides or [])
+        return
+    train_and_report(load_config(config_file, overrides or []))
 
 
 @app.command()

@@ -16,9 +16,14 @@ from .errors import ConfigError
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "synthetic")
 AUGMENT_PRESETS = {
-    "none": {"crop": 0, "flip": False},
+    "none": {},
     # report 001: RandomCrop(32, padding=4) + RandomHorizontalFlip()
     "crop-flip": {"crop": 4, "flip": True},
+    # report 000: ImageDataGenerator(width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True)
+    "shift-flip": {"width_shift": 0.1, "height_shift": 0.1, "flip": True, "fill_mode": "nearest"},
+    # report 004: rotation 15, shifts 0.1, shear 0.2, zoom 0.2, horizontal flip, fill_mode nearest
+    "keras-affine": {"rotation": 15.0, "width_shift": 0.1, "height_shift": 0.1, "shear": 0.2, "zoom": 0.2,
+                     "flip": True, "fill_mode": "nearest"},
 }
 
 
@@ -54,14 +59,35 @@ class DataConfig(Section):
 
 
 class AugmentConfig(Section):
-    preset: Literal["none", "crop-flip"] = "none"
-    # None means "what the preset says"; the resolved config always holds numbers.
-    crop: Optional[int] = Field(None, ge=0)  # pad this many pixels (zeros) then crop back
+    """Training-time augmentation. A preset fills the keys you leave out; keys you give win."""
+
+    preset: Literal["none", "crop-flip", "shift-flip", "keras-affine"] = "none"
+    crop: Optional[int] = Field(None, ge=0)  # pad this many pixels, then crop back at a random offset
+    crop_fill: Optional[Literal["constant", "reflect", "edge"]] = None  # how the crop padding is filled
     flip: Optional[bool] = None  # random horizontal flip, p = 0.5
+    vflip: Optional[bool] = None  # random vertical flip, p = 0.5
+    width_shift: Optional[float] = Field(None, ge=0)  # Keras: < 1 a fraction of the width, >= 1 pixels
+    height_shift: Optional[float] = Field(None, ge=0)
+    rotation: Optional[float] = Field(None, ge=0, le=180)  # degrees, drawn from [-r, r]
+    shear: Optional[float] = Field(None, ge=0, lt=90)  # degrees (Keras shear_range), from [-s, s]
+    zoom: Optional[float] = Field(None, ge=0, lt=1)  # scale drawn from [1 - z, 1 + z] per axis
+    fill_mode: Optional[Literal["nearest", "constant", "reflect"]] = None  # outside pixels after an affine
+    cval: Optional[float] = Field(None, ge=0, le=255)  # fill value for fill_mode constant, in pixel units
+    brightness: Optional[float] = Field(None, ge=0, lt=1)  # factor from [1 - b, 1 + b]
+    contrast: Optional[float] = Field(None, ge=0, lt=1)
+    saturation: Optional[float] = Field(None, ge=0, lt=1)
+    cutout: Optional[int] = Field(None, ge=0)  # side of a square set to the mean (0: off)
+    erasing: Optional[float] = Field(None, ge=0, le=1)  # random-erasing probability per image
+    mixup: Optional[float] = Field(None, ge=0)  # Beta(alpha, alpha) mixing; 0: off
+    cutmix: Optional[float] = Field(None, ge=0)  # Beta(alpha, alpha) box pasting; 0: off
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> "AugmentConfig":
-        for key, value in AUGMENT_PRESETS[self.preset].items():
+        defaults = {"crop": 0, "crop_fill": "constant", "flip": False, "vflip": False, "width_shift": 0.0,
+                    "height_shift": 0.0, "rotation": 0.0, "shear": 0.0, "zoom": 0.0, "fill_mode": "nearest",
+                    "cval": 0.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "cutout": 0,
+                    "erasing": 0.0, "mixup": 0.0, "cutmix": 0.0}
+        for key, value in {**defaults, **AUGMENT_PRESETS[self.preset]}.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
         return self
@@ -92,34 +118,71 @@ class ModelConfig(BaseModel):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adam"] = "adam"
+    name: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "proximal-adagrad"] = "adam"
     lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)  # sgd
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd, rmsprop
     nesterov: bool = False  # sgd, needs momentum > 0
-    betas: tuple[float, float] = (0.9, 0.999)  # adam
-    weight_decay: float = Field(0.0, ge=0)  # decoupled into the optimizer step (torch semantics)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+    eps: Optional[float] = Field(None, gt=0)  # adam(w), adagrad, rmsprop, adadelta; default: torch's
+    alpha: float = Field(0.99, gt=0, lt=1)  # rmsprop smoothing (Keras rho 0.9)
+    rho: float = Field(0.9, gt=0, lt=1)  # adadelta
+    initial_accumulator: Optional[float] = Field(None, ge=0)  # adagrad 0, proximal-adagrad 0.1 (TF)
+    prox_l1: float = Field(0.0, ge=0)  # proximal-adagrad l1_regularization_strength
+    prox_l2: float = Field(0.0, ge=0)  # proximal-adagrad l2_regularization_strength
+    weight_decay: float = Field(0.0, ge=0)  # inside the optimizer step (torch semantics; decoupled for adamw)
     l2: float = Field(0.0, ge=0)  # Keras kernel_regularizer: loss += l2 * sum(w**2) over conv/dense kernels
+    l2_layers: Optional[list[str]] = None  # only these layers' kernels (e.g. [conv1, fc1]); default all
+    clip_norm: Optional[float] = Field(None, gt=0)  # clip the global gradient norm to this
 
     @model_validator(mode="after")
     def _check(self) -> "OptimConfig":
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
             raise ValueError("optim.nesterov=true needs optim.name=sgd and optim.momentum > 0")
+        if (self.prox_l1 or self.prox_l2) and self.name != "proximal-adagrad":
+            raise ValueError("optim.prox_l1 / prox_l2 need optim.name=proximal-adagrad (for Keras L2 use optim.l2)")
         return self
 
 
 class ScheduleConfig(Section):
-    name: Literal["constant", "step", "cosine"] = "constant"
+    """Learning rate per step = optim.lr x the schedule's factor (see train/optim.py LRSchedule)."""
+
+    name: Literal["constant", "step", "multistep", "exponential", "cosine", "onecycle", "plateau"] = "constant"
     step_size: int = Field(10, gt=0)  # step: epochs between decays
-    gamma: float = Field(0.1, gt=0)  # step: decay factor
+    milestones: list[int] = Field(default_factory=lambda: [30, 60])  # multistep: epochs where lr decays
+    gamma: float = Field(0.1, gt=0)  # step, multistep, exponential: decay factor
     min_lr: float = Field(0.0, ge=0)  # cosine: final learning rate
+    pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle: fraction of training spent rising
+    div_factor: float = Field(25.0, gt=1)  # onecycle: start lr = lr / div_factor
+    final_div_factor: float = Field(1e4, gt=1)  # onecycle: end lr = start lr / final_div_factor
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up from 0, before any schedule
+    monitor: Literal["val_acc", "val_loss", "train_acc", "train_loss", "test_acc", "test_loss"] = "val_loss"
+    factor: float = Field(0.1, gt=0, lt=1)  # plateau: lr multiplier
+    patience: int = Field(2, ge=0)  # plateau: epochs without improvement before reducing
+    threshold: float = Field(0.0, ge=0)  # plateau: an improvement must exceed this
+
+
+class DivergenceConfig(Section):
+    """Report 000's rule: after `warmup` epochs, stop once validation loss rose while training loss
+    fell for `epochs` consecutive epochs."""
+
+    enabled: bool = False
+    warmup: int = Field(5, ge=0)
+    epochs: int = Field(3, gt=0)
+
+
+class TargetConfig(Section):
+    """Stop when a metric reaches a value (report 004: train_acc 0.995)."""
+
+    metric: Optional[Literal["val_acc", "val_loss", "train_acc", "train_loss", "test_acc", "test_loss"]] = None
+    value: float = 0.995
 
 
 class EarlyStoppingConfig(Section):
     enabled: bool = True
-    monitor: Literal["val_acc", "val_loss", "train_acc", "train_loss"] = "val_acc"
+    monitor: Literal["val_acc", "val_loss", "train_acc", "train_loss"] = "val_acc"  # also picks best.pt
     patience: int = Field(5, ge=0)  # epochs without improvement before stopping (report 001: 5)
     min_delta: float = Field(0.0, ge=0)  # an improvement must beat the best by more than this
-    restore_best: bool = True  # evaluate and save the best epoch's weights, not the last
+    restore_best: bool = True  # evaluate the test split with the best epoch's weights, not the last
 
 
 class TrainConfig(Section):
@@ -132,7 +195,12 @@ class TrainConfig(Section):
     channels_last: bool = True
     compile: bool = False
     threads: Optional[int] = Field(None, gt=0)  # CPU threads; default: every core
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    evaluate: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val"])  # splits scored every epoch
+    max_time_s: Optional[float] = Field(None, gt=0)  # stop after the epoch that passes this much training time
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
+    target: TargetConfig = Field(default_factory=TargetConfig)
 
 
 class Config(Section):
@@ -147,6 +215,16 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
+        if self.data.val_size == 0 and "val" in self.train.evaluate:
+            object.__setattr__(self.train, "evaluate", [s for s in self.train.evaluate if s != "val"])
+        measured = {"train_acc", "train_loss"} | {f"{s}_{m}" for s in self.train.evaluate for m in ("acc", "loss")}
+        for key, metric in (("schedule.monitor", self.schedule.monitor if self.schedule.name == "plateau" else None),
+                            ("train.target.metric", self.train.target.metric)):
+            if metric is not None and metric not in measured:
+                raise ValueError(f"{key}={metric} is not measured; add its split to train.evaluate "
+                                 f"(now {self.train.evaluate})")
+        if self.train.divergence.enabled and "val" not in self.train.evaluate:
+            raise ValueError("train.divergence needs validation loss: data.val_size > 0 and val in train.evaluate")
         es = self.train.early_stopping
         if es.enabled and es.monitor.startswith("val_") and self.data.val_size == 0:
             raise ValueError(

@@ -19,3 +19,11 @@ class TrainingFailed(CifarlabError):
     """Training ran but failed (for example the loss became NaN)."""
 
     exit_code = 1
+
+
+class Interrupted(CifarlabError):
+    """SIGINT or SIGTERM: the run saved its state and can be resumed; exit code 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

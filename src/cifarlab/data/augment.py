@@ -1,23 +1,45 @@
 """Batched augmentations on device tensors: every sample draws its own parameters from one
-torch.Generator, and no Python runs per sample."""
+torch.Generator, and no Python runs per sample.
+
+Images enter as uint8 (N, C, H, W) and leave as float in [0, 1]. Crop and flips are index
+operations; shift, rotation, shear and zoom are one affine_grid + grid_sample call per batch, with
+the Keras fill modes nearest, constant (cval) and reflect. Mixup and cutmix act later, on the
+normalized batch and its labels (see `mix_batch`), because they change the targets too.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .loader import Augment
 
+GRID_PADDING = {"nearest": "border", "constant": "zeros", "reflect": "reflection"}
+PAD_MODE = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `padding` and crop back to the input size at a random offset per sample
-    (torchvision RandomCrop(size, padding) semantics). One gather for the whole batch."""
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator, device) -> torch.Tensor:
+    return (torch.rand(n, generator=generator, device=generator.device) * (high - low) + low).to(device)
+
+
+def _integers(n: int, low: int, high: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Uniform integers in [low, high], inclusive."""
+    return torch.randint(low, high + 1, (n,), generator=generator, device=generator.device).to(device)
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator, fill: str = "constant") -> torch.Tensor:
+    """Pad by `padding` (zeros, reflect or edge) and crop back to the input size at a random offset
+    per sample (torchvision RandomCrop(size, padding) semantics). One gather for the whole batch."""
     n, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=generator.device).to(images.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=generator.device).to(images.device)
+    mode = PAD_MODE[fill]
+    source = images if mode == "constant" else images.float()
+    padded = F.pad(source, (padding, padding, padding, padding), mode=mode).to(images.dtype)
+    dy = _integers(n, 0, 2 * padding, generator, images.device)
+    dx = _integers(n, 0, 2 * padding, generator, images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
     batch = torch.arange(n, device=images.device)[:, None, None, None]
@@ -25,22 +47,185 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     return padded[batch, chans, rows, cols]
 
 
-def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+def random_flip(images: torch.Tensor, generator: torch.Generator, dim: int = 3, p: float = 0.5) -> torch.Tensor:
+    """Flip each sample with probability p: dim 3 is horizontal, dim 2 vertical."""
     flip = torch.rand(len(images), generator=generator, device=generator.device).to(images.device) < p
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+    return torch.where(flip[:, None, None, None], images.flip(dim), images)
 
 
-def build_augment(augment_config) -> Optional[Augment]:
-    """The training-time augmentation an AugmentConfig describes, or None when it does nothing."""
-    crop, flip = augment_config.crop, augment_config.flip
-    if not crop and not flip:
+def affine_matrices(height: int, width: int, angle: torch.Tensor, shear: torch.Tensor, zoom_x: torch.Tensor,
+                    zoom_y: torch.Tensor, shift_x: torch.Tensor, shift_y: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) matrices mapping an output pixel, in pixel units about the image center (x right,
+    y down), to the input pixel it samples:  input = R(angle) Sh(shear) Z(zoom) output - shift.
+    Angles are degrees, positive counter-clockwise as displayed (Keras). Zoom < 1 enlarges the
+    content (Keras). A shift (dx, dy) moves the content right and down."""
+    a, s = torch.deg2rad(angle), torch.deg2rad(shear)
+    cos, sin = torch.cos(a), torch.sin(a)
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    # Sampling input R(a) @ out with y pointing down turns the content counter-clockwise on screen.
+    rotate = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1),
+                          torch.stack([zero, zero, one], -1)], -2)
+    shear_m = torch.stack([torch.stack([one, -torch.sin(s), zero], -1), torch.stack([zero, torch.cos(s), zero], -1),
+                           torch.stack([zero, zero, one], -1)], -2)
+    zoom_m = torch.stack([torch.stack([zoom_x, zero, zero], -1), torch.stack([zero, zoom_y, zero], -1),
+                          torch.stack([zero, zero, one], -1)], -2)
+    shift_m = torch.stack([torch.stack([one, zero, -shift_x], -1), torch.stack([zero, one, -shift_y], -1),
+                           torch.stack([zero, zero, one], -1)], -2)
+    return shift_m @ rotate @ shear_m @ zoom_m
+
+
+def warp(images: torch.Tensor, matrices: torch.Tensor, fill: str = "nearest", cval: float = 0.0) -> torch.Tensor:
+    """Resample float images through pixel-space matrices (see affine_matrices), bilinear."""
+    n, _, h, w = images.shape
+    # normalized coordinates (align_corners=False): x_norm = x_pix * 2 / w about the center
+    to_norm = torch.diag(torch.tensor([2.0 / w, 2.0 / h, 1.0], device=images.device, dtype=matrices.dtype))
+    to_pix = torch.diag(torch.tensor([w / 2.0, h / 2.0, 1.0], device=images.device, dtype=matrices.dtype))
+    theta = (to_norm @ matrices.to(images.device) @ to_pix)[:, :2, :].to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    if fill == "constant":
+        return F.grid_sample(images - cval, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + cval
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=GRID_PADDING[fill], align_corners=False)
+
+
+def draw_affine(n: int, height: int, width: int, c, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """Per-sample affine parameters from an AugmentConfig's ranges (Keras ImageDataGenerator rules:
+    a shift range < 1 is a fraction of the size, >= 1 whole pixels; zoom z draws from [1-z, 1+z])."""
+
+    def shift(limit: float, size: int) -> torch.Tensor:
+        if limit >= 1:
+            return _integers(n, -int(limit), int(limit), generator, device).float()
+        return _uniform(n, -limit * size, limit * size, generator, device)
+
+    return {
+        "angle": _uniform(n, -c.rotation, c.rotation, generator, device),
+        "shear": _uniform(n, -c.shear, c.shear, generator, device),
+        "zoom_x": _uniform(n, 1 - c.zoom, 1 + c.zoom, generator, device),
+        "zoom_y": _uniform(n, 1 - c.zoom, 1 + c.zoom, generator, device),
+        "shift_x": shift(c.width_shift, width),
+        "shift_y": shift(c.height_shift, height),
+    }
+
+
+def jitter_color(images: torch.Tensor, generator: torch.Generator, brightness: float, contrast: float,
+                 saturation: float) -> torch.Tensor:
+    """Per-sample brightness, contrast and saturation factors from [1-x, 1+x] (torchvision ColorJitter
+    formulas, applied in that order) on float images in [0, 1]."""
+    n, device = len(images), images.device
+    view = (n, 1, 1, 1)
+    if brightness:
+        images = images * _uniform(n, 1 - brightness, 1 + brightness, generator, device).view(view)
+    if contrast:
+        gray = _gray(images).mean(dim=(1, 2, 3), keepdim=True)
+        factor = _uniform(n, 1 - contrast, 1 + contrast, generator, device).view(view)
+        images = gray + factor * (images - gray)
+    if saturation and images.shape[1] == 3:
+        gray = _gray(images)
+        factor = _uniform(n, 1 - saturation, 1 + saturation, generator, device).view(view)
+        images = gray + factor * (images - gray)
+    return images.clamp(0, 1)
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    if images.shape[1] != 3:
+        return images.mean(dim=1, keepdim=True)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
+
+
+def box_masks(height: int, width: int, top: torch.Tensor, left: torch.Tensor, box_h: torch.Tensor,
+              box_w: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) boolean masks, True inside each sample's box (clipped to the image)."""
+    rows = torch.arange(height, device=top.device)[None, :, None]
+    cols = torch.arange(width, device=top.device)[None, None, :]
+    inside = ((rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None]) &
+              (cols >= left[:, None, None]) & (cols < (left + box_w)[:, None, None]))
+    return inside[:, None]
+
+
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
+    """A size x size square per sample, centered anywhere in the image (clipped at the edges), set to `fill`."""
+    n, _, h, w = images.shape
+    cy = _integers(n, 0, h - 1, generator, images.device)
+    cx = _integers(n, 0, w - 1, generator, images.device)
+    side = torch.full((n,), size, device=images.device)
+    mask = box_masks(h, w, cy - size // 2, cx - size // 2, side, side)
+    return torch.where(mask, fill.view(1, -1, 1, 1), images)
+
+
+def random_erasing(images: torch.Tensor, p: float, generator: torch.Generator, fill: torch.Tensor,
+                   scale: tuple[float, float] = (0.02, 0.33), ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017; torchvision defaults): with probability p per sample, a box
+    of scale x area and aspect ratio in `ratio` (log-uniform) is set to `fill`."""
+    n, _, h, w = images.shape
+    device = images.device
+    area = _uniform(n, *scale, generator, device) * h * w
+    aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, device))
+    box_h = torch.sqrt(area * aspect).round().clamp(1, h).long()
+    box_w = torch.sqrt(area / aspect).round().clamp(1, w).long()
+    top = (_uniform(n, 0, 1, generator, device) * (h - box_h + 1)).long()
+    left = (_uniform(n, 0, 1, generator, device) * (w - box_w + 1)).long()
+    chosen = _uniform(n, 0, 1, generator, device) < p
+    mask = box_masks(h, w, top, left, box_h, box_w) & chosen[:, None, None, None]
+    return torch.where(mask, fill.view(1, -1, 1, 1), images)
+
+
+def build_augment(c, mean: Optional[list[float]] = None) -> Optional[Augment]:
+    """The training-time augmentation an AugmentConfig describes (uint8 in, float [0, 1] out), or
+    None when it does nothing. Erased pixels take the channel mean: zero after normalization."""
+    affine = bool(c.rotation or c.shear or c.zoom or c.width_shift or c.height_shift)
+    jitter = bool(c.brightness or c.contrast or c.saturation)
+    if not (c.crop or c.flip or c.vflip or affine or jitter or c.cutout or c.erasing):
         return None
 
     def apply(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if crop:
-            images = random_crop(images, crop, generator)
-        if flip:
-            images = random_hflip(images, generator)
-        return images
+        x = images.float().div_(255)
+        n, channels, h, w = x.shape
+        if c.crop:
+            x = random_crop(x, c.crop, generator, c.crop_fill)
+        if c.flip:
+            x = random_flip(x, generator, dim=3)
+        if c.vflip:
+            x = random_flip(x, generator, dim=2)
+        if affine:
+            params = draw_affine(n, h, w, c, generator, x.device)
+            x = warp(x, affine_matrices(h, w, **params), c.fill_mode, c.cval / 255.0)
+        if jitter:
+            x = jitter_color(x, generator, c.brightness, c.contrast, c.saturation)
+        fill = torch.tensor(mean if mean is not None else [0.0] * channels, device=x.device, dtype=x.dtype)
+        if c.cutout:
+            x = cutout(x, c.cutout, generator, fill)
+        if c.erasing:
+            x = random_erasing(x, c.erasing, generator, fill)
+        return x
 
     return apply
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, classes: int, generator: torch.Generator,
+              mixup: float = 0.0, cutmix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018) or cutmix (Yun et al. 2019) with a per-sample ratio drawn from
+    Beta(alpha, alpha); each sample is mixed with a random partner from the batch. Returns the images
+    and soft targets (each row sums to 1). With both on, each batch uses one of them at random."""
+    n, _, h, w = images.shape
+    device = images.device
+    use_cutmix = cutmix > 0 and (mixup == 0 or bool(torch.rand(1, generator=generator, device=generator.device) < 0.5))
+    alpha = cutmix if use_cutmix else mixup
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+    lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=n)).float().to(device)
+    partner = torch.randperm(n, generator=generator, device=generator.device).to(device)
+    if use_cutmix:
+        cut = torch.sqrt(1 - lam)
+        box_h, box_w = (cut * h).round().long(), (cut * w).round().long()
+        cy = _integers(n, 0, h - 1, generator, device)
+        cx = _integers(n, 0, w - 1, generator, device)
+        top, left = (cy - box_h // 2).clamp(0, h), (cx - box_w // 2).clamp(0, w)
+        bottom, right = (cy + (box_h + 1) // 2).clamp(0, h), (cx + (box_w + 1) // 2).clamp(0, w)
+        mask = box_masks(h, w, top, left, bottom - top, right - left)
+        images = torch.where(mask, images[partner], images)
+        lam = 1 - ((bottom - top) * (right - left)).float() / (h * w)  # the area actually pasted
+    else:
+        weight = lam.view(n, 1, 1, 1).to(images.dtype)
+        images = weight * images + (1 - weight) * images[partner]
+    one_hot = F.one_hot(labels, classes).float()
+    targets = lam[:, None] * one_hot + (1 - lam[:, None]) * one_hot[partner]
+    return images, targets

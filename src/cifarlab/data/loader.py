@@ -7,6 +7,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+# uint8 batch, generator -> float batch in [0, 1]
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -34,7 +35,11 @@ class DeviceLoader:
         return -(-len(self.labels) // self.batch_size)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        out = torch.addcmul(self.shift, batch.float(), self.scale)
+        """uint8 pixels, or floats in [0, 1] from an augmentation, to normalized floats."""
+        if batch.dtype == torch.uint8:
+            out = torch.addcmul(self.shift, batch.float(), self.scale)
+        else:
+            out = torch.addcmul(self.shift, batch, self.scale * 255.0)
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

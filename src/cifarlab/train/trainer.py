@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +23,16 @@ from torch import nn
 
 from .. import runs
 from ..config import Config, write_config
-from ..data.augment import build_augment
+from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
 from ..data.sources import Dataset, dataset_from_config
 from ..data.splits import channel_stats, split_indices
-from ..errors import ConfigError, TrainingFailed
+from ..errors import ConfigError, Interrupted, TrainingFailed
 from ..models.build import build_model
 from ..models.summary import count_params
-from .callbacks import EarlyStopping
+from .callbacks import DivergenceStop, EarlyStopping, TargetStop
 from .checkpoint import load_checkpoint, save_checkpoint
-from .optim import l2_penalty, make_optimizer, make_scheduler
+from .optim import LRSchedule, kernels, l2_penalty, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -148,135 +150,309 @@ class _CompiledOrEager:
         return out
 
 
+class _SignalFlag:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalFlag":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer:
+    """One training run: data and model on the device, the loop, the stopping rules, the run directory.
+    All that a resumed run needs is in `checkpoint_state()`."""
+
+    def __init__(self, config: Config, reporter: Optional[Reporter] = None):
+        self.config = config
+        self.reporter = reporter or Reporter()
+        self.started = time.perf_counter()
+        torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+        self.device = device = select_device(config.train.device)
+        self.splits = splits = prepare_data(config)
+        self.classes = splits.dataset.classes
+        self.input_shape = splits.dataset.image_shape
+
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        model = build_model(config.model, self.input_shape, len(self.classes)).to(device)
+        self.model = model.to(memory_format=torch.channels_last) if config.train.channels_last else model
+        self.forward = _CompiledOrEager(self.model) if config.train.compile else self.model
+        self.optimizer = make_optimizer(config.optim, self.model)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        augment = build_augment(config.augment, splits.mean)
+        self.train_loader = DeviceLoader(*to_device(splits.train, device), config.train.batch_size, splits.mean,
+                                         splits.std, shuffle=True, generator=self.generator, augment=augment,
+                                         channels_last=config.train.channels_last)
+        self.schedule = LRSchedule(config.schedule, config.optim.lr, config.train.epochs, len(self.train_loader))
+        self.eval_loaders = {split: eval_loader(getattr(splits, split), splits, config, device)
+                             for split in config.train.evaluate}
+        self.l2_weights = kernels(self.model, config.optim.l2_layers) if config.optim.l2 else []
+        t = config.train
+        self.stopper = EarlyStopping(t.early_stopping.monitor, t.early_stopping.patience,
+                                     t.early_stopping.min_delta, t.early_stopping.enabled)
+        self.rules: dict[str, Any] = {"early_stopping": self.stopper}
+        if t.divergence.enabled:
+            self.rules["divergence"] = DivergenceStop(t.divergence.warmup, t.divergence.epochs)
+        if t.target.metric:
+            self.rules["target"] = TargetStop(t.target.metric, t.target.value)
+        # progress; a resumed run overwrites these from last.pt
+        self.epoch, self.step, self.train_time, self.images_seen = 0, 0, 0.0, 0
+        self.history: list[dict[str, Any]] = []
+        self.position: Optional[dict[str, Any]] = None  # set when resuming in the middle of an epoch
+
+    # ---------------------------------------------------------------- run directory
+
+    def base_state(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "classes": self.classes, "input_shape": list(self.input_shape),
+                "normalization": {"mean": self.splits.mean, "std": self.splits.std}}
+
+    def checkpoint_state(self, position: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimizer, schedule, rules, RNG states, progress."""
+        return {**self.base_state(), "epoch": self.epoch, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "rules": {name: rule.state_dict() for name, rule in self.rules.items()},
+                "generator": self.generator.get_state() if position is None else position["generator"],
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "progress": {"step": self.step, "train_time": self.train_time, "images_seen": self.images_seen,
+                             "history": self.history, "metrics_lines": self.metrics_lines},
+                "position": position}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        for name, rule in self.rules.items():
+            if name in state["rules"]:
+                rule.load_state_dict(state["rules"][name])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        progress = state["progress"]
+        self.epoch, self.step = state["epoch"], progress["step"]
+        self.train_time, self.images_seen = progress["train_time"], progress["images_seen"]
+        self.history = list(progress["history"])
+        self.metrics_lines = progress["metrics_lines"]
+        self.position = state["position"]
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        runs.append_jsonl(self.run_dir / runs.METRICS, record)
+        self.metrics_lines += 1
+
+    def summary_base(self) -> dict[str, Any]:
+        trainable, non_trainable = count_params(self.model)
+        sizes = {name: len(getattr(self.splits, name)[1]) for name in ("train", "val", "test")}
+        return {"run": self.run_dir.name, "dataset": self.splits.dataset.name, "model": self.config.model.preset,
+                "sizes": sizes, "params": {"trainable": trainable, "non_trainable": non_trainable},
+                "normalization": {"mean": self.splits.mean, "std": self.splits.std}, "classes": self.classes,
+                "input_shape": list(self.input_shape), "device": str(self.device), "monitor": self.stopper.monitor}
+
+    def write_summary(self, status: str, stop_reason: str, **fields: Any) -> dict[str, Any]:
+        summary = {**self.summary_base(), "status": status, "stop_reason": stop_reason, "epochs_run": self.epoch,
+                   **fields}
+        runs.write_json(self.run_dir / runs.SUMMARY, summary)
+        return summary
+
+    # ---------------------------------------------------------------- training
+
+    def start(self, run_dir: Optional[Path] = None) -> Path:
+        """A new run directory, or (resuming) the old one with metrics cut back to the checkpoint."""
+        if run_dir is None:
+            self.run_dir = runs.create_run_dir(self.config.train.out_dir, self.config.run_name())
+            write_config(self.config, self.run_dir / runs.CONFIG)
+            runs.write_json(self.run_dir / runs.ENV, {**runs.environment(str(self.device), self.config.seed),
+                                                      "data_origin": self.splits.dataset.origin})
+            self.metrics_lines = 0
+        else:
+            self.run_dir = run_dir
+            lines = (run_dir / runs.METRICS).read_text().splitlines(keepends=True)[:self.metrics_lines]
+            tmp = run_dir / f".{runs.METRICS}.tmp"
+            tmp.write_text("".join(lines))
+            os.replace(tmp, run_dir / runs.METRICS)
+            write_config(self.config, run_dir / runs.CONFIG)
+            (run_dir / runs.SUMMARY).unlink(missing_ok=True)
+        return self.run_dir
+
+    def batches(self):
+        """(images, labels, targets) of one epoch; targets are soft when mixup / cutmix are on."""
+        a = self.config.augment
+        for images, labels in self.train_loader:
+            if a.mixup or a.cutmix:
+                images, targets = mix_batch(images, labels, len(self.classes), self.generator, a.mixup, a.cutmix)
+                if self.config.train.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                yield images, labels, targets
+            else:
+                yield images, labels, labels
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        lr = self.schedule.apply(self.optimizer, self.step)
+        logits = self.forward(images)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=c.train.label_smoothing)
+        if self.l2_weights:
+            loss = loss + l2_penalty(self.l2_weights, c.optim.l2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.optim.clip_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.clip_norm)
+        self.optimizer.step()
+        self.step += 1
+        return loss.detach(), logits.detach(), lr
+
+    def run_epoch(self, epoch: int, flag: _SignalFlag) -> dict[str, Any]:
+        """Train one epoch (from the saved position when resuming mid-epoch) and score it."""
+        c = self.config
+        epoch_start = time.perf_counter()
+        position, self.position = self.position, None
+        generator_at_start = position["generator"] if position else self.generator.get_state()
+        skip = position["batch"] if position else 0
+        partial = position["partial"] if position else {"loss_sum": 0.0, "correct": 0, "seen": 0, "lrs": []}
+        loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float64, device=self.device)
+        correct = torch.tensor(partial["correct"], dtype=torch.long, device=self.device)
+        seen, lrs = partial["seen"], list(partial["lrs"])
+        self.model.train()
+        for batch_index, (images, labels, targets) in enumerate(self.batches(), start=1):
+            if batch_index <= skip:  # replaying the random draws of batches trained before the interrupt
+                if batch_index == skip:
+                    torch.set_rng_state(position["torch_rng"])
+                continue
+            loss, logits, lr = self.train_step(images, targets)
+            lrs.append(lr)
+            seen += len(labels)
+            loss_sum += loss.double() * len(labels)
+            hits = logits.argmax(1) == (targets.argmax(1) if targets.dim() == 2 else labels)
+            correct += hits.sum()
+            running = None
+            if batch_index % c.train.log_every == 0:
+                running = {"loss": loss_sum.item() / seen, "acc": correct.item() / seen}
+                self.log_metrics({"kind": "step", "epoch": epoch, "step": self.step, **running, "lr": lr,
+                                  "time": {"elapsed_s": round(time.perf_counter() - self.started, 3)}})
+            self.reporter.step(epoch, batch_index, running)
+            if flag.signum is not None:
+                self.train_time += time.perf_counter() - epoch_start
+                self.interrupt(epoch, batch_index, generator_at_start, flag.signum,
+                               {"loss_sum": loss_sum.item(), "correct": correct.item(), "seen": seen, "lrs": lrs})
+        epoch_time = time.perf_counter() - epoch_start
+        self.train_time += epoch_time
+        self.images_seen += seen
+        record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "train_loss": loss_sum.item() / seen,
+                                  "train_acc": correct.item() / seen, "lr": lrs[-1]}
+        if c.schedule.name != "constant" or c.schedule.warmup_epochs:
+            record["lr_steps"] = lrs
+        if not math.isfinite(record["train_loss"]):
+            self.epoch = epoch
+            reason = f"diverged: training loss became {record['train_loss']} in epoch {epoch}"
+            self.write_summary("diverged", reason)
+            raise TrainingFailed(reason)
+        for split, loader in self.eval_loaders.items():
+            result = evaluate(self.model, loader)
+            record.update({f"{split}_loss": result["loss"], f"{split}_acc": result["acc"]})
+        record["time"] = {"elapsed_s": round(time.perf_counter() - self.started, 3), "epoch_s": round(epoch_time, 3),
+                          "img_per_s": round(seen / epoch_time, 1)}
+        return record
+
+    def interrupt(self, epoch: int, batch: int, generator_at_start: torch.Tensor, signum: int,
+                  partial: dict[str, Any]) -> None:
+        position = {"epoch": epoch, "batch": batch, "generator": generator_at_start,
+                    "torch_rng": torch.get_rng_state(), "partial": partial}
+        save_checkpoint(self.checkpoint_state(position), self.run_dir / runs.CHECKPOINTS / "last.pt")
+        name = signal.Signals(signum).name
+        reason = f"interrupted by {name} in epoch {epoch} after step {batch}"
+        self.write_summary("interrupted", reason, resume=f"cifarlab train --resume {self.run_dir}")
+        raise Interrupted(f"{reason}; state saved, resume with: cifarlab train --resume {self.run_dir}", signum)
+
+    def train(self) -> Path:
+        c = self.config
+        checkpoints = self.run_dir / runs.CHECKPOINTS
+        first = self.position["epoch"] if self.position else self.epoch + 1
+        self.reporter.start(self.run_dir, c.train.epochs, len(self.train_loader))
+        stop_reason = f"max epochs: trained all {c.train.epochs} epochs"
+        with _SignalFlag() as flag:
+            for epoch in range(first, c.train.epochs + 1):
+                record = self.run_epoch(epoch, flag)
+                self.epoch = epoch
+                self.history.append(record)
+                self.log_metrics(record)
+                self.reporter.epoch_end(record)
+                self.schedule.epoch_end(record)
+                for rule in self.rules.values():
+                    improved = rule.update(epoch, record)
+                    if rule is self.stopper and improved:
+                        save_checkpoint({**self.base_state(), "epoch": epoch, "model": self.model.state_dict()},
+                                        checkpoints / "best.pt")
+                save_checkpoint(self.checkpoint_state(), checkpoints / "last.pt")
+                reasons = [r for r in (rule.stop_reason() for rule in self.rules.values()) if r]
+                if c.train.max_time_s and self.train_time >= c.train.max_time_s:
+                    reasons.append(f"time limit: {self.train_time:.0f} s of training >= {c.train.max_time_s:g} s")
+                if reasons:
+                    stop_reason = "; ".join(reasons)
+                    break
+        return self.finish(stop_reason)
+
+    def finish(self, stop_reason: str) -> Path:
+        """Restore the selected weights, score the test split once, write summary.json."""
+        es = self.config.train.early_stopping
+        best_path = self.run_dir / runs.CHECKPOINTS / "best.pt"
+        if self.stopper.best_epoch is None:  # the monitored metric was never finite: the last epoch stands in
+            save_checkpoint({**self.base_state(), "epoch": self.epoch, "model": self.model.state_dict()}, best_path)
+        chosen_epoch = (self.stopper.best_epoch or self.epoch) if es.restore_best else self.epoch
+        if chosen_epoch != self.epoch:
+            self.model.load_state_dict(load_checkpoint(best_path, str(self.device))["model"])
+        test = evaluate(self.model, eval_loader(self.splits.test, self.splits, self.config, self.device))
+        self.log_metrics({"kind": "test", "epoch": chosen_epoch, "test_loss": test["loss"], "test_acc": test["acc"]})
+        chosen = next(r for r in self.history if r["epoch"] == chosen_epoch)
+        summary = self.write_summary(
+            "completed", stop_reason, best_epoch=chosen_epoch, best_value=self.stopper.best,
+            train_loss=chosen["train_loss"], train_acc=chosen["train_acc"], val_loss=chosen.get("val_loss"),
+            val_acc=chosen.get("val_acc"), test_loss=test["loss"], test_acc=test["acc"],
+            train_time_s=round(self.train_time, 3), wall_time_s=round(time.perf_counter() - self.started, 3),
+            train_img_per_s=round(self.images_seen / self.train_time, 1) if self.train_time else None)
+        self.reporter.finish(summary)
+        return self.run_dir
+
+
 def fit(config: Config, reporter: Optional[Reporter] = None) -> Path:
-    """Train as `config` says and return the run directory. Raises TrainingFailed (exit code 1)
-    when the loss becomes NaN or infinite; the run directory then says so in summary.json."""
-    reporter = reporter or Reporter()
-    started = time.perf_counter()
-    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
-    device = select_device(config.train.device)
-    splits = prepare_data(config)
-    classes = splits.dataset.classes
-    input_shape = splits.dataset.image_shape
+    """Train as `config` says and return the new run directory. Raises TrainingFailed (exit code 1)
+    when the loss becomes NaN or infinite, Interrupted on SIGINT / SIGTERM (state saved)."""
+    trainer = Trainer(config, reporter)
+    trainer.start()
+    return trainer.train()
 
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    model = build_model(config.model, input_shape, len(classes)).to(device)
-    if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = _CompiledOrEager(model) if config.train.compile else model
-    optimizer = make_optimizer(config.optim, model)
-    scheduler = make_scheduler(config.schedule, optimizer, config.train.epochs)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    train_loader = DeviceLoader(*to_device(splits.train, device), config.train.batch_size, splits.mean, splits.std,
-                                shuffle=True, generator=generator, augment=build_augment(config.augment),
-                                channels_last=config.train.channels_last)
-    val_loader = eval_loader(splits.val, splits, config, device) if len(splits.val[1]) else None
-    es_config = config.train.early_stopping
-    stopper = EarlyStopping(es_config.monitor, es_config.patience, es_config.min_delta, es_config.enabled)
 
-    run_dir = runs.create_run_dir(config.train.out_dir, config.run_name())
-    write_config(config, run_dir / runs.CONFIG)
-    runs.write_json(run_dir / runs.ENV, {**runs.environment(str(device), config.seed),
-                                         "data_origin": splits.dataset.origin})
-    metrics_path = run_dir / runs.METRICS
-    trainable, non_trainable = count_params(model)
-    summary: dict[str, Any] = {
-        "run": run_dir.name, "status": "running", "dataset": splits.dataset.name, "model": config.model.preset,
-        "sizes": {"train": len(splits.train[1]), "val": len(splits.val[1]), "test": len(splits.test[1])},
-        "params": {"trainable": trainable, "non_trainable": non_trainable},
-        "normalization": {"mean": splits.mean, "std": splits.std}, "classes": classes,
-        "input_shape": list(input_shape), "device": str(device), "monitor": stopper.monitor,
-    }
-    checkpoint_base = {"config": config.to_dict(), "classes": classes, "input_shape": list(input_shape),
-                       "normalization": {"mean": splits.mean, "std": splits.std}}
-    reporter.start(run_dir, config.train.epochs, len(train_loader))
+def resume(run_dir: Path, overrides: Optional[list[str]] = None, reporter: Optional[Reporter] = None) -> Path:
+    """Continue a run from its last.pt exactly where it stopped (end of an epoch, or the step where
+    it was interrupted). Overrides such as train.epochs=30 extend it; others change what follows."""
+    from ..config import apply_override, config_from_dict, parse_override
 
-    train_time, images_seen, step, epoch = 0.0, 0, 0, 0
-    history: dict[int, dict[str, Any]] = {}
-    stop_reason = f"max epochs: trained all {config.train.epochs} epochs"
-    try:
-        for epoch in range(1, config.train.epochs + 1):
-            epoch_start = time.perf_counter()
-            model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            seen = 0
-            for batch_index, (images, labels) in enumerate(train_loader, start=1):
-                logits = forward(images)
-                loss = F.cross_entropy(logits.float(), labels)
-                if config.optim.l2:
-                    loss = loss + l2_penalty(model, config.optim.l2)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                seen += len(labels)
-                loss_sum += loss.detach().double() * len(labels)
-                correct += (logits.detach().argmax(1) == labels).sum()
-                running = None
-                if batch_index % config.train.log_every == 0:
-                    running = {"loss": loss_sum.item() / seen, "acc": correct.item() / seen}
-                    runs.append_jsonl(metrics_path, {
-                        "kind": "step", "epoch": epoch, "step": step, "loss": running["loss"],
-                        "acc": running["acc"], "lr": optimizer.param_groups[0]["lr"],
-                        "time": {"elapsed_s": round(time.perf_counter() - started, 3)}})
-                reporter.step(epoch, batch_index, running)
-            epoch_time = time.perf_counter() - epoch_start
-            train_time += epoch_time
-            images_seen += seen
-            record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "train_loss": loss_sum.item() / seen,
-                                      "train_acc": correct.item() / seen, "lr": optimizer.param_groups[0]["lr"]}
-            if not math.isfinite(record["train_loss"]):
-                stop_reason = f"diverged: training loss became {record['train_loss']} in epoch {epoch}"
-                raise TrainingFailed(stop_reason)
-            if val_loader is not None:
-                result = evaluate(model, val_loader)
-                record.update(val_loss=result["loss"], val_acc=result["acc"])
-            record["time"] = {"elapsed_s": round(time.perf_counter() - started, 3), "epoch_s": round(epoch_time, 3),
-                              "img_per_s": round(seen / epoch_time, 1)}
-            runs.append_jsonl(metrics_path, record)
-            history[epoch] = record
-            reporter.epoch_end(record)
-            if scheduler is not None:
-                scheduler.step()
-            state = {**checkpoint_base, "epoch": epoch, "model": model.state_dict()}
-            if stopper.update(epoch, record):
-                save_checkpoint(state, run_dir / runs.CHECKPOINTS / "best.pt")
-            save_checkpoint({**state, "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict() if scheduler else None,
-                             "generator": generator.get_state()}, run_dir / runs.CHECKPOINTS / "last.pt")
-            if stopper.should_stop:
-                stop_reason = stopper.reason()
-                break
-    except TrainingFailed:
-        summary.update(status="diverged", stop_reason=stop_reason, epochs_run=epoch)
-        runs.write_json(run_dir / runs.SUMMARY, summary)
-        raise
-    except KeyboardInterrupt:
-        summary.update(status="interrupted", stop_reason=f"interrupted in epoch {epoch}", epochs_run=epoch - 1)
-        runs.write_json(run_dir / runs.SUMMARY, summary)
-        raise
-
-    best_path = run_dir / runs.CHECKPOINTS / "best.pt"
-    if stopper.best_epoch is None:  # the monitored metric was never finite: the last epoch stands in
-        save_checkpoint({**checkpoint_base, "epoch": epoch, "model": model.state_dict()}, best_path)
-    chosen_epoch = (stopper.best_epoch or epoch) if es_config.restore_best else epoch
-    if chosen_epoch != epoch:
-        model.load_state_dict(load_checkpoint(best_path, str(device))["model"])
-    test = evaluate(model, eval_loader(splits.test, splits, config, device))
-    runs.append_jsonl(metrics_path, {"kind": "test", "epoch": chosen_epoch, "test_loss": test["loss"],
-                                     "test_acc": test["acc"]})
-    chosen = history[chosen_epoch]
-    summary.update(
-        status="completed", stop_reason=stop_reason, epochs_run=epoch, best_epoch=chosen_epoch,
-        best_value=stopper.best, train_loss=chosen["train_loss"], train_acc=chosen["train_acc"],
-        val_loss=chosen.get("val_loss"), val_acc=chosen.get("val_acc"), test_loss=test["loss"], test_acc=test["acc"],
-        train_time_s=round(train_time, 3), wall_time_s=round(time.perf_counter() - started, 3),
-        train_img_per_s=round(images_seen / train_time, 1) if train_time else None)
-    runs.write_json(run_dir / runs.SUMMARY, summary)
-    reporter.finish(summary)
-    return run_dir
+    run_dir = runs.resolve_run(run_dir)
+    tree = runs.read_run_config(run_dir).to_dict()
+    for text in overrides or []:
+        apply_override(tree, *parse_override(text))
+    config = config_from_dict(tree, source=str(run_dir / runs.CONFIG))
+    trainer = Trainer(config, reporter)
+    trainer.load_checkpoint_state(load_checkpoint(run_dir / runs.CHECKPOINTS / "last.pt", str(trainer.device)))
+    if trainer.position is None and trainer.epoch >= config.train.epochs:
+        raise ConfigError(f"{run_dir}: already trained {trainer.epoch} of train.epochs={config.train.epochs}; "
+                          "pass train.epochs=N to train longer")
+    trainer.start(run_dir)
+    return trainer.train()
 
 
 def evaluate_run(run_dir: Path, split: str = "test") -> dict[str, Any]:
