@@ -178,3 +178,19 @@ def test_loader_normalizes_permutes_and_covers_every_image():
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
     assert x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(loader.normalize(images[:4].float() / 255), loader.normalize(images[:4]))
+
+
+def test_zca_whitens_the_training_split():
+    from cifarlab.data.splits import channel_stats, zca_matrix
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(4000, 1, 1, 1))
+    images = np.clip(base + rng.integers(-20, 21, size=(4000, 2, 3, 3)), 0, 255).astype(np.uint8)  # correlated pixels
+    mean, std = channel_stats(images)
+    w = zca_matrix(images, mean, std, epsilon=1e-6)
+    x = ((images / 255 - np.array(mean).reshape(1, -1, 1, 1)) / np.array(std).reshape(1, -1, 1, 1)).reshape(4000, -1)
+    before = np.cov(x, rowvar=False, bias=True)
+    after = np.cov(x @ w, rowvar=False, bias=True)
+    assert np.abs(before - np.diag(np.diag(before))).max() > 0.5  # strongly correlated to begin with
+    np.testing.assert_allclose(after, np.eye(18), atol=2e-3)
+    np.testing.assert_allclose(w, w.T, atol=1e-5)  # ZCA (unlike PCA whitening) is symmetric

@@ -307,3 +307,14 @@ def test_test_split_every_epoch_and_per_step_learning_rates(cifar10_head, tmp_pa
         "optim.clip_norm=1.0", "optim.l2=1e-4", "optim.l2_layers=[conv1]")))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("test_") and k != "time"} for r in rows]  # noqa: E731
     assert strip(runs.read_jsonl(plain / "metrics.jsonl")) == strip(runs.read_jsonl(run / "metrics.jsonl"))
+
+
+def test_zca_run_stores_its_matrix_and_eval_uses_it(cifar10_head, tmp_path):
+    from cifarlab.train.trainer import evaluate_run
+
+    run = fit(load_config(overrides=base_overrides(cifar10_head, tmp_path, "train.epochs=1", "data.zca=true",
+                                                   "data.zca_epsilon=0.1")))
+    stored = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["normalization"]["zca"]
+    assert stored.shape == (3072, 3072)
+    summary = runs.read_summary(run)
+    assert evaluate_run(run, "test")["acc"] == pytest.approx(summary["test_acc"])

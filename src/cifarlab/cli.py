@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train and study small CNNs on CIFAR-10 and its cousins.")
 data_app = typer.Typer(no_args_is_help=True, help="Find, download and look at datasets.")
 app.add_typer(data_app, name="data")
+viz_app = typer.Typer(no_args_is_help=True, help="Figures of a dataset or a run (PNG).")
+app.add_typer(viz_app, name="viz")
 # No markup: user values such as [32, 64] must print as they are.
 out = Console(markup=False, highlight=False, soft_wrap=True)
 err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
@@ -296,6 +298,55 @@ def data_show(dataset: str = typer.Argument(..., help=DATASET_HELP), root: Optio
     pick = np.random.default_rng(seed).choice(len(ds.y_train), size=min(count, len(ds.y_train)), replace=False)
     path = sample_grid(ds.x_train[pick], ds.y_train[pick], ds.classes, output or Path(f"{ds.name}-samples.png"),
                        title=f"{ds.name}: {len(pick)} training images")
+    out.print(f"wrote {path}")
+
+
+@viz_app.command("augment")
+@user_errors
+def viz_augment(
+    target: str = typer.Argument(..., help=f"A run directory, or a dataset: {DATASET_HELP}"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="augment.* (and data.*) settings, key=value"),
+    root: Optional[str] = ROOT_OPTION,
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="PNG path."),
+    count: int = typer.Option(4, "-n", "--count", min=1, max=32, help="Images (rows)."),
+    draws: int = typer.Option(6, "--draws", min=1, max=16, help="Augmented draws per image (columns)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write a PNG of a few training images, each under several draws of the augmentation."""
+    import numpy as np
+
+    from .analysis.plots import augment_grid
+    from .config import load_config
+    from .data.augment import augment_examples
+    from .data.sources import dataset_from_config
+    from .data.splits import channel_stats
+    from .runs import read_run_config, resolve_run
+
+    settings = list(overrides or [])
+    if Path(target).is_dir():
+        run = resolve_run(target)
+        from .config import apply_override, config_from_dict, parse_override
+
+        tree = read_run_config(run).to_dict()
+        for text in settings:
+            apply_override(tree, *parse_override(text))
+        config = config_from_dict(tree, source=str(run / "config.yaml"))
+        default_path = run / "plots" / "augment.png"
+    else:
+        config = load_config(None, [f"data.dataset={target}", *([f"data.root={root}"] if root else []), *settings])
+        default_path = Path(f"{target}-augment-{config.augment.preset}.png")
+    ds = dataset_from_config(config.data, config.seed)
+    pick = np.random.default_rng(seed).choice(len(ds.y_train), size=min(count, len(ds.y_train)), replace=False)
+    images = ds.x_train[pick]
+    mean = config.data.mean or channel_stats(ds.x_train)[0]  # erased boxes take the mean color, as in training
+    augmented = augment_examples(images, config.augment, draws, seed, mean)
+    a = config.augment
+    described = ", ".join(f"{k}={v}" for k, v in a.model_dump().items()
+                          if k != "preset" and v not in (0, 0.0, False) and not (k == "crop_fill" and not a.crop)
+                          and not (k == "fill_mode" and not (a.rotation or a.shear or a.zoom or a.width_shift
+                                                             or a.height_shift)))
+    path = augment_grid(images, augmented, ds.y_train[pick], ds.classes, output or default_path,
+                        title=f"{ds.name}, augment.preset={a.preset}: {described or 'no augmentation'}")
     out.print(f"wrote {path}")
 
 

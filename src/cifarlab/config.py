@@ -42,6 +42,8 @@ class DataConfig(Section):
     val_size: float = Field(0.1, ge=0)  # fraction of the training set if < 1, else a count
     stratify: bool = True
     normalize: bool = True  # per-channel mean/std; from the training split unless mean/std given
+    zca: bool = False  # ZCA whitening fitted on the training split, after normalization (Keras zca_whitening)
+    zca_epsilon: float = Field(1e-6, gt=0)
     mean: Optional[list[float]] = None  # in [0, 1] units, one per channel
     std: Optional[list[float]] = None
     train_limit: Optional[int] = Field(None, gt=0)  # keep only the first N training images

@@ -47,3 +47,33 @@ def save(fig, path: Path) -> Path:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
+
+
+def augment_grid(originals: np.ndarray, augmented: np.ndarray, labels: Sequence[int], classes: Sequence[str],
+                 path: Path, title: str = "") -> Path:
+    """One row per image: the original, then each augmented draw (float images in [0, 1])."""
+    rows, draws = augmented.shape[:2]
+    fig, axes = plt.subplots(rows, draws + 1, figsize=(1.5 * (draws + 1), 1.6 * rows + 0.5), squeeze=False)
+    for r in range(rows):
+        pictures = [originals[r].astype(np.float32) / 255] + list(augmented[r])
+        for col, picture in enumerate(pictures):
+            ax = axes[r, col]
+            _show(ax, picture)
+            if r == 0:
+                ax.set_title("original" if col == 0 else f"draw {col}", fontsize=9)
+        axes[r, 0].set_ylabel(classes[int(labels[r])], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def _show(ax, image: np.ndarray) -> None:
+    """Show a (C, H, W) float image in [0, 1]; keep the axes frame for a row label."""
+    picture = np.clip(image.transpose(1, 2, 0), 0, 1)
+    if picture.shape[2] == 1:
+        ax.imshow(picture[:, :, 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(picture)
+    ax.set_xticks([])
+    ax.set_yticks([])

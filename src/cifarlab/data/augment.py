@@ -229,3 +229,14 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, classes: int, generato
     one_hot = F.one_hot(labels, classes).float()
     targets = lam[:, None] * one_hot + (1 - lam[:, None]) * one_hot[partner]
     return images, targets
+
+
+def augment_examples(images: np.ndarray, c, draws: int, seed: int = 0,
+                     mean: Optional[list[float]] = None) -> np.ndarray:
+    """(N, draws, C, H, W) float images in [0, 1]: each uint8 image under `draws` independent draws
+    of the training augmentation (mixup / cutmix excluded: they need a batch and its labels)."""
+    augment = build_augment(c, mean)
+    batch = torch.from_numpy(np.ascontiguousarray(images)).repeat_interleave(draws, dim=0)
+    generator = torch.Generator().manual_seed(seed)
+    out = augment(batch, generator) if augment is not None else batch.float() / 255
+    return out.view(len(images), draws, *images.shape[1:]).numpy()

@@ -14,7 +14,8 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 class DeviceLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: list[float],
                  std: list[float], shuffle: bool = False, generator: Optional[torch.Generator] = None,
-                 augment: Optional[Augment] = None, channels_last: bool = True):
+                 augment: Optional[Augment] = None, channels_last: bool = True,
+                 whiten: Optional[torch.Tensor] = None):
         if shuffle and generator is None:
             raise ValueError("a shuffling loader needs a torch.Generator")
         self.images = images  # uint8 (N, C, H, W) on the device
@@ -24,6 +25,7 @@ class DeviceLoader:
         self.generator = generator
         self.augment = augment
         self.channels_last = channels_last
+        self.whiten = whiten.to(images.device) if whiten is not None else None  # (D, D) ZCA matrix
         device = images.device
         # x / 255 normalized is x * scale + shift with scale = 1 / (255 std), shift = -mean / std.
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -40,6 +42,8 @@ class DeviceLoader:
             out = torch.addcmul(self.shift, batch.float(), self.scale)
         else:
             out = torch.addcmul(self.shift, batch, self.scale * 255.0)
+        if self.whiten is not None:
+            out = (out.reshape(len(out), -1) @ self.whiten).view(out.shape)
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -53,3 +53,19 @@ def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], l
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0))
     return mean.tolist(), np.maximum(std, 1e-8).tolist()
+
+
+def zca_matrix(images: np.ndarray, mean: list[float], std: list[float], epsilon: float = 1e-6,
+               chunk: int = 4096) -> np.ndarray:
+    """The (D, D) ZCA whitening matrix of normalized training images, D = C*H*W (Keras
+    ImageDataGenerator zca_whitening: W = U diag(1 / sqrt(S + eps)) U^T of the covariance)."""
+    n = len(images)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    dim = int(np.prod(images.shape[1:]))
+    sigma = np.zeros((dim, dim))
+    for start in range(0, n, chunk):
+        x = ((images[start:start + chunk].astype(np.float32) / 255 - m) / s).reshape(-1, dim)
+        sigma += x.T @ x
+    values, vectors = np.linalg.eigh(sigma / n)
+    return ((vectors / np.sqrt(np.maximum(values, 0) + epsilon)) @ vectors.T).astype(np.float32)

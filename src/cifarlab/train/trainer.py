@@ -26,7 +26,7 @@ from ..config import Config, write_config
 from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
 from ..data.sources import Dataset, dataset_from_config
-from ..data.splits import channel_stats, split_indices
+from ..data.splits import channel_stats, split_indices, zca_matrix
 from ..errors import ConfigError, Interrupted, TrainingFailed
 from ..models.build import build_model
 from ..models.summary import count_params
@@ -47,6 +47,7 @@ class Splits:
     test: tuple[np.ndarray, np.ndarray]
     mean: list[float]
     std: list[float]
+    whiten: Optional[torch.Tensor] = None  # ZCA matrix fitted on the training split
 
 
 class Reporter:
@@ -82,11 +83,16 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_data(config: Config) -> Splits:
+def prepare_data(config: Config, stored: Optional[dict[str, Any]] = None) -> Splits:
+    """Read and split the data; normalization (and ZCA) is fitted on the training split, or taken
+    from `stored` (a checkpoint's "normalization") so evaluation uses exactly the training statistics."""
     ds = dataset_from_config(config.data, config.seed)
     train_idx, val_idx = split_indices(ds.y_train, config.data.val_size, config.seed, config.data.stratify)
     x_train = ds.x_train[train_idx]
     channels = ds.image_shape[0]
+    if stored is not None:
+        return Splits(ds, (x_train, ds.y_train[train_idx]), (ds.x_train[val_idx], ds.y_train[val_idx]),
+                      (ds.x_test, ds.y_test), stored["mean"], stored["std"], stored.get("zca"))
     if config.data.mean is not None:
         if len(config.data.mean) != channels or len(config.data.std) != channels:
             raise ConfigError(f"data.mean/data.std: {ds.name} has {channels} channel(s), "
@@ -96,8 +102,9 @@ def prepare_data(config: Config) -> Splits:
         mean, std = channel_stats(x_train)
     else:
         mean, std = [0.0] * channels, [1.0] * channels
+    whiten = torch.from_numpy(zca_matrix(x_train, mean, std, config.data.zca_epsilon)) if config.data.zca else None
     return Splits(ds, (x_train, ds.y_train[train_idx]), (ds.x_train[val_idx], ds.y_train[val_idx]),
-                  (ds.x_test, ds.y_test), mean, std)
+                  (ds.x_test, ds.y_test), mean, std, whiten)
 
 
 def to_device(arrays: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +115,7 @@ def to_device(arrays: tuple[np.ndarray, np.ndarray], device: torch.device) -> tu
 def eval_loader(arrays, splits: Splits, config: Config, device: torch.device) -> DeviceLoader:
     images, labels = to_device(arrays, device)
     return DeviceLoader(images, labels, config.train.eval_batch_size, splits.mean, splits.std,
-                        channels_last=config.train.channels_last)
+                        channels_last=config.train.channels_last, whiten=splits.whiten)
 
 
 @torch.inference_mode()
@@ -197,7 +204,7 @@ class Trainer:
         augment = build_augment(config.augment, splits.mean)
         self.train_loader = DeviceLoader(*to_device(splits.train, device), config.train.batch_size, splits.mean,
                                          splits.std, shuffle=True, generator=self.generator, augment=augment,
-                                         channels_last=config.train.channels_last)
+                                         channels_last=config.train.channels_last, whiten=splits.whiten)
         self.schedule = LRSchedule(config.schedule, config.optim.lr, config.train.epochs, len(self.train_loader))
         self.eval_loaders = {split: eval_loader(getattr(splits, split), splits, config, device)
                              for split in config.train.evaluate}
@@ -219,7 +226,7 @@ class Trainer:
 
     def base_state(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "classes": self.classes, "input_shape": list(self.input_shape),
-                "normalization": {"mean": self.splits.mean, "std": self.splits.std}}
+                "normalization": {"mean": self.splits.mean, "std": self.splits.std, "zca": self.splits.whiten}}
 
     def checkpoint_state(self, position: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, schedule, rules, RNG states, progress."""
@@ -464,8 +471,7 @@ def evaluate_run(run_dir: Path, split: str = "test") -> dict[str, Any]:
     config = runs.read_run_config(run_dir)
     device = select_device(config.train.device)
     checkpoint = load_checkpoint(run_dir / runs.CHECKPOINTS / "best.pt", str(device))
-    splits = prepare_data(config)
-    splits.mean, splits.std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
+    splits = prepare_data(config, checkpoint["normalization"])
     arrays = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
     if len(arrays[1]) == 0:
         raise ConfigError(f"{run_dir}: the {split} split is empty (data.val_size=0?)")
