@@ -106,13 +106,20 @@ class BarReporter:
             self.progress = None
 
 
-def train_and_report(config, resume_run: Optional[Path] = None, overrides: Optional[list[str]] = None) -> Path:
+def train_and_report(config, resume_run: Optional[Path] = None, overrides: Optional[list[str]] = None,
+                     run_dir: Optional[Path] = None) -> Path:
     from .train.trainer import Reporter, fit, resume
 
     use_bar = not state.get("quiet") and sys.stderr.isatty()
-    reporter = BarReporter(err, config.train.batch_size if config else 64) if use_bar else Reporter()
+    if resume_run is not None:
+        from .runs import read_run_config, resolve_run
+
+        batch_size = read_run_config(resolve_run(resume_run)).train.batch_size
+    else:
+        batch_size = config.train.batch_size
+    reporter = BarReporter(err, batch_size) if use_bar else Reporter()
     try:
-        run_dir = resume(resume_run, overrides, reporter) if resume_run else fit(config, reporter)
+        run_dir = resume(resume_run, overrides, reporter) if resume_run else fit(config, reporter, run_dir)
     finally:
         if use_bar:
             reporter.close()
@@ -142,6 +149,7 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value settings, e.g. train.epochs=5"),
     config_file: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML config file."),
     resume_run: Optional[Path] = typer.Option(None, "--resume", help="Continue this run from its last.pt."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write the run here (new or empty folder)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
 ) -> None:
     """Train a model; writes a run directory (config, metrics, summary, checkpoints)."""
@@ -154,7 +162,7 @@ def train(
             raise ConfigError("--resume takes its config from the run; give changes as key=value")
         train_and_report(None, resume_run, overrides or [])
         return
-    train_and_report(load_config(config_file, overrides or []))
+    train_and_report(load_config(config_file, overrides or []), run_dir=run_dir)
 
 
 @app.command()
@@ -299,6 +307,39 @@ def data_show(dataset: str = typer.Argument(..., help=DATASET_HELP), root: Optio
     path = sample_grid(ds.x_train[pick], ds.y_train[pick], ds.classes, output or Path(f"{ds.name}-samples.png"),
                        title=f"{ds.name}: {len(pick)} training images")
     out.print(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def sweep(
+    study_file: Path = typer.Argument(..., help="A study YAML (see configs/studies/)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value applied to every run, e.g. train.epochs=2"),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Runs at a time (CPU threads are split)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Study directory (default: train.out_dir/NAME)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs and exit."),
+) -> None:
+    """Run a study (grid and/or variants x seeds) as separate processes; skips finished runs, resumes
+    interrupted ones; writes results.csv, results.md, plots/ and report.html."""
+    from .sweep import load_study, run_state, run_study, summarize_study
+
+    study = load_study(study_file, overrides or [])
+    out_path = out_dir or Path(study.runs[0].config.train.out_dir) / study.name
+    if dry_run:
+        table = Table(title=f"{study.name}: {len(study.runs)} runs into {out_path}")
+        for column in ("run", "settings", "seed", "state"):
+            table.add_column(column)
+        for run in study.runs:
+            state = run_state(out_path / run.id) if (out_path / run.id).exists() else "new"
+            table.add_row(run.id, ", ".join(f"{k}={v}" for k, v in run.values.items()), str(run.seed), state)
+        out.print(table)
+        return
+    out.print(f"study {study.name}: {len(study.runs)} runs, {workers} at a time, into {out_path}")
+    outcome = run_study(study, out_path, workers=workers)
+    for run_id, what in outcome.items():
+        out.print(f"  {run_id}: {what}")
+    summarize_study(study, out_path)
+    out.print((out_path / "results.md").read_text())
+    out.print(f"report: {out_path / 'report.html'}")
 
 
 @viz_app.command("augment")

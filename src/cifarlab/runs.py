@@ -12,7 +12,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from .config import Config, config_from_dict, read_yaml
 from .errors import ConfigError
@@ -24,8 +24,14 @@ SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 
 
-def create_run_dir(out_dir: Union[str, Path], name: str) -> Path:
-    """A new, empty run directory; a suffix keeps two runs started in the same second apart."""
+def create_run_dir(out_dir: Union[str, Path], name: str, exact: Optional[Path] = None) -> Path:
+    """A new, empty run directory: `exact` if given (a study names its runs), else
+    out_dir/name-timestamp, with a suffix keeping two runs started in the same second apart."""
+    if exact is not None:
+        if exact.exists() and any(exact.iterdir()):
+            raise ConfigError(f"{exact}: run directory exists and is not empty")
+        (exact / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        return exact
     base = Path(out_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, n = base, 1
     while True:

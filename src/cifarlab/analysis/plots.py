@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -77,3 +77,22 @@ def _show(ax, image: np.ndarray) -> None:
         ax.imshow(picture)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def overlay_curves(series: list[tuple[str, list[int], list[float]]], path: Path, title: str,
+                   ylabel: str = "validation accuracy (%)") -> Path:
+    """One line per (label, epochs, values); runs sharing a label share a color and a legend entry."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors: dict[str, Any] = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for label, epochs, values in series:
+        first = label not in colors
+        colors.setdefault(label, cycle[len(colors) % len(cycle)])
+        ax.plot(epochs, values, color=colors[label], label=label if first else None, linewidth=1.6, alpha=0.9)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return save(fig, path)

@@ -278,10 +278,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
 
-    def start(self, run_dir: Optional[Path] = None) -> Path:
-        """A new run directory, or (resuming) the old one with metrics cut back to the checkpoint."""
-        if run_dir is None:
-            self.run_dir = runs.create_run_dir(self.config.train.out_dir, self.config.run_name())
+    def start(self, run_dir: Optional[Path] = None, resuming: bool = False) -> Path:
+        """A new run directory (`run_dir` if given), or (resuming) the old one with its metrics cut
+        back to the checkpoint."""
+        if not resuming:
+            self.run_dir = runs.create_run_dir(self.config.train.out_dir, self.config.run_name(), run_dir)
             write_config(self.config, self.run_dir / runs.CONFIG)
             runs.write_json(self.run_dir / runs.ENV, {**runs.environment(str(self.device), self.config.seed),
                                                       "data_origin": self.splits.dataset.origin})
@@ -435,11 +436,12 @@ class Trainer:
         return self.run_dir
 
 
-def fit(config: Config, reporter: Optional[Reporter] = None) -> Path:
-    """Train as `config` says and return the new run directory. Raises TrainingFailed (exit code 1)
-    when the loss becomes NaN or infinite, Interrupted on SIGINT / SIGTERM (state saved)."""
+def fit(config: Config, reporter: Optional[Reporter] = None, run_dir: Optional[Path] = None) -> Path:
+    """Train as `config` says and return the new run directory (`run_dir` if given). Raises
+    TrainingFailed (exit code 1) when the loss becomes NaN or infinite, Interrupted on SIGINT /
+    SIGTERM (state saved)."""
     trainer = Trainer(config, reporter)
-    trainer.start()
+    trainer.start(run_dir)
     return trainer.train()
 
 
@@ -458,7 +460,7 @@ def resume(run_dir: Path, overrides: Optional[list[str]] = None, reporter: Optio
     if trainer.position is None and trainer.epoch >= config.train.epochs:
         raise ConfigError(f"{run_dir}: already trained {trainer.epoch} of train.epochs={config.train.epochs}; "
                           "pass train.epochs=N to train longer")
-    trainer.start(run_dir)
+    trainer.start(run_dir, resuming=True)
     return trainer.train()
 
 

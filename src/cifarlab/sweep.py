@@ -1,0 +1,356 @@
+"""Studies: a base config, axes (a grid) and/or named variants, and repeats (seeds), expanded into
+runs that execute as separate processes, then tabulated (results.csv, results.md) and plotted.
+
+    name: bn-x-optim
+    base: {data: {root: ...}, train: {epochs: 20}}     # or `config: path/to/config.yaml`
+    axes: {optim.name: [adam, sgd], model.batchnorm: [true, false]}
+    variants:                                          # optional; each one x the grid
+      - {name: kernels-753, set: {model.kernels: [7, 5, 3]}}
+    repeats: 2                                         # seeds seed, seed+1, ...
+
+A study directory holds one folder per run, named after its variant, axis values and seed, so that
+running the study again skips what finished and resumes or redoes what did not.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any, Optional, Protocol
+
+from . import runs
+from .config import Config, apply_override, config_from_dict, parse_override, read_yaml, write_config
+from .errors import ConfigError
+
+STUDY_KEYS = {"name", "description", "config", "base", "axes", "variants", "repeats", "reference"}
+
+
+@dataclass
+class Run:
+    """One run of a study."""
+
+    id: str  # folder name inside the study directory
+    variant: str
+    values: dict[str, Any]  # axis key -> value (and a variant's settings)
+    seed: int
+    config: Config
+
+
+@dataclass
+class Study:
+    name: str
+    description: str
+    runs: list[Run]
+    axes: list[str]
+    reference: Any = None  # what the report itself measured, shown beside our table
+    path: Optional[Path] = None
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "-".join(map(str, value))
+    return str(value)
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text).strip("-")
+
+
+def load_study(path: Path, overrides: Optional[list[str]] = None) -> Study:
+    """Expand a study file into validated runs; `overrides` (key=value) apply to every run."""
+    path = Path(path)
+    spec = read_yaml(path)
+    unknown = set(spec) - STUDY_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown study key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(STUDY_KEYS))})")
+    base = read_yaml(path.parent / spec["config"]) if "config" in spec else {}
+    for key, value in (spec.get("base") or {}).items():
+        base.setdefault(key, {})
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    axes = spec.get("axes") or {}
+    if not isinstance(axes, dict) or any(not isinstance(v, list) or not v for v in axes.values()):
+        raise ConfigError(f"{path}: axes must map each key.path to a non-empty list of values")
+    variants = spec.get("variants") or [{"name": "base"}]
+    repeats = int(spec.get("repeats", 1))
+    if repeats < 1:
+        raise ConfigError(f"{path}: repeats must be >= 1")
+    expanded = []
+    names = set()
+    for variant in variants:
+        if not isinstance(variant, dict) or "name" not in variant or set(variant) - {"name", "set"}:
+            raise ConfigError(f"{path}: each variant is {{name: ..., set: {{key.path: value}}}}, got {variant!r}")
+        if variant["name"] in names:
+            raise ConfigError(f"{path}: variant name {variant['name']!r} is used twice")
+        names.add(variant["name"])
+        named = "set" in variant  # a real variant, not the implicit "base"
+        for point in itertools.product(*axes.values()):
+            for repeat in range(repeats):
+                expanded.append(_make_run(path, base, variant["name"] if named else None, variant.get("set") or {},
+                                          dict(zip(axes, point)), repeat, overrides or []))
+    ids = [r.id for r in expanded]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{path}: two runs would share the folder {next(i for i in ids if ids.count(i) > 1)}")
+    return Study(spec.get("name") or path.stem, spec.get("description", ""), expanded, list(axes),
+                 spec.get("reference"), path)
+
+
+def _make_run(path: Path, base: dict, variant: Optional[str], settings: dict[str, Any], point: dict[str, Any],
+              repeat: int, overrides: list[str]) -> Run:
+    tree = json.loads(json.dumps(base))  # a deep copy of plain YAML data
+    for key, value in {**settings, **point}.items():
+        apply_override(tree, key.split("."), value)
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    seed = int(tree.get("seed", 0)) + repeat
+    tree["seed"] = seed
+    parts = ([variant] if variant else []) + [f"{k}={_value_text(v)}" for k, v in point.items()]
+    run_id = _slug("_".join(parts) or "base") + f"_seed{seed}"
+    config = config_from_dict(tree, source=f"{path} ({run_id})")
+    return Run(run_id, variant or "base", {**settings, **point}, seed, config)
+
+
+# ---------------------------------------------------------------- execution
+
+
+@dataclass
+class Job:
+    id: str
+    command: list[str]
+    env: dict[str, str]
+    log: Path
+
+
+class Executor(Protocol):
+    """Runs jobs and returns each one's exit code; a cluster engine can stand in for LocalExecutor."""
+
+    def run(self, jobs: list[Job]) -> dict[str, int]: ...
+
+
+@dataclass
+class LocalExecutor:
+    """Runs jobs as processes on this machine, `workers` at a time."""
+
+    workers: int = 1
+    gpus: list[str] = field(default_factory=list)
+
+    def run(self, jobs: list[Job]) -> dict[str, int]:
+        def one(index_job: tuple[int, Job]) -> tuple[str, int]:
+            index, job = index_job
+            env = dict(job.env)
+            if self.gpus:  # one worker per GPU: job i goes to GPU i mod n
+                env["CUDA_VISIBLE_DEVICES"] = self.gpus[index % len(self.gpus)]
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(job.log, "w") as log:
+                return job.id, subprocess.run(job.command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return dict(pool.map(one, enumerate(jobs)))
+
+
+def run_state(run_dir: Path) -> str:
+    """completed | resumable | fresh: what a rerun of the study does with this folder."""
+    summary = run_dir / runs.SUMMARY
+    if summary.is_file():
+        status = json.loads(summary.read_text()).get("status")
+        if status == "completed":
+            return "completed"
+        if status == "diverged":
+            return "fresh"
+    return "resumable" if (run_dir / runs.CHECKPOINTS / "last.pt").is_file() else "fresh"
+
+
+def run_study(study: Study, out: Path, executor: Optional[Executor] = None, workers: int = 1) -> dict[str, str]:
+    """Run what is not finished yet; returns run id -> what happened (skipped, completed, failed ...)."""
+    out.mkdir(parents=True, exist_ok=True)
+    gpus = _gpus()
+    executor = executor or LocalExecutor(workers=len(gpus) if gpus and workers == 1 else workers, gpus=gpus)
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    outcome, jobs = {}, []
+    for run in study.runs:
+        run_dir = out / run.id
+        state = run_state(run_dir) if run_dir.exists() else "fresh"
+        if state == "completed":
+            outcome[run.id] = "skipped (completed before)"
+            continue
+        base = [sys.executable, "-m", "cifarlab.cli", "train", "--quiet"]
+        if state == "resumable":
+            command = base + ["--resume", str(run_dir)]
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            config_path = out / "configs" / f"{run.id}.yaml"
+            config_path.parent.mkdir(exist_ok=True)
+            write_config(run.config, config_path)
+            command = base + ["-c", str(config_path), "--run-dir", str(run_dir)]
+            if not gpus and run.config.train.threads is None:
+                command.append(f"train.threads={threads}")
+        jobs.append(Job(run.id, command, {**os.environ}, out / "logs" / f"{run.id}.log"))
+    for job_id, code in executor.run(jobs).items():
+        outcome[job_id] = "completed" if code == 0 else f"failed (exit {code}, see logs/{job_id}.log)"
+    return outcome
+
+
+def _gpus() -> list[str]:
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+# ---------------------------------------------------------------- results
+
+COLUMNS = ["train_acc", "val_acc", "test_acc", "best_epoch", "epochs_run", "train_time_s", "train_img_per_s"]
+
+
+def collect(study: Study, out: Path) -> list[dict[str, Any]]:
+    """One row per variant (grid point): settings, status, and each metric's mean (and std over repeats)."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in study.runs:
+        groups.setdefault((run.variant, json.dumps(run.values, sort_keys=True)), []).append(run)
+    rows = []
+    for (variant, _), members in groups.items():
+        summaries = []
+        for run in members:
+            path = out / run.id / runs.SUMMARY
+            summaries.append(json.loads(path.read_text()) if path.is_file() else {"status": "missing"})
+        done = [s for s in summaries if s.get("status") == "completed"]
+        failed = [s for s in summaries if s.get("status") != "completed"]
+        row: dict[str, Any] = {"variant": variant, **{k: _value_text(v) for k, v in members[0].values.items()},
+                               "runs": len(members), "completed": len(done),
+                               "status": "completed" if not failed else "; ".join(
+                                   f"{s.get('status')}: {s.get('stop_reason', 'no summary')}" for s in failed)}
+        for key in COLUMNS:
+            values = [s[key] for s in done if s.get(key) is not None]
+            row[key] = mean(values) if values else None
+            if len(members) > 1:
+                row[f"{key}_std"] = stdev(values) if len(values) > 1 else None
+        row["stop_reason"] = "; ".join(sorted({s["stop_reason"].split(":")[0] for s in done})) if done else ""
+        row["params"] = done[0]["params"]["trainable"] + done[0]["params"]["non_trainable"] if done else None
+        row["ids"] = [r.id for r in members]
+        rows.append(row)
+    return rows
+
+
+def write_results(study: Study, out: Path, rows: list[dict[str, Any]]) -> None:
+    keys = [k for k in rows[0] if k != "ids"] if rows else []
+    tmp = out / ".results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k != "ids"})
+    os.replace(tmp, out / "results.csv")
+    (out / "results.md").write_text(results_markdown(study, rows))
+
+
+def _pct(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    std = row.get(f"{key}_std")
+    return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
+    settings = [k for k in rows[0] if k not in {"variant", "runs", "completed", "status", "stop_reason",
+                                                  "params", "ids", *COLUMNS} and not k.endswith("_std")] if rows else []
+    header = ["variant", *settings, "train %", "val %", "test %", "best epoch", "epochs", "stop", "time (s)",
+              "img/s", "params", "status"]
+    lines = [f"# {study.name}", "", study.description.strip(), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["variant"], *(str(row[k]) for k in settings), _pct(row, "train_acc"), _pct(row, "val_acc"),
+                 _pct(row, "test_acc"), _num(row.get("best_epoch")), _num(row.get("epochs_run")),
+                 row["stop_reason"], _num(row.get("train_time_s")), _num(row.get("train_img_per_s")),
+                 f"{row['params']:,}" if row.get("params") else "-", row["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    repeats = max((r["runs"] for r in rows), default=1)
+    if repeats > 1:
+        lines += ["", f"Mean ± standard deviation over {repeats} seeds."]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) and not float(value).is_integer() else f"{int(value)}"
+
+
+def curves_of(run_dir: Path, metric: str = "val_acc") -> tuple[list[int], list[float]]:
+    path = run_dir / runs.METRICS
+    rows = [r for r in runs.read_jsonl(path) if r["kind"] == "epoch" and metric in r] if path.is_file() else []
+    return [r["epoch"] for r in rows], [100 * r[metric] for r in rows]
+
+
+def study_figures(study: Study, out: Path) -> list[Path]:
+    """Overlaid validation curves: one figure per axis (lines colored by that axis' value), and one
+    of the named variants when there are several."""
+    from .analysis.plots import overlay_curves
+
+    figures = []
+    groupings = [(axis, lambda r, a=axis: f"{a}={_value_text(r.values[a])}") for axis in study.axes]
+    if len({r.variant for r in study.runs}) > 1:
+        groupings.insert(0, ("variant", lambda r: r.variant))
+    for axis, label_of in groupings:
+        series = [(label_of(run), *curves_of(out / run.id)) for run in study.runs]
+        series = [s for s in series if s[1]]
+        if series:
+            figures.append(overlay_curves(series, out / "plots" / f"val_acc_by_{_slug(axis)}.png",
+                                          f"{study.name}: validation accuracy by {axis}"))
+    return figures
+
+
+def write_report(study: Study, out: Path, rows: list[dict[str, Any]], figures: list[Path]) -> Path:
+    import base64
+
+    import jinja2
+
+    settings = [k for k in rows[0] if k not in {"variant", "runs", "completed", "status", "stop_reason", "params",
+                                                  "ids", *COLUMNS} and not k.endswith("_std")] if rows else []
+    columns = ([{"title": "variant", "text": True}] + [{"title": s, "text": True} for s in settings] +
+               [{"title": t, "text": False} for t in ("train %", "val %", "test %", "best epoch", "epochs",
+                                                      "time (s)", "img/s", "params")] +
+               [{"title": "stop", "text": True}, {"title": "status", "text": True}])
+    table = []
+    for row in rows:
+        numbers = [(row.get(k), _pct(row, k)) for k in ("train_acc", "val_acc", "test_acc")]
+        numbers += [(row.get(k), _num(row.get(k))) for k in ("best_epoch", "epochs_run", "train_time_s",
+                                                              "train_img_per_s")]
+        numbers.append((row.get("params"), f"{row['params']:,}" if row.get("params") else "-"))
+        cells = [{"sort": row["variant"], "shown": row["variant"]}]
+        cells += [{"sort": str(row[s]), "shown": str(row[s])} for s in settings]
+        cells += [{"sort": "" if v is None else v, "shown": shown} for v, shown in numbers]
+        cells += [{"sort": row["stop_reason"], "shown": row["stop_reason"]}, {"sort": row["status"], "shown": row["status"]}]
+        table.append({"cells": cells, "ok": row["status"] == "completed"})
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cifarlab", "analysis/templates"),
+                             autoescape=jinja2.select_autoescape(["html"]))
+    html = env.get_template("study.html").render(
+        study=study, rows=rows, columns=columns, table=table,
+        reference=json.dumps(study.reference, indent=2) if isinstance(study.reference, (dict, list))
+        else study.reference,
+        figures=[{"title": p.stem.replace("_", " "), "data": base64.b64encode(p.read_bytes()).decode()} for p in figures])
+    path = out / "report.html"
+    tmp = out / ".report.html.tmp"
+    tmp.write_text(html)
+    os.replace(tmp, path)
+    return path
+
+
+def summarize_study(study: Study, out: Path) -> list[dict[str, Any]]:
+    """results.csv, results.md, plots/ and report.html from whatever runs exist."""
+    rows = collect(study, out)
+    write_results(study, out, rows)
+    write_report(study, out, rows, study_figures(study, out))
+    return rows

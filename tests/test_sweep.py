@@ -1,0 +1,145 @@
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifarlab import runs
+from cifarlab.errors import ConfigError
+from cifarlab.sweep import load_study, run_study, summarize_study
+from cifarlab.train.trainer import fit
+
+STUDIES = sorted((Path(__file__).resolve().parent.parent / "configs" / "studies").glob("*.yaml"))
+TIMING = {"train_time_s", "train_img_per_s", "train_time_s_std", "train_img_per_s_std"}
+
+
+def write_study(folder: Path, text: str) -> Path:
+    path = folder / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+GRID = """
+name: grid
+base:
+  data: {{root: {root}, train_limit: 700, test_limit: 300}}
+  model: {{preset: lab-m1}}
+  train: {{epochs: 2, log_every: 5}}
+axes:
+  optim.name: [adam, sgd]
+  model.batchnorm: [true, false]
+"""
+
+
+def results(folder: Path) -> list[dict]:
+    with open(folder / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_study_end_to_end_and_repeatable(cifar10_head, tmp_path):
+    study = load_study(write_study(tmp_path, GRID.format(root=cifar10_head)))
+    assert [r.id for r in study.runs] == [
+        "optim.name-adam_model.batchnorm-true_seed0", "optim.name-adam_model.batchnorm-false_seed0",
+        "optim.name-sgd_model.batchnorm-true_seed0", "optim.name-sgd_model.batchnorm-false_seed0"]
+    first, second = tmp_path / "one", tmp_path / "two"
+    outcome = run_study(study, first, workers=2)
+    assert set(outcome.values()) == {"completed"}
+    run_study(study, second, workers=2)
+    rows = summarize_study(study, first)
+    assert [(r["optim.name"], r["model.batchnorm"]) for r in rows] == [
+        ("adam", "true"), ("adam", "false"), ("sgd", "true"), ("sgd", "false")]
+    csv_rows = results(first)
+    assert len(csv_rows) == 4 and all(r["status"] == "completed" for r in csv_rows)
+    assert max(float(r["test_acc"]) for r in csv_rows) > 0.18  # adam learns in 2 epochs (chance: 0.10)
+    for row in csv_rows:  # the variant's settings really reached the run
+        config = runs.read_run_config(first / row_id(row))
+        assert config.optim.name == row["optim.name"]
+        assert str(config.model.params()["batchnorm"]).lower() == row["model.batchnorm"]
+    summarize_study(study, second)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(results(first)) == strip(results(second))
+    assert (first / "results.md").read_text().count("| base |") == 4
+    html = (first / "report.html").read_text()
+    assert "<table" in html and html.count("data:image/png;base64,") == 2  # curves by each axis
+
+
+def row_id(row: dict) -> str:
+    return f"optim.name-{row['optim.name']}_model.batchnorm-{row['model.batchnorm']}_seed0"
+
+
+def test_a_diverging_variant_fails_and_the_rest_go_on(cifar10_head, tmp_path):
+    text = f"""
+name: diverge
+base:
+  data: {{root: {cifar10_head}, train_limit: 500, test_limit: 200}}
+  model: {{preset: lab-m2}}
+  train: {{epochs: 1}}
+variants:
+  - {{name: fine, set: {{optim.name: adam}}}}
+  - {{name: explodes, set: {{optim.name: sgd, optim.lr: 1.0e+6}}}}
+repeats: 2
+"""
+    study = load_study(write_study(tmp_path, text))
+    assert len(study.runs) == 4 and {r.seed for r in study.runs} == {0, 1}
+    outcome = run_study(study, tmp_path / "out")
+    assert outcome["fine_seed0"] == outcome["fine_seed1"] == "completed"
+    assert outcome["explodes_seed0"].startswith("failed (exit 1")
+    rows = {r["variant"]: r for r in summarize_study(study, tmp_path / "out")}
+    assert rows["fine"]["status"] == "completed" and rows["fine"]["completed"] == 2
+    assert rows["fine"]["test_acc_std"] is not None
+    assert rows["explodes"]["status"].startswith("diverged: diverged: training loss became nan")
+    assert "± " in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_head, tmp_path):
+    text = GRID.format(root=cifar10_head).replace("epochs: 2", "epochs: 3")
+    path = write_study(tmp_path, text)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "cifarlab.cli", "sweep", str(path), "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    study = load_study(path)
+    first = out / study.runs[0].id
+    try:
+        deadline = time.time() + 300
+        while not (first / "summary.json").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # into the second run
+    finally:
+        import os
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = {r.id: (out / r.id / "summary.json").stat().st_mtime_ns for r in study.runs
+                   if (out / r.id / "summary.json").is_file()}
+    assert study.runs[0].id in done_before and len(done_before) < 4
+    outcome = run_study(study, out)
+    assert all(outcome[i] == "skipped (completed before)" for i in done_before)
+    assert sum(v == "completed" for v in outcome.values()) == 4 - len(done_before)
+    for run_id, mtime in done_before.items():
+        assert (out / run_id / "summary.json").stat().st_mtime_ns == mtime
+    assert all(runs.read_summary(out / r.id)["status"] == "completed" for r in study.runs)
+
+
+@pytest.mark.parametrize("study_file", STUDIES, ids=[p.stem for p in STUDIES])
+def test_report_studies_expand_and_run_shortened(study_file, cifar10_head, tmp_path):
+    short = ["train.epochs=1", "data.dataset=synthetic", "data.train_limit=300", "data.test_limit=100",
+             "data.val_size=0.1", "train.target.metric=null", "train.divergence.enabled=false"]
+    study = load_study(study_file, short)
+    assert len(study.runs) >= 3 and study.reference
+    assert all(r.config.data.dataset == "synthetic" and r.config.train.epochs == 1 for r in study.runs)
+    run = study.runs[-1]  # the last variant, so that not only the base is exercised
+    summary = runs.read_summary(fit(run.config, run_dir=tmp_path / run.id))
+    assert summary["status"] == "completed"
+
+
+def test_study_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="unknown study key 'axis'"):
+        load_study(write_study(tmp_path, "name: x\naxis: {optim.name: [adam]}\n"))
+    with pytest.raises(ConfigError, match=r"optim.name: Input should be"):
+        load_study(write_study(tmp_path, "name: x\naxes: {optim.name: [adam, adamx]}\n"))
+    with pytest.raises(ConfigError, match="axes must map each key.path to a non-empty list"):
+        load_study(write_study(tmp_path, "name: x\naxes: {optim.name: adam}\n"))
