@@ -190,21 +190,69 @@ def demo(
 def eval_command(
     run: Path = typer.Argument(..., help="A run directory."),
     split: str = typer.Option("test", "--split", help="test | val | train"),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Also report top-k accuracy."),
 ) -> None:
-    """Accuracy and per-class accuracy of a run's best checkpoint; saved as eval_<split>.json."""
+    """Accuracy, top-k, per-class accuracy and confusion matrix of a run's best checkpoint (eval_<split>.json)."""
     from .train.trainer import evaluate_run
 
-    if split not in ("test", "val", "train"):
-        raise ConfigError(f"--split={split}: use test, val or train")
-    report = evaluate_run(run, split)
+    check_split(split)
+    report = evaluate_run(run, split, top_k)
+    top = next(k for k in report if k.startswith("top") and k.endswith("_acc"))
     out.print(f"{report['run']}: {split} accuracy {100 * report['acc']:.2f}% on {report['images']} images "
-              f"(best.pt, epoch {report['epoch']})")
+              f"(best.pt, epoch {report['epoch']}); {top.removesuffix('_acc')} {100 * report[top]:.2f}%; "
+              f"confusion matrix and per-class accuracy in {Path(run) / f'eval_{split}.json'}")
     table = Table()
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in report["per_class_acc"].items():
         table.add_row(name, "-" if acc != acc else f"{100 * acc:.1f}%")
     out.print(table)
+
+
+def check_split(split: str) -> None:
+    if split not in ("test", "val", "train"):
+        raise ConfigError(f"--split={split}: use test, val or train")
+
+
+@app.command()
+@user_errors
+def predict(
+    run: Path = typer.Argument(..., help="A run directory."),
+    images: list[Path] = typer.Argument(..., help="PNG or JPEG files, any size."),
+    top_k: int = typer.Option(3, "--top-k", min=1),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Figure path (default RUN/plots/predict.png)."),
+) -> None:
+    """Class probabilities of images with a run's best model (resized, gray/RGB converted as needed)."""
+    from .predict import predict_files
+
+    result = predict_files(run, images, top_k, output)
+    classes = result["classes"]
+    probabilities = result["probabilities"]
+    table = Table(title="class probabilities (%)")
+    table.add_column("class")
+    for name in result["names"]:
+        table.add_column(name, justify="right", overflow="fold")
+    for index, name in enumerate(classes):
+        table.add_row(name, *(f"{100 * probs[index]:.2f}" for probs in probabilities))
+    table.add_row("prediction", *(classes[int(probs.argmax())] for probs in probabilities), style="bold")
+    out.print(table)
+    out.print(f"wrote {result['figure']}")
+
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="One run (its report.html) or several (a comparison)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="HTML path."),
+) -> None:
+    """Self-contained HTML report of a run (figures, tables, t-SNE), or a comparison of runs."""
+    from .analysis.report import build_comparison, build_run_report
+
+    if len(run_dirs) == 1:
+        path = build_run_report(run_dirs[0], output)
+    else:
+        path = build_comparison(run_dirs, output or Path("comparison.html"))
+    out.print(f"wrote {path}")
 
 
 @app.command()
@@ -340,6 +388,106 @@ def sweep(
     summarize_study(study, out_path)
     out.print((out_path / "results.md").read_text())
     out.print(f"report: {out_path / 'report.html'}")
+
+
+@viz_app.command("curves")
+@user_errors
+def viz_curves(run: Path = typer.Argument(..., help="A run directory.")) -> None:
+    """Loss and accuracy per epoch (train / val / test) and the running per-step values."""
+    from .analysis.report import curves_figure
+    from .runs import resolve_run
+
+    out.print(f"wrote {curves_figure(resolve_run(run))}")
+
+
+@viz_app.command("samples")
+@user_errors
+def viz_samples(run: Path = typer.Argument(..., help="A run directory."),
+                split: str = typer.Option("train", "--split"), count: int = typer.Option(32, "-n", min=1, max=400),
+                seed: int = typer.Option(0, "--seed")) -> None:
+    """A grid of a run's images with their class names."""
+    import numpy as np
+
+    from .analysis.plots import sample_grid
+    from .train.trainer import load_run
+
+    check_split(split)
+    loaded = load_run(run)
+    images, labels = loaded.split(split)
+    pick = np.random.default_rng(seed).choice(len(labels), size=min(count, len(labels)), replace=False)
+    path = sample_grid(images[pick], labels[pick], loaded.classes, loaded.path / "plots" / f"samples_{split}.png",
+                       title=f"{split} split: {len(pick)} images")
+    out.print(f"wrote {path}")
+
+
+@viz_app.command("confusion")
+@user_errors
+def viz_confusion(run: Path = typer.Argument(..., help="A run directory."),
+                  split: str = typer.Option("test", "--split")) -> None:
+    """The confusion matrix of best.pt on a split."""
+    from .analysis.report import confusion_figure
+    from .train.trainer import load_run
+
+    check_split(split)
+    out.print(f"wrote {confusion_figure(load_run(run), split)}")
+
+
+@viz_app.command("mistakes")
+@user_errors
+def viz_mistakes(run: Path = typer.Argument(..., help="A run directory."),
+                 split: str = typer.Option("test", "--split"), count: int = typer.Option(8, "-n", min=1, max=32),
+                 seed: int = typer.Option(0, "--seed")) -> None:
+    """A row of correctly and a row of wrongly classified images with true and predicted classes."""
+    from .analysis.report import mistakes_figure
+    from .train.trainer import load_run
+
+    check_split(split)
+    out.print(f"wrote {mistakes_figure(load_run(run), split, count, seed=seed)}")
+
+
+@viz_app.command("featuremaps")
+@user_errors
+def viz_featuremaps(run: Path = typer.Argument(..., help="A run directory."),
+                    image: Optional[Path] = typer.Option(None, "--image", help="A PNG/JPEG (default: a test image)."),
+                    index: int = typer.Option(0, "--index", min=0, help="Which test image, without --image."),
+                    layers: int = typer.Option(4, "--layers", min=1, help="The first N layers.")) -> None:
+    """Feature maps of the first N layers for one image, one grid per layer."""
+    from .analysis.report import featuremap_figures
+    from .predict import read_image
+    from .train.trainer import load_run
+
+    loaded = load_run(run)
+    picture = read_image(image, tuple(loaded.checkpoint["input_shape"])) if image else None
+    for path in featuremap_figures(loaded, layers, picture, index):
+        out.print(f"wrote {path}")
+
+
+@viz_app.command("filters")
+@user_errors
+def viz_filters(run: Path = typer.Argument(..., help="A run directory."),
+                layers: int = typer.Option(3, "--layers", min=1, help="The first N conv layers.")) -> None:
+    """Convolution kernels: the first layer's as RGB tiles, deeper ones as gray tiles."""
+    from .analysis.report import filter_figures
+    from .train.trainer import load_run
+
+    for path in filter_figures(load_run(run), layers):
+        out.print(f"wrote {path}")
+
+
+@viz_app.command("tsne")
+@user_errors
+def viz_tsne(run: Path = typer.Argument(..., help="A run directory with captured features."),
+             recompute: bool = typer.Option(False, "--recompute", help="Embed again even if cached.")) -> None:
+    """t-SNE (PCA 50 + openTSNE) of the features captured during training, scored by k-NN accuracy
+    and silhouette; one scatter per layer and epoch and a beginning / middle / end panel per layer."""
+    from .analysis.report import tsne_figures
+    from .runs import read_run_config, read_summary, resolve_run
+
+    path = resolve_run(run)
+    rows = tsne_figures(path, read_summary(path)["classes"], read_run_config(path).seed, recompute)
+    for row in rows:
+        out.print(f"{row['layer']} epoch {row['epoch']}: k-NN accuracy {100 * row['knn_acc']:.1f}%, "
+                  f"silhouette {row['silhouette']:.3f} -> plots/{row['figure']}")
 
 
 @viz_app.command("augment")

@@ -205,6 +205,23 @@ class TrainConfig(Section):
     target: TargetConfig = Field(default_factory=TargetConfig)
 
 
+class TsneConfig(Section):
+    """Latent space over training (reports 000 and 001): features of these layers are captured at
+    these epochs and saved; the embeddings are PCA-50 + openTSNE."""
+
+    layers: list[str] = Field(default_factory=list)  # e.g. [flatten, fc1]; empty: off
+    split: Literal["train", "val", "test"] = "train"
+    samples: Optional[int] = Field(5000, gt=0)  # null: the whole split
+    epochs: Optional[list[int]] = None  # default: the first, the middle and the last epoch
+    embed: bool = True  # compute the embeddings (and their figures) when training ends
+
+
+class AnalysisConfig(Section):
+    report: bool = True  # write plots/ and report.html when training ends
+    featuremaps: int = Field(4, ge=0)  # feature maps of the first N layers for one test image, in the report
+    tsne: TsneConfig = Field(default_factory=TsneConfig)
+
+
 class Config(Section):
     name: Optional[str] = None  # run name; default "<preset>-<dataset>"
     seed: int = 0
@@ -214,6 +231,7 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -225,6 +243,8 @@ class Config(Section):
             if metric is not None and metric not in measured:
                 raise ValueError(f"{key}={metric} is not measured; add its split to train.evaluate "
                                  f"(now {self.train.evaluate})")
+        if self.analysis.tsne.layers and self.analysis.tsne.split == "val" and self.data.val_size == 0:
+            raise ValueError("analysis.tsne.split=val needs data.val_size > 0")
         if self.train.divergence.enabled and "val" not in self.train.evaluate:
             raise ValueError("train.divergence needs validation loss: data.val_size > 0 and val in train.evaluate")
         es = self.train.early_stopping

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -90,9 +91,158 @@ def overlay_curves(series: list[tuple[str, list[int], list[float]]], path: Path,
         colors.setdefault(label, cycle[len(colors) % len(cycle)])
         ax.plot(epochs, values, color=colors[label], label=label if first else None, linewidth=1.6, alpha=0.9)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def curves(epochs: list[dict], steps: list[dict], steps_per_epoch: int, path: Path, title: str = "") -> Path:
+    """Loss and accuracy per epoch (train / val / test when logged), with the running per-step
+    training values as thin lines (x = fractional epoch)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy (%)")):
+        scale = 100 if metric == "acc" else 1
+        if steps:
+            ax.plot([s["step"] / steps_per_epoch for s in steps], [scale * s[metric] for s in steps],
+                    color="#9ecae1", linewidth=0.9, label="train (running, per step)")
+        for split, color in (("train", "#1f77b4"), ("val", "#ff7f0e"), ("test", "#2ca02c")):
+            key = f"{split}_{metric}"
+            points = [(e["epoch"], scale * e[key]) for e in epochs if key in e]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, color=color, label=split)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> Path:
+    """Counts with rows (true class) shaded by their share."""
+    n = len(classes)
+    size = max(5.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if shares[i, j] > 0.5 else "black")
+        ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix", fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def mistakes(correct: tuple[np.ndarray, np.ndarray], wrong: tuple[np.ndarray, np.ndarray, np.ndarray],
+             classes: Sequence[str], path: Path) -> Path:
+    """Top row: correctly classified images with their class; bottom row: misclassified ones with
+    the true and the predicted class (report 004)."""
+    columns = max(len(correct[0]), len(wrong[0]), 1)
+    fig, axes = plt.subplots(2, columns, figsize=(1.7 * columns, 4.2), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label in zip(axes[0], *correct):
+        _show(ax, image.astype(np.float32) / 255)
+        ax.set_title(classes[int(label)], fontsize=8, color="#1a7f37")
+    for ax, image, label, guess in zip(axes[1], *wrong):
+        _show(ax, image.astype(np.float32) / 255)
+        ax.set_title(f"true: {classes[int(label)]}\npred: {classes[int(guess)]}", fontsize=8, color="#b42318")
+    axes[0, 0].text(-0.1, 0.5, "correct", transform=axes[0, 0].transAxes, rotation=90, ha="right", va="center")
+    axes[1, 0].text(-0.1, 0.5, "wrong", transform=axes[1, 0].transAxes, rotation=90, ha="right", va="center")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def feature_maps(activation: np.ndarray, path: Path, title: str, limit: int = 64) -> Path:
+    """One tile per channel of a (C, H, W) activation (at most `limit`), each with its own color scale."""
+    channels = min(len(activation), limit)
+    columns = min(8, channels)
+    rows = -(-channels // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.3 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for index, ax in zip(range(channels), axes.flat):
+        ax.imshow(activation[index], cmap="viridis")
+        ax.set_title(str(index), fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def filters(weights: np.ndarray, path: Path, title: str, limit: int = 64) -> Path:
+    """Convolution kernels (O, I, k, k): RGB tiles when I == 3 (first layer), else the mean over
+    input channels as gray tiles; each tile scaled to its own range."""
+    count = min(len(weights), limit)
+    columns = min(8, count)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.1 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for index, ax in zip(range(count), axes.flat):
+        kernel = weights[index]
+        tile = kernel.transpose(1, 2, 0) if kernel.shape[0] == 3 else kernel.mean(axis=0)
+        low, high = tile.min(), tile.max()
+        tile = (tile - low) / (high - low + 1e-12)
+        ax.imshow(tile, cmap=None if tile.ndim == 3 else "gray", interpolation="nearest")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def embedding_scatter(ax, embedding: np.ndarray, labels: np.ndarray, classes: Sequence[str], title: str,
+                      legend: bool = True) -> None:
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for index, name in enumerate(classes):
+        chosen = labels == index
+        if chosen.any():
+            ax.scatter(embedding[chosen, 0], embedding[chosen, 1], s=3, color=cmap(index % cmap.N), label=name,
+                       alpha=0.7, linewidths=0)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if legend and len(classes) <= 20:
+        ax.legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
+def embedding_panel(items: list[tuple[np.ndarray, np.ndarray, str]], classes: Sequence[str], path: Path,
+                    title: str) -> Path:
+    """Side-by-side embeddings (e.g. the first, middle and last epoch of one layer)."""
+    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items) + 1.4, 4.4), squeeze=False)
+    for index, (ax, (embedding, labels, subtitle)) in enumerate(zip(axes[0], items)):
+        embedding_scatter(ax, embedding, labels, classes, subtitle, legend=index == len(items) - 1)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def predictions(images: list[np.ndarray], names: list[str], probabilities: np.ndarray, classes: Sequence[str],
+                path: Path, top_k: int = 3) -> Path:
+    """Each input image next to a bar chart of its top-k class probabilities."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 2, figsize=(7, 2.1 * n), squeeze=False, gridspec_kw={"width_ratios": [1, 2]})
+    for row, (image, name, probs) in enumerate(zip(images, names, probabilities)):
+        _show(axes[row, 0], image.astype(np.float32) / 255)
+        axes[row, 0].set_title(name, fontsize=8)
+        top = np.argsort(-probs)[:top_k]
+        ax = axes[row, 1]
+        ax.barh(range(len(top))[::-1], 100 * probs[top], color="#4c78a8")
+        ax.set_yticks(range(len(top))[::-1], [classes[i] for i in top], fontsize=8)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("probability (%)", fontsize=8)
+        for y, p in zip(range(len(top))[::-1], probs[top]):
+            ax.text(min(100 * p + 1, 88), y, f"{100 * p:.1f}%", va="center", fontsize=8)
     fig.tight_layout()
     return save(fig, path)

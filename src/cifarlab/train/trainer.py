@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import runs
+from ..analysis.features import capture, check_layers
 from ..config import Config, write_config
 from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
@@ -124,16 +125,17 @@ def evaluate(model: nn.Module, loader: DeviceLoader) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=loader.images.device)
-    predictions = []
+    outputs = []
     for images, labels in loader:
         logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        predictions.append(logits.argmax(1))
+        outputs.append(logits)
     model.train(was_training)
-    predicted = torch.cat(predictions).cpu() if predictions else torch.empty(0, dtype=torch.long)
+    logits = torch.cat(outputs).cpu() if outputs else torch.empty(0, 0)
+    predicted = logits.argmax(1) if len(logits) else torch.empty(0, dtype=torch.long)
     n = max(len(predicted), 1)
     correct = (predicted == loader.labels.cpu()).sum().item()
-    return {"loss": loss_sum.item() / n, "acc": correct / n, "predictions": predicted}
+    return {"loss": loss_sum.item() / n, "acc": correct / n, "predictions": predicted, "logits": logits}
 
 
 class _CompiledOrEager:
@@ -217,6 +219,15 @@ class Trainer:
             self.rules["divergence"] = DivergenceStop(t.divergence.warmup, t.divergence.epochs)
         if t.target.metric:
             self.rules["target"] = TargetStop(t.target.metric, t.target.value)
+        tsne = config.analysis.tsne
+        self.tsne_loader: Optional[DeviceLoader] = None
+        if tsne.layers:
+            check_layers(self.model, tsne.layers)
+            images, labels = getattr(splits, tsne.split)
+            pick = np.sort(np.random.default_rng(config.seed).permutation(len(labels))[:tsne.samples])
+            self.tsne_loader = eval_loader((images[pick], labels[pick]), splits, config, device)
+            last = config.train.epochs
+            self.tsne_epochs = set(tsne.epochs or [1, (last + 1) // 2, last])
         # progress; a resumed run overwrites these from last.pt
         self.epoch, self.step, self.train_time, self.images_seen = 0, 0, 0.0, 0
         self.history: list[dict[str, Any]] = []
@@ -277,6 +288,14 @@ class Trainer:
         return summary
 
     # ---------------------------------------------------------------- training
+
+    def save_features(self, epoch: int) -> None:
+        """Features of the t-SNE layers for the chosen examples, float16, one file per layer and epoch."""
+        folder = self.run_dir / "features"
+        folder.mkdir(exist_ok=True)
+        np.save(folder / "labels.npy", self.tsne_loader.labels.cpu().numpy())
+        for layer, values in capture(self.model, self.tsne_loader, self.config.analysis.tsne.layers).items():
+            np.save(folder / f"{layer}-epoch{epoch:03d}.npy", values)
 
     def start(self, run_dir: Optional[Path] = None, resuming: bool = False) -> Path:
         """A new run directory (`run_dir` if given), or (resuming) the old one with its metrics cut
@@ -400,6 +419,8 @@ class Trainer:
                 self.log_metrics(record)
                 self.reporter.epoch_end(record)
                 self.schedule.epoch_end(record)
+                if self.tsne_loader is not None and epoch in self.tsne_epochs:
+                    self.save_features(epoch)
                 for rule in self.rules.values():
                     improved = rule.update(epoch, record)
                     if rule is self.stopper and improved:
@@ -417,6 +438,8 @@ class Trainer:
     def finish(self, stop_reason: str) -> Path:
         """Restore the selected weights, score the test split once, write summary.json."""
         es = self.config.train.early_stopping
+        if self.tsne_loader is not None and self.epoch not in self.tsne_epochs:
+            self.save_features(self.epoch)  # training stopped early: the last epoch is the "end"
         best_path = self.run_dir / runs.CHECKPOINTS / "best.pt"
         if self.stopper.best_epoch is None:  # the monitored metric was never finite: the last epoch stands in
             save_checkpoint({**self.base_state(), "epoch": self.epoch, "model": self.model.state_dict()}, best_path)
@@ -432,6 +455,13 @@ class Trainer:
             val_acc=chosen.get("val_acc"), test_loss=test["loss"], test_acc=test["acc"],
             train_time_s=round(self.train_time, 3), wall_time_s=round(time.perf_counter() - self.started, 3),
             train_img_per_s=round(self.images_seen / self.train_time, 1) if self.train_time else None)
+        if self.config.analysis.report:
+            from ..analysis.report import build_run_report
+
+            try:
+                build_run_report(self.run_dir)
+            except Exception as e:  # noqa: BLE001 - a figure must never cost the trained run
+                log.warning("report.html was not written: %s (cifarlab report %s retries)", e, self.run_dir)
         self.reporter.finish(summary)
         return self.run_dir
 
@@ -464,28 +494,61 @@ def resume(run_dir: Path, overrides: Optional[list[str]] = None, reporter: Optio
     return trainer.train()
 
 
-def evaluate_run(run_dir: Path, split: str = "test") -> dict[str, Any]:
-    """Accuracy, loss and per-class accuracy of a run's best.pt on one split, with the run's own
-    normalization; also written to eval_<split>.json in the run directory."""
-    from ..analysis.metrics import per_class_accuracy
+@dataclass
+class LoadedRun:
+    """A finished run read back: its config, data splits (with the run's own normalization) and
+    the best.pt model in eval mode."""
 
+    path: Path
+    config: Config
+    splits: Splits
+    model: nn.Module
+    checkpoint: dict[str, Any]
+    device: torch.device
+
+    @property
+    def classes(self) -> list[str]:
+        return self.checkpoint["classes"]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        arrays = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}[name]
+        if len(arrays[1]) == 0:
+            raise ConfigError(f"{self.path}: the {name} split is empty (data.val_size=0?)")
+        return arrays
+
+    def loader(self, name: str) -> DeviceLoader:
+        return eval_loader(self.split(name), self.splits, self.config, self.device)
+
+
+def load_run(run_dir: Path, checkpoint_name: str = "best.pt") -> LoadedRun:
     run_dir = runs.resolve_run(run_dir)
     config = runs.read_run_config(run_dir)
     device = select_device(config.train.device)
-    checkpoint = load_checkpoint(run_dir / runs.CHECKPOINTS / "best.pt", str(device))
+    checkpoint = load_checkpoint(run_dir / runs.CHECKPOINTS / checkpoint_name, str(device))
     splits = prepare_data(config, checkpoint["normalization"])
-    arrays = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
-    if len(arrays[1]) == 0:
-        raise ConfigError(f"{run_dir}: the {split} split is empty (data.val_size=0?)")
-    classes = checkpoint["classes"]
-    model = build_model(config.model, tuple(checkpoint["input_shape"]), len(classes)).to(device)
+    model = build_model(config.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"])).to(device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.load_state_dict(checkpoint["model"])
-    result = evaluate(model, eval_loader(arrays, splits, config, device))
-    per_class = per_class_accuracy(result["predictions"].numpy(), arrays[1], len(classes))
-    report = {"run": run_dir.name, "split": split, "epoch": checkpoint["epoch"], "images": len(arrays[1]),
-              "loss": result["loss"], "acc": result["acc"],
-              "per_class_acc": dict(zip(classes, per_class))}
-    runs.write_json(run_dir / f"eval_{split}.json", report)
+    model.eval()
+    return LoadedRun(run_dir, config, splits, model, checkpoint, device)
+
+
+def evaluate_run(run_dir: Path, split: str = "test", top_k: int = 5) -> dict[str, Any]:
+    """Accuracy, loss, top-k accuracy, per-class accuracy and the confusion matrix of a run's best.pt
+    on one split, with the run's own normalization; also written to eval_<split>.json."""
+    from ..analysis.metrics import confusion_matrix, per_class_accuracy, top_k_accuracy
+
+    run = load_run(run_dir)
+    labels = run.split(split)[1]
+    result = evaluate(run.model, run.loader(split))
+    predicted = result["predictions"].numpy()
+    classes = run.classes
+    k = min(top_k, len(classes))
+    report = {"run": run.path.name, "split": split, "epoch": run.checkpoint["epoch"], "images": len(labels),
+              "loss": result["loss"], "acc": result["acc"], f"top{k}_acc": top_k_accuracy(result["logits"].numpy(),
+                                                                                          labels, k),
+              "per_class_acc": dict(zip(classes, per_class_accuracy(predicted, labels, len(classes)))),
+              "classes": classes, "confusion": confusion_matrix(predicted, labels, len(classes)).tolist()}
+    runs.write_json(run.path / f"eval_{split}.json", report)
     return report

@@ -1,0 +1,50 @@
+"""2-D embeddings of captured features (PCA to 50 dimensions, then openTSNE with FFT gradients) and
+numbers for "can you see the classes": k-NN accuracy in the embedding and the silhouette score."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def pca(features: np.ndarray, dims: int = 50) -> np.ndarray:
+    """Project centered features onto their top `dims` principal components (float32)."""
+    x = np.asarray(features, dtype=np.float32)
+    x = x - x.mean(axis=0)
+    if x.shape[1] <= dims:
+        return x
+    # the covariance route: (D, D) eigh is cheaper than an SVD of (N, D) when N >> D
+    values, vectors = np.linalg.eigh(x.T.astype(np.float64) @ x.astype(np.float64))
+    return x @ vectors[:, ::-1][:, :dims].astype(np.float32)
+
+
+def tsne(features: np.ndarray, seed: int = 0, n_jobs: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """(N, 2) t-SNE embedding: PCA to 50 dimensions, PCA initialization, FFT-accelerated gradients."""
+    from openTSNE import TSNE
+
+    reduced = pca(features, 50)
+    perplexity = min(perplexity, max(2.0, (len(reduced) - 1) / 3))
+    model = TSNE(n_components=2, perplexity=perplexity, initialization="pca", negative_gradient_method="fft",
+                 n_jobs=n_jobs or os.cpu_count() or 1, random_state=seed, verbose=False)
+    return np.asarray(model.fit(reduced.astype(np.float64)))
+
+
+def separation(embedding: np.ndarray, labels: np.ndarray, k: int = 10, seed: int = 0,
+               silhouette_samples: int = 5000) -> dict[str, float]:
+    """k-NN accuracy (leave-one-out majority vote of the k nearest points) and the silhouette score
+    (on at most `silhouette_samples` points) of a labeled embedding."""
+    from sklearn.metrics import silhouette_score
+    from sklearn.neighbors import NearestNeighbors
+
+    labels = np.asarray(labels)
+    k = min(k, len(labels) - 1)
+    neighbors = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding, return_distance=False)[:, 1:]
+    votes = labels[neighbors]
+    classes = int(labels.max()) + 1
+    counts = np.apply_along_axis(np.bincount, 1, votes, minlength=classes)
+    knn = float((counts.argmax(axis=1) == labels).mean())
+    sample = min(silhouette_samples, len(labels))
+    silhouette = float(silhouette_score(embedding, labels, sample_size=sample, random_state=seed)) \
+        if len(np.unique(labels)) > 1 else float("nan")
+    return {"knn_acc": knn, "silhouette": silhouette}
