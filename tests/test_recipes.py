@@ -184,7 +184,7 @@ def test_target_and_patience_rules():
 
 def base_overrides(cifar10_head, out, *extra):
     return [f"data.root={cifar10_head}", "data.train_limit=900", "data.test_limit=300", "model.preset=cnn3",
-            "augment.preset=crop-flip", "train.log_every=4", f"train.out_dir={out}", *extra]
+            "augment.preset=crop-flip", "train.log_every=4", f"train.out_dir={out}", "analysis.report=false", *extra]
 
 
 def without_time(run):

@@ -29,6 +29,7 @@ base:
   data: {{root: {root}, train_limit: 700, test_limit: 300}}
   model: {{preset: lab-m1}}
   train: {{epochs: 2, log_every: 5}}
+  analysis: {{report: false}}
 axes:
   optim.name: [adam, sgd]
   model.batchnorm: [true, false]
@@ -78,6 +79,7 @@ base:
   data: {{root: {cifar10_head}, train_limit: 500, test_limit: 200}}
   model: {{preset: lab-m2}}
   train: {{epochs: 1}}
+  analysis: {{report: false}}
 variants:
   - {{name: fine, set: {{optim.name: adam}}}}
   - {{name: explodes, set: {{optim.name: sgd, optim.lr: 1.0e+6}}}}
@@ -96,7 +98,7 @@ repeats: 2
 
 
 def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_head, tmp_path):
-    text = GRID.format(root=cifar10_head).replace("epochs: 2", "epochs: 3")
+    text = GRID.format(root=cifar10_head)
     path = write_study(tmp_path, text)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "cifarlab.cli", "sweep", str(path), "--out", str(out)]
@@ -126,7 +128,7 @@ def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_he
 
 @pytest.mark.parametrize("study_file", STUDIES, ids=[p.stem for p in STUDIES])
 def test_report_studies_expand_and_run_shortened(study_file, cifar10_head, tmp_path):
-    short = ["train.epochs=1", "data.dataset=synthetic", "data.train_limit=300", "data.test_limit=100",
+    short = ["train.epochs=1", "analysis.report=false", "data.dataset=synthetic", "data.train_limit=300", "data.test_limit=100",
              "data.val_size=0.1", "train.target.metric=null", "train.divergence.enabled=false"]
     study = load_study(study_file, short)
     assert len(study.runs) >= 3 and study.reference

@@ -1,0 +1,156 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cifarlab import runs
+from cifarlab.analysis.embed import separation, tsne
+from cifarlab.analysis.metrics import confusion_matrix, top_k_accuracy
+from cifarlab.cli import app
+from cifarlab.config import load_config
+from cifarlab.predict import predict_files
+from cifarlab.train.trainer import evaluate, evaluate_run, fit, load_run
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def test_confusion_matrix_and_top_k_are_exact():
+    labels = np.array([0, 0, 1, 1, 2, 2, 2])
+    predicted = np.array([0, 1, 1, 1, 0, 2, 1])
+    assert confusion_matrix(predicted, labels, 3).tolist() == [[1, 1, 0], [0, 2, 0], [1, 1, 1]]
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7]])
+    assert top_k_accuracy(scores, np.array([0, 2, 0]), 1) == pytest.approx(1 / 3)
+    assert top_k_accuracy(scores, np.array([0, 2, 0]), 2) == pytest.approx(2 / 3)
+    assert top_k_accuracy(scores, np.array([0, 2, 0]), 3) == 1.0
+
+
+def test_tsne_scores_separate_clusters_and_not_noise():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 8, size=(10, 128))
+    labels = rng.integers(0, 10, size=800)
+    features = centers[labels] + rng.normal(0, 1, size=(800, 128))
+    embedding = tsne(features, seed=0)
+    assert embedding.shape == (800, 2)
+    clustered = separation(embedding, labels)
+    shuffled = separation(embedding, rng.permutation(labels))
+    assert clustered["knn_acc"] > 0.95 and clustered["silhouette"] > 0.5
+    assert shuffled["knn_acc"] < 0.2 and abs(shuffled["silhouette"]) < 0.1
+
+
+@pytest.fixture(scope="module")
+def trained_run(cifar10_head, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    config = load_config(overrides=[
+        f"data.root={cifar10_head}", "data.train_limit=1500", "data.test_limit=400", "train.epochs=3",
+        "model.preset=cnn3-avg", f"train.out_dir={out}", "analysis.tsne.layers=[flatten,fc1]",
+        "analysis.tsne.samples=300", "analysis.tsne.split=test"])
+    return fit(config)
+
+
+def test_training_captures_features_and_writes_the_report(trained_run):
+    features = trained_run / "features"
+    assert sorted(p.name for p in features.glob("*-epoch*[0-9].npy")) == [
+        "fc1-epoch001.npy", "fc1-epoch002.npy", "fc1-epoch003.npy",
+        "flatten-epoch001.npy", "flatten-epoch002.npy", "flatten-epoch003.npy"]
+    flat = np.load(features / "flatten-epoch003.npy")
+    assert flat.shape == (300, 2048) and flat.dtype == np.float16
+    assert np.load(features / "labels.npy").shape == (300,)
+    scores = json.loads((features / "tsne.json").read_text())
+    assert {(r["layer"], r["epoch"]) for r in scores} == {(l, e) for l in ("flatten", "fc1") for e in (1, 2, 3)}
+    assert all(0 <= r["knn_acc"] <= 1 and -1 <= r["silhouette"] <= 1 for r in scores)
+    html = (trained_run / "report.html").read_text()
+    assert "k-NN accuracy" in html and html.count("data:image/png;base64,") >= 8
+    assert "<script src" not in html and "http" not in html.split("<body>")[1]  # self-contained, offline
+
+
+def test_eval_reports_confusion_and_top_k(trained_run):
+    report = evaluate_run(trained_run, "test", top_k=3)
+    matrix = np.array(report["confusion"])
+    assert matrix.sum() == report["images"] == 400
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(report["acc"])
+    assert report["top3_acc"] >= report["acc"]
+    assert report["acc"] == pytest.approx(runs.read_summary(trained_run)["test_acc"])
+
+
+def test_predict_matches_eval_for_the_same_image(trained_run, tmp_path):
+    run = load_run(trained_run)
+    images, labels = run.split("test")
+    result = evaluate(run.model, run.loader("test"))
+    paths = []
+    for index in (0, 1, 2):
+        path = tmp_path / f"test{index}.png"
+        Image.fromarray(images[index].transpose(1, 2, 0)).save(path)
+        paths.append(path)
+    big = tmp_path / "big.jpg"  # any size is resized; gray would be converted
+    Image.fromarray(images[0].transpose(1, 2, 0)).resize((97, 61)).save(big)
+    found = predict_files(trained_run, [*paths, big], top_k=3, output=tmp_path / "predict.png")
+    probabilities = found["probabilities"]
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    expected = torch.softmax(result["logits"][:3], dim=1).numpy()
+    np.testing.assert_allclose(probabilities[:3], expected, atol=1e-5)
+    assert probabilities[:3].argmax(1).tolist() == result["predictions"][:3].tolist()
+    with Image.open(tmp_path / "predict.png") as figure:
+        assert figure.width > 500 and figure.height > 500
+
+
+def test_predict_refuses_a_file_that_is_not_an_image(trained_run, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    result = CliRunner().invoke(app, ["predict", str(trained_run), str(bad)])
+    assert result.exit_code == 2
+    assert f"{bad}: not a readable image" in result.output
+
+
+@pytest.mark.parametrize("command, png, min_size", [
+    (["viz", "curves"], "curves.png", (1000, 400)),
+    (["viz", "samples", "-n", "16"], "samples_train.png", (800, 300)),
+    (["viz", "confusion"], "confusion_test.png", (500, 450)),
+    (["viz", "mistakes", "-n", "6"], "mistakes_test.png", (600, 400)),
+    (["viz", "featuremaps", "--layers", "2"], "featuremaps_01_conv1.png", (700, 400)),
+    (["viz", "filters"], "filters_conv1.png", (600, 300)),
+    (["viz", "tsne"], "tsne_fc1.png", (1200, 400)),
+    (["viz", "augment"], "augment.png", (800, 500)),
+])
+def test_every_figure_command_writes_a_png(trained_run, command, png, min_size):
+    path = trained_run / "plots" / png
+    path.unlink(missing_ok=True)
+    result = CliRunner().invoke(app, [*command, str(trained_run)])
+    assert result.exit_code == 0, result.output
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.width >= min_size[0] and image.height >= min_size[1]
+        assert np.asarray(image.convert("L")).std() > 5  # not blank
+
+
+def test_report_comparison_of_two_runs(trained_run, tmp_path):
+    result = CliRunner().invoke(app, ["report", str(trained_run), str(trained_run), "-o", str(tmp_path / "c.html")])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "c.html").read_text()
+    assert html.count(trained_run.name) >= 2 and html.count("data:image/png;base64,") == 2
+
+
+@pytest.mark.skipif(not shutil.which("chromium") and not __import__("os").path.exists(CHROMIUM),
+                    reason="Debian's chromium is not installed")
+def test_report_renders_in_a_browser(trained_run):
+    from playwright.sync_api import sync_playwright
+
+    failed = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1366, "height": 900})
+        page.on("requestfailed", lambda request: failed.append(request.url))
+        page.on("pageerror", lambda error: failed.append(str(error)))
+        page.goto((trained_run / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+        header = page.locator("table.sortable th").nth(2)
+        header.click()  # sorting runs without errors
+        browser.close()
+    assert len(images) >= 8
+    assert all(complete and width > 0 for complete, width, _ in images), images
+    assert failed == []
