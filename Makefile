@@ -24,6 +24,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/augment_overhead.py
+	$(BIN)/python benchmarks/tsne.py --sklearn
+
+lint: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,lint]'
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs

@@ -60,7 +60,7 @@ def test_training_captures_features_and_writes_the_report(trained_run):
     assert flat.shape == (300, 2048) and flat.dtype == np.float16
     assert np.load(features / "labels.npy").shape == (300,)
     scores = json.loads((features / "tsne.json").read_text())
-    assert {(r["layer"], r["epoch"]) for r in scores} == {(l, e) for l in ("flatten", "fc1") for e in (1, 2, 3)}
+    assert {(r["layer"], r["epoch"]) for r in scores} == {(layer, e) for layer in ("flatten", "fc1") for e in (1, 2, 3)}
     assert all(0 <= r["knn_acc"] <= 1 and -1 <= r["silhouette"] <= 1 for r in scores)
     html = (trained_run / "report.html").read_text()
     assert "k-NN accuracy" in html and html.count("data:image/png;base64,") >= 8

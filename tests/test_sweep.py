@@ -1,5 +1,5 @@
 import csv
-import json
+import os
 import signal
 import subprocess
 import sys
@@ -111,8 +111,6 @@ def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_he
             time.sleep(0.2)
         time.sleep(3)  # into the second run
     finally:
-        import os
-
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done_before = {r.id: (out / r.id / "summary.json").stat().st_mtime_ns for r in study.runs

@@ -141,6 +141,8 @@ def print_summary(run_dir: Path) -> None:
                   f"{s['params']['trainable'] + s['params']['non_trainable']:,}")
     out.print(table)
     out.print(f"run directory: {run_dir}")
+    if (run_dir / "report.html").is_file():
+        out.print(f"report: {run_dir / 'report.html'}")
 
 
 @app.command()

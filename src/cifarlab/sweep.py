@@ -313,9 +313,7 @@ def study_figures(study: Study, out: Path) -> list[Path]:
 
 
 def write_report(study: Study, out: Path, rows: list[dict[str, Any]], figures: list[Path]) -> Path:
-    import base64
-
-    import jinja2
+    from .analysis.report import inline, render_html
 
     settings = [k for k in rows[0] if k not in {"variant", "runs", "completed", "status", "stop_reason", "params",
                                                   "ids", *COLUMNS} and not k.endswith("_std")] if rows else []
@@ -334,18 +332,11 @@ def write_report(study: Study, out: Path, rows: list[dict[str, Any]], figures: l
         cells += [{"sort": "" if v is None else v, "shown": shown} for v, shown in numbers]
         cells += [{"sort": row["stop_reason"], "shown": row["stop_reason"]}, {"sort": row["status"], "shown": row["status"]}]
         table.append({"cells": cells, "ok": row["status"] == "completed"})
-    env = jinja2.Environment(loader=jinja2.PackageLoader("cifarlab", "analysis/templates"),
-                             autoescape=jinja2.select_autoescape(["html"]))
-    html = env.get_template("study.html").render(
-        study=study, rows=rows, columns=columns, table=table,
-        reference=json.dumps(study.reference, indent=2) if isinstance(study.reference, (dict, list))
-        else study.reference,
-        figures=[{"title": p.stem.replace("_", " "), "data": base64.b64encode(p.read_bytes()).decode()} for p in figures])
-    path = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(html)
-    os.replace(tmp, path)
-    return path
+    reference = study.reference
+    return render_html(
+        "study.html", out / "report.html", study=study, rows=rows, columns=columns, table=table,
+        reference=json.dumps(reference, indent=2) if isinstance(reference, (dict, list)) else reference,
+        figures=[{"title": p.stem.replace("_", " "), "data": inline(p)} for p in figures])
 
 
 def summarize_study(study: Study, out: Path) -> list[dict[str, Any]]:

@@ -166,14 +166,20 @@ def mistakes(correct: tuple[np.ndarray, np.ndarray], wrong: tuple[np.ndarray, np
     return save(fig, path)
 
 
+def _tiles(count: int, inches: float, columns: int = 8):
+    """A figure with a grid of `count` axes (8 per row), axes frames off."""
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(inches * columns, inches * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
 def feature_maps(activation: np.ndarray, path: Path, title: str, limit: int = 64) -> Path:
     """One tile per channel of a (C, H, W) activation (at most `limit`), each with its own color scale."""
     channels = min(len(activation), limit)
-    columns = min(8, channels)
-    rows = -(-channels // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.3 * rows + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _tiles(channels, 1.3)
     for index, ax in zip(range(channels), axes.flat):
         ax.imshow(activation[index], cmap="viridis")
         ax.set_title(str(index), fontsize=7)
@@ -186,11 +192,7 @@ def filters(weights: np.ndarray, path: Path, title: str, limit: int = 64) -> Pat
     """Convolution kernels (O, I, k, k): RGB tiles when I == 3 (first layer), else the mean over
     input channels as gray tiles; each tile scaled to its own range."""
     count = min(len(weights), limit)
-    columns = min(8, count)
-    rows = -(-count // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.1 * rows + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _tiles(count, 1.1)
     for index, ax in zip(range(count), axes.flat):
         kernel = weights[index]
         tile = kernel.transpose(1, 2, 0) if kernel.shape[0] == 3 else kernel.mean(axis=0)

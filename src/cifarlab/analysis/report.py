@@ -148,8 +148,22 @@ def tsne_figures(run_dir: Path, classes: list[str], seed: int = 0, recompute: bo
     return results
 
 
-def _inline(path: Path) -> str:
+def inline(path: Path) -> str:
+    """A PNG as base64 for a data: URL, so the HTML needs no other file."""
     return base64.b64encode(path.read_bytes()).decode()
+
+
+def render_html(template: str, path: Path, **context: Any) -> Path:
+    """Render a template from analysis/templates to `path` (atomically)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cifarlab", "analysis/templates"),
+                             autoescape=jinja2.select_autoescape(["html"]))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(env.get_template(template).render(**context))
+    os.replace(tmp, path)
+    return path
 
 
 def build_run_report(run_dir: Path, output: Optional[Path] = None) -> Path:
@@ -171,31 +185,20 @@ def build_run_report(run_dir: Path, output: Optional[Path] = None) -> Path:
     if feature_files(run.path) and config.analysis.tsne.embed:
         tsne_rows = tsne_figures(run.path, run.classes, seed=config.seed)
     layers = summarize(run.model, tuple(run.checkpoint["input_shape"]))
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.PackageLoader("cifarlab", "analysis/templates"),
-                             autoescape=jinja2.select_autoescape(["html"]))
     tsne_panels = sorted({r["layer"] for r in tsne_rows})
-    html = env.get_template("run.html").render(
-        run=run.path.name, summary=summary, config_text=yaml.safe_dump(config.to_dict(), sort_keys=False),
-        figures=[{"title": title, "data": _inline(path)} for title, path in figures],
+    return render_html(
+        "run.html", output or run.path / "report.html", run=run.path.name, summary=summary, config_text=yaml.safe_dump(config.to_dict(), sort_keys=False),
+        figures=[{"title": title, "data": inline(path)} for title, path in figures],
         per_class=[{"name": name, "acc": acc, "count": int(n)} for name, acc, n in zip(run.classes, per_class, counts)],
-        layers=layers, featuremaps=[{"title": p.stem.replace("featuremaps_", ""), "data": _inline(p)} for p in featuremaps],
-        filters=[{"title": p.stem.replace("filters_", ""), "data": _inline(p)} for p in filters],
+        layers=layers, featuremaps=[{"title": p.stem.replace("featuremaps_", ""), "data": inline(p)} for p in featuremaps],
+        filters=[{"title": p.stem.replace("filters_", ""), "data": inline(p)} for p in filters],
         tsne_rows=tsne_rows,
-        tsne_panels=[{"title": layer, "data": _inline(run.path / "plots" / f"tsne_{layer}.png")} for layer in tsne_panels],
+        tsne_panels=[{"title": layer, "data": inline(run.path / "plots" / f"tsne_{layer}.png")} for layer in tsne_panels],
         env=json.loads((run.path / runs.ENV).read_text()))
-    path = output or run.path / "report.html"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(html)
-    os.replace(tmp, path)
-    return path
 
 
 def build_comparison(run_dirs: list[Path], output: Path) -> Path:
     """One page comparing runs: a sortable table of their summaries and overlaid curves."""
-    import jinja2
-
     rows, series_acc, series_loss = [], [], []
     for run_dir in run_dirs:
         run_dir = runs.resolve_run(run_dir)
@@ -214,13 +217,8 @@ def build_comparison(run_dirs: list[Path], output: Path) -> Path:
                                     "validation accuracy"),
                plots.overlay_curves(series_loss, folder.with_name(folder.name + "_val_loss.png"), "validation loss",
                                     ylabel="validation loss")]
-    env = jinja2.Environment(loader=jinja2.PackageLoader("cifarlab", "analysis/templates"),
-                             autoescape=jinja2.select_autoescape(["html"]))
-    html = env.get_template("compare.html").render(rows=rows, figures=[{"title": p.stem, "data": _inline(p)}
-                                                                       for p in figures])
+    rendered = render_html("compare.html", output, rows=rows,
+                           figures=[{"title": p.stem, "data": inline(p)} for p in figures])
     for p in figures:
         p.unlink()
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(html)
-    os.replace(tmp, output)
-    return output
+    return rendered
