@@ -187,7 +187,8 @@ def build_run_report(run_dir: Path, output: Optional[Path] = None) -> Path:
     layers = summarize(run.model, tuple(run.checkpoint["input_shape"]))
     tsne_panels = sorted({r["layer"] for r in tsne_rows})
     return render_html(
-        "run.html", output or run.path / "report.html", run=run.path.name, summary=summary, config_text=yaml.safe_dump(config.to_dict(), sort_keys=False),
+        "run.html", output or run.path / "report.html", run=run.path.name, summary=summary,
+        config_text=yaml.safe_dump(config.to_dict(), sort_keys=False),
         figures=[{"title": title, "data": inline(path)} for title, path in figures],
         per_class=[{"name": name, "acc": acc, "count": int(n)} for name, acc, n in zip(run.classes, per_class, counts)],
         layers=layers, featuremaps=[{"title": p.stem.replace("featuremaps_", ""), "data": inline(p)} for p in featuremaps],
