@@ -1,5 +1,10 @@
-"""Training and evaluation images per second of cifarlab's own path (fit() end to end) for
-cnn3-avg on real CIFAR-10 images, at several batch sizes. Prints one JSON object.
+"""Training and evaluation images per second of cnn3-avg on real CIFAR-10 images: cifarlab's path
+(the Trainer's own batches and train step: uint8 on the device, batched crop+flip, channels_last)
+against a reference pipeline written the way the seed reports train (a torch DataLoader over a
+Dataset that crops and flips each sample in numpy, NCHW float tensors, Adam), both in this process
+on the same data. Also measures this machine's float32 matmul peak and prints model FLOP
+utilization (model FLOPs x images/s / peak; training counted as 3x the forward FLOPs).
+Prints one JSON object.
 
     python benchmarks/throughput.py [--root ../shared/data/cifar10-head] [--batches 64 128 256]
 """
@@ -8,18 +13,120 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from cifarlab import runs
 from cifarlab.config import load_config
-from cifarlab.train.trainer import eval_loader, evaluate, fit, prepare_data, select_device
 from cifarlab.models.build import build_model
+from cifarlab.train.trainer import Trainer, evaluate
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-head"
+
+
+def forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Multiply-adds x 2 of the conv and dense layers for one image."""
+    total = 0
+    hooks = []
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += 2 * k * output.numel() // output.shape[0]
+        elif isinstance(module, nn.Linear):
+            total += 2 * module.in_features * module.out_features
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(count))
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """float32 GFLOP/s of a square matmul, best of `repeats`."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+class PerSampleDataset(torch.utils.data.Dataset):
+    """The reports' way: one image at a time, numpy pad-4 random crop and flip, then float NCHW."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], seed: int = 0):
+        self.images, self.labels = images, labels
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = np.pad(self.images[index], ((0, 0), (4, 4), (4, 4)))
+        dy, dx = self.rng.integers(0, 9, size=2)
+        image = image[:, dy:dy + 32, dx:dx + 32]
+        if self.rng.random() < 0.5:
+            image = image[:, :, ::-1]
+        x = (image.astype(np.float32) / 255 - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x)), int(self.labels[index])
+
+
+def reference_rate(trainer: Trainer, batch: int, epochs: int) -> float:
+    """Median img/s per epoch of the reference pipeline (after one warm-up epoch)."""
+    torch.manual_seed(0)
+    model = build_model(trainer.config.model, trainer.input_shape, len(trainer.classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = trainer.splits.train
+    loader = torch.utils.data.DataLoader(PerSampleDataset(images, labels, trainer.splits.mean, trainer.splits.std),
+                                         batch_size=batch, shuffle=True)
+    model.train()
+    rates = []
+    for _ in range(epochs + 1):
+        seen, start = 0, time.perf_counter()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+        rates.append(seen / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
+def cifarlab_rate(trainer: Trainer, epochs: int) -> float:
+    rates = []
+    for _ in range(epochs + 1):
+        seen, start = 0, time.perf_counter()
+        for images, labels, targets in trainer.batches():
+            trainer.train_step(images, targets)
+            seen += len(labels)
+        rates.append(seen / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
+def eval_rate(trainer: Trainer, repeats: int = 3) -> float:
+    loader = trainer.eval_loaders["val"]
+    evaluate(trainer.model, loader)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        evaluate(trainer.model, loader)
+    return repeats * len(loader.labels) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -27,39 +134,29 @@ def main() -> None:
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="CIFAR-10 folder (default: cifar10-head)")
     parser.add_argument("--preset", default="cnn3-avg")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--epochs", type=int, default=3, help="the first epoch is warm-up and not counted")
+    parser.add_argument("--epochs", type=int, default=2, help="measured epochs per setting, after one warm-up")
     args = parser.parse_args()
     data = [f"data.root={args.root}"] if Path(args.root).exists() else ["data.dataset=synthetic"]
+    peak = matmul_peak()
     results = []
-    with tempfile.TemporaryDirectory() as out:
-        for batch in args.batches:
-            config = load_config(overrides=[*data, f"model.preset={args.preset}", "augment.preset=crop-flip",
-                                            f"train.batch_size={batch}", f"train.epochs={args.epochs}",
-                                            "train.early_stopping.enabled=false", f"train.out_dir={out}"])
-            run = fit(config)
-            epochs = [r for r in runs.read_jsonl(run / runs.METRICS) if r["kind"] == "epoch"][1:]
-            rates = [r["time"]["img_per_s"] for r in epochs]
-            results.append({"batch_size": batch, "train_img_per_s": round(sum(rates) / len(rates), 1),
-                            "train_img_per_s_per_epoch": rates})
-        eval_rate = measure_eval(config)
+    for batch in args.batches:
+        trainer = Trainer(load_config(overrides=[*data, f"model.preset={args.preset}", "augment.preset=crop-flip",
+                                                 f"train.batch_size={batch}", "analysis.report=false"]))
+        flops = forward_flops(build_model(trainer.config.model, trainer.input_shape, 10), trainer.input_shape)
+        ours = cifarlab_rate(trainer, args.epochs)
+        theirs = reference_rate(trainer, batch, args.epochs)
+        results.append({
+            "batch_size": batch, "cifarlab_train_img_per_s": round(ours, 1),
+            "reference_train_img_per_s": round(theirs, 1), "speedup": round(ours / theirs, 2),
+            "cifarlab_eval_img_per_s": round(eval_rate(trainer), 1),
+            "model_gflop_per_image_forward": round(flops / 1e9, 4),
+            "cifarlab_train_mfu": round(3 * flops * ours / (peak * 1e9), 3),
+            "reference_train_mfu": round(3 * flops * theirs / (peak * 1e9), 3)})
     print(json.dumps({
-        "benchmark": "throughput", "model": args.preset, "data": data[0], "augment": "crop-flip",
-        "device": str(select_device("auto")), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "train": results, "eval_img_per_s": eval_rate,
+        "benchmark": "throughput", "model": args.preset, "data": data[0].split("=")[-1].split("/")[-1],
+        "augment": "crop-flip", "device": str(trainer.device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "matmul_peak_gflop_per_s": round(peak, 1), "results": results,
     }, indent=2))
-
-
-def measure_eval(config, repeats: int = 3) -> float:
-    device = select_device(config.train.device)
-    splits = prepare_data(config)
-    model = build_model(config.model, splits.dataset.image_shape, len(splits.dataset.classes)).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    loader = eval_loader(splits.test, splits, config, device)
-    evaluate(model, loader)  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        evaluate(model, loader)
-    return round(repeats * len(splits.test[1]) / (time.perf_counter() - start), 1)
 
 
 if __name__ == "__main__":
