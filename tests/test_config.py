@@ -28,7 +28,8 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=3", "train.epoch: unknown key (allowed: epochs, batch_size"),
-    ("optim.name=adamw", "optim.name: Input should be 'sgd' or 'adam'"),
+    ("optim.name=adamx", "optim.name: Input should be 'sgd', 'adam', 'adamw', 'adagrad', 'rmsprop', 'adadelta' or "
+                         "'proximal-adagrad' (got 'adamx')"),
     ("model.dropuot=0.1", "model.dropuot: unknown key for preset cnn3-avg"),
     ("model.preset=resnet999", "no such preset"),
     ("model.batchnorm=maybe", "model.batchnorm='maybe': expected bool"),
