@@ -60,7 +60,8 @@ def main_options(debug: bool = typer.Option(False, "--debug", help="Show traceba
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("pooch").setLevel(logging.WARNING)
+    for noisy in ("pooch", "openTSNE", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class BarReporter:
