@@ -85,7 +85,9 @@ def overlay_curves(series: list[tuple[str, list[int], list[float]]], path: Path,
     """One line per (label, epochs, values); runs sharing a label share a color and a legend entry."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors: dict[str, Any] = {}
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(label for label, _, _ in series))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(labels) <= 10 else \
+        [plt.get_cmap("tab20")(i) for i in range(20)]
     for label, epochs, values in series:
         first = label not in colors
         colors.setdefault(label, cycle[len(colors) % len(cycle)])
