@@ -54,7 +54,7 @@ def test_cnn3_avg_learns_cifar10_head(cifar10_head, tmp_path):
 
 def test_same_config_twice_gives_identical_metrics(cifar10_head, tmp_path):
     overrides = [f"data.root={cifar10_head}", "data.train_limit=1200", "train.epochs=2", "train.log_every=5",
-                 "augment.preset=crop-flip", "model.preset=cnn3", f"train.out_dir={tmp_path}"]
+                 "augment.preset=crop-flip", "model.preset=cnn3", f"train.out_dir={tmp_path}", "analysis.report=false"]
     first = fit(load_config(overrides=overrides))
     second = fit(load_config(overrides=overrides))
     assert first != second
