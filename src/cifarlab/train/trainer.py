@@ -328,7 +328,8 @@ class Trainer:
             else:
                 yield images, labels, labels
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step at the scheduled LR; (detached loss, detached logits, that LR)."""
         c = self.config
         lr = self.schedule.apply(self.optimizer, self.step)
         logits = self.forward(images)
