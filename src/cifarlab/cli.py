@@ -517,12 +517,7 @@ def viz_augment(
     settings = list(overrides or [])
     if Path(target).is_dir():
         run = resolve_run(target)
-        from .config import apply_override, config_from_dict, parse_override
-
-        tree = read_run_config(run).to_dict()
-        for text in settings:
-            apply_override(tree, *parse_override(text))
-        config = config_from_dict(tree, source=str(run / "config.yaml"))
+        config = read_run_config(run, settings)
         default_path = run / "plots" / "augment.png"
     else:
         config = load_config(None, [f"data.dataset={target}", *([f"data.root={root}"] if root else []), *settings])

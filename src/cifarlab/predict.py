@@ -32,15 +32,13 @@ def read_image(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
 
 def predict_files(run_dir: Path, paths: list[Path], top_k: int = 3, output: Optional[Path] = None) -> dict[str, Any]:
     from .analysis.plots import predictions
-    from .analysis.report import normalized_image
     from .train.trainer import load_run
 
     run = load_run(run_dir)
     shape = tuple(run.checkpoint["input_shape"])
     images = [read_image(Path(p), shape) for p in paths]
     with torch.inference_mode():
-        batch = torch.cat([normalized_image(run, image) for image in images])
-        probabilities = torch.softmax(run.model(batch).float(), dim=1).cpu().numpy()
+        probabilities = torch.softmax(run.model(run.normalize(np.stack(images))).float(), dim=1).cpu().numpy()
     names = [Path(p).name for p in paths]
     figure = predictions(images, names, probabilities, run.classes, output or run.path / "plots" / "predict.png",
                          min(top_k, len(run.classes)))

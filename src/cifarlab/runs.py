@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .config import Config, config_from_dict, read_yaml
+from .config import Config, apply_override, config_from_dict, parse_override, read_yaml
 from .errors import ConfigError
 
 CONFIG = "config.yaml"
@@ -68,8 +68,12 @@ def resolve_run(path: Union[str, Path]) -> Path:
     return run
 
 
-def read_run_config(run: Path) -> Config:
-    return config_from_dict(read_yaml(run / CONFIG), source=str(run / CONFIG))
+def read_run_config(run: Path, overrides: Optional[list[str]] = None) -> Config:
+    """A run's resolved config, with `key.path=value` overrides applied on top."""
+    tree = read_yaml(run / CONFIG)
+    for text in overrides or []:
+        apply_override(tree, *parse_override(text))
+    return config_from_dict(tree, source=str(run / CONFIG))
 
 
 def read_summary(run: Path) -> dict:

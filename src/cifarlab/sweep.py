@@ -255,6 +255,12 @@ def write_results(study: Study, out: Path, rows: list[dict[str, Any]]) -> None:
     (out / "results.md").write_text(results_markdown(study, rows))
 
 
+def setting_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The columns of `collect` rows that hold a variant's settings (axis keys and `set` keys)."""
+    fixed = {"variant", "runs", "completed", "status", "stop_reason", "params", "ids", *COLUMNS}
+    return [k for k in rows[0] if k not in fixed and not k.endswith("_std")] if rows else []
+
+
 def _pct(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if value is None:
@@ -264,8 +270,7 @@ def _pct(row: dict[str, Any], key: str) -> str:
 
 
 def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
-    settings = [k for k in rows[0] if k not in {"variant", "runs", "completed", "status", "stop_reason",
-                                                  "params", "ids", *COLUMNS} and not k.endswith("_std")] if rows else []
+    settings = setting_keys(rows)
     header = ["variant", *settings, "train %", "val %", "test %", "best epoch", "epochs", "stop", "time (s)",
               "img/s", "params", "status"]
     lines = [f"# {study.name}", "", study.description.strip(), "",
@@ -315,8 +320,7 @@ def study_figures(study: Study, out: Path) -> list[Path]:
 def write_report(study: Study, out: Path, rows: list[dict[str, Any]], figures: list[Path]) -> Path:
     from .analysis.report import inline, render_html
 
-    settings = [k for k in rows[0] if k not in {"variant", "runs", "completed", "status", "stop_reason", "params",
-                                                  "ids", *COLUMNS} and not k.endswith("_std")] if rows else []
+    settings = setting_keys(rows)
     columns = ([{"title": "variant", "text": True}] + [{"title": s, "text": True} for s in settings] +
                [{"title": t, "text": False} for t in ("train %", "val %", "test %", "best epoch", "epochs",
                                                       "time (s)", "img/s", "params")] +

@@ -41,8 +41,8 @@ def separation(embedding: np.ndarray, labels: np.ndarray, k: int = 10, seed: int
     k = min(k, len(labels) - 1)
     neighbors = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding, return_distance=False)[:, 1:]
     votes = labels[neighbors]
-    classes = int(labels.max()) + 1
-    counts = np.apply_along_axis(np.bincount, 1, votes, minlength=classes)
+    counts = np.zeros((len(labels), int(labels.max()) + 1), dtype=np.int64)
+    np.add.at(counts, (np.arange(len(labels))[:, None], votes), 1)
     knn = float((counts.argmax(axis=1) == labels).mean())
     sample = min(silhouette_samples, len(labels))
     silhouette = float(silhouette_score(embedding, labels, sample_size=sample, random_state=seed)) \

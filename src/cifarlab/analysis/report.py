@@ -63,12 +63,6 @@ def mistakes_figure(run, split: str = "test", count: int = 8, found: Optional[di
                           run.classes, run.path / "plots" / f"mistakes_{split}.png")
 
 
-def normalized_image(run, image: np.ndarray) -> torch.Tensor:
-    """One uint8 (C, H, W) image as the model sees it: the run's normalization, on its device."""
-    loader = run.loader("test")
-    return loader.normalize(torch.from_numpy(np.ascontiguousarray(image))[None].to(run.device))
-
-
 def featuremap_figures(run, layers: int = 4, image: Optional[np.ndarray] = None, index: int = 0) -> list[Path]:
     """Feature maps of the first `layers` layers (reports 002 and 004) for one image (default: the
     first test image), one PNG per layer."""
@@ -80,7 +74,7 @@ def featuremap_figures(run, layers: int = 4, image: Optional[np.ndarray] = None,
     else:
         label = "input image"
     names = [name for name, _ in run.model.named_children()][:layers]
-    found = activations_of(run.model, normalized_image(run, image), names)
+    found = activations_of(run.model, run.normalize(image[None]), names)
     paths = [plots.sample_grid(image[None], [0], [label], run.path / "plots" / "featuremaps_input.png", columns=1)]
     for position, name in enumerate(names, start=1):
         activation = found[name]

@@ -479,13 +479,8 @@ def fit(config: Config, reporter: Optional[Reporter] = None, run_dir: Optional[P
 def resume(run_dir: Path, overrides: Optional[list[str]] = None, reporter: Optional[Reporter] = None) -> Path:
     """Continue a run from its last.pt exactly where it stopped (end of an epoch, or the step where
     it was interrupted). Overrides such as train.epochs=30 extend it; others change what follows."""
-    from ..config import apply_override, config_from_dict, parse_override
-
     run_dir = runs.resolve_run(run_dir)
-    tree = runs.read_run_config(run_dir).to_dict()
-    for text in overrides or []:
-        apply_override(tree, *parse_override(text))
-    config = config_from_dict(tree, source=str(run_dir / runs.CONFIG))
+    config = runs.read_run_config(run_dir, overrides)
     trainer = Trainer(config, reporter)
     trainer.load_checkpoint_state(load_checkpoint(run_dir / runs.CHECKPOINTS / "last.pt", str(trainer.device)))
     if trainer.position is None and trainer.epoch >= config.train.epochs:
@@ -516,6 +511,13 @@ class LoadedRun:
         if len(arrays[1]) == 0:
             raise ConfigError(f"{self.path}: the {name} split is empty (data.val_size=0?)")
         return arrays
+
+    def normalize(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, C, H, W) images as the model sees them: the run's normalization, on its device."""
+        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        loader = DeviceLoader(batch, torch.zeros(len(batch), dtype=torch.long), len(batch), self.splits.mean,
+                              self.splits.std, channels_last=self.config.train.channels_last, whiten=self.splits.whiten)
+        return loader.normalize(batch)
 
     def loader(self, name: str) -> DeviceLoader:
         return eval_loader(self.split(name), self.splits, self.config, self.device)
