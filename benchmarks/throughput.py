@@ -17,9 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
+import reference
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.config import load_config
@@ -65,46 +64,16 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size ** 3 / best / 1e9
 
 
-class PerSampleDataset(torch.utils.data.Dataset):
-    """The reports' way: one image at a time, numpy pad-4 random crop and flip, then float NCHW."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], seed: int = 0):
-        self.images, self.labels = images, labels
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        image = np.pad(self.images[index], ((0, 0), (4, 4), (4, 4)))
-        dy, dx = self.rng.integers(0, 9, size=2)
-        image = image[:, dy:dy + 32, dx:dx + 32]
-        if self.rng.random() < 0.5:
-            image = image[:, :, ::-1]
-        x = (image.astype(np.float32) / 255 - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(x)), int(self.labels[index])
-
-
 def reference_rate(trainer: Trainer, batch: int, epochs: int) -> float:
     """Median img/s per epoch of the reference pipeline (after one warm-up epoch)."""
     torch.manual_seed(0)
     model = build_model(trainer.config.model, trainer.input_shape, len(trainer.classes))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images, labels = trainer.splits.train
-    loader = torch.utils.data.DataLoader(PerSampleDataset(images, labels, trainer.splits.mean, trainer.splits.std),
-                                         batch_size=batch, shuffle=True)
-    model.train()
+    loader = reference.train_loader(trainer.splits, batch)
     rates = []
     for _ in range(epochs + 1):
-        seen, start = 0, time.perf_counter()
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            seen += len(y)
+        start = time.perf_counter()
+        seen = reference.train_epoch(model, optimizer, loader)
         rates.append(seen / (time.perf_counter() - start))
     return statistics.median(rates[1:])
 

@@ -21,6 +21,7 @@ REPORT_COUNTS = {
     "cnn4": (890_410, 0),  # report 003 CNNModel
     "cnn4-improved": (4_270_474, 576),  # report 003 CNNImp
     "cnn-5x5": (2_284_970, 384),  # report 004 as described there (our widths: 32, 64, dense 512)
+    "resnet-fast": (6_573_120, 4_480),  # ResNet-9 of Page's "How to train your ResNet": 6.57M
 }
 
 
@@ -111,3 +112,20 @@ def test_inline_layers_build_with_inferred_shapes():
 def test_bad_layer_specs_name_the_problem(layers, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_layers(layers, (3, 32, 32))
+
+
+def test_residual_adds_its_input_and_must_keep_the_shape():
+    model = build_layers([{"residual": [{"conv": {"filters": 3, "bias": False}}]}, {"scale": 0.5}], (3, 8, 8))
+    assert [n for n, _ in model.named_modules()][1:] == ["res1", "res1.conv1", "scale1"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.res1.conv1.weight.zero_()
+        assert torch.equal(model(x), x * 0.5)  # x + conv(x) with a zero conv, halved
+        model.res1.conv1.weight[:, :, 1, 1] = torch.eye(3)  # conv(x) = x
+        assert torch.allclose(model(x), x)
+    with pytest.raises(ConfigError, match=r"layer 0 \(residual\).*must keep the shape"):
+        build_layers([{"residual": [{"conv": {"filters": 4}}]}], (3, 8, 8))
+    with pytest.raises(ConfigError, match="non-empty list"):
+        build_layers([{"residual": 3}], (3, 8, 8))
+    with pytest.raises(ConfigError, match=r"layer 0 \(residual\) layer 1: unknown layer kind 'conv9'"):
+        build_layers([{"residual": ["relu", "conv9"]}], (3, 8, 8))

@@ -2,12 +2,14 @@ import json
 import math
 
 import pytest
+import torch
 
 from cifarlab import runs
-from cifarlab.config import load_config
+from cifarlab.config import TrainConfig, load_config
 from cifarlab.errors import TrainingFailed
 from cifarlab.train.callbacks import EarlyStopping
-from cifarlab.train.trainer import evaluate_run, fit
+from cifarlab.models.build import build_model
+from cifarlab.train.trainer import evaluate_run, fit, predict_logits
 
 
 def without_time(path):
@@ -80,3 +82,31 @@ def test_divergence_stops_the_run_and_says_so(tmp_path):
     (run,) = tmp_path.iterdir()
     summary = runs.read_summary(run)
     assert summary["status"] == "diverged" and "nan" in summary["stop_reason"]
+
+
+def test_flip_tta_and_bf16_precision_of_predict_logits():
+    torch.manual_seed(0)
+    model = build_model(load_config(overrides=["model.preset=cnn3-avg"]).model, (3, 32, 32), 10).eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(3))
+        assert torch.equal(predict_logits(model, x), plain)  # default: float32, no TTA
+        assert torch.equal(predict_logits(model, x, TrainConfig(precision="auto")), plain)  # auto: float32 on CPU
+        assert torch.allclose(predict_logits(model, x, TrainConfig(tta="flip")), (plain + mirrored) / 2, atol=1e-6)
+        assert not torch.allclose(plain, mirrored, atol=1e-3)  # so the average is not the plain logits
+        bf16 = predict_logits(model, x, TrainConfig(precision="bf16"))
+    assert bf16.dtype == torch.float32
+    error = (bf16 - plain).abs().max().item()
+    assert 0 < error < 0.1 * plain.abs().max().item()  # rounded to bf16, but the same logits
+
+
+def test_bf16_training_and_flip_tta_run_end_to_end(tmp_path):
+    # bf16 convolutions are slow on CPUs without AMX, hence few images
+    config = load_config(overrides=["data.dataset=synthetic", "data.train_limit=150", "data.test_limit=50",
+                                    "train.epochs=2", f"train.out_dir={tmp_path}", "train.precision=bf16",
+                                    "train.tta=flip", "analysis.report=false"])
+    run = fit(config)
+    summary = runs.read_summary(run)
+    assert summary["status"] == "completed" and math.isfinite(summary["train_loss"])
+    # eval reads the run's tta and precision and so reproduces the test accuracy of training
+    assert evaluate_run(run)["acc"] == summary["test_acc"]

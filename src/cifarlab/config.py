@@ -198,6 +198,8 @@ class TrainConfig(Section):
     compile: bool = False
     threads: Optional[int] = Field(None, gt=0)  # CPU threads; default: every core
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    tta: Literal["none", "flip"] = "none"  # test-time augmentation of val/test scoring: flip averages mirrored logits
+    precision: Literal["auto", "float32", "bf16"] = "auto"  # bf16 autocast; auto: on CUDA only
     evaluate: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val"])  # splits scored every epoch
     max_time_s: Optional[float] = Field(None, gt=0)  # stop after the epoch that passes this much training time
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)

@@ -32,13 +32,14 @@ def read_image(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
 
 def predict_files(run_dir: Path, paths: list[Path], top_k: int = 3, output: Optional[Path] = None) -> dict[str, Any]:
     from .analysis.plots import predictions
-    from .train.trainer import load_run
+    from .train.trainer import load_run, predict_logits
 
     run = load_run(run_dir)
     shape = tuple(run.checkpoint["input_shape"])
     images = [read_image(Path(p), shape) for p in paths]
     with torch.inference_mode():
-        probabilities = torch.softmax(run.model(run.normalize(np.stack(images))).float(), dim=1).cpu().numpy()
+        logits = predict_logits(run.model, run.normalize(np.stack(images)), run.config.train)
+        probabilities = torch.softmax(logits, dim=1).cpu().numpy()
     names = [Path(p).name for p in paths]
     figure = predictions(images, names, probabilities, run.classes, output or run.path / "plots" / "predict.png",
                          min(top_k, len(run.classes)))

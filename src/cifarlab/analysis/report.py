@@ -40,7 +40,7 @@ def predictions_of(run, split: str) -> dict[str, Any]:
     from ..train.trainer import evaluate
 
     images, labels = run.split(split)
-    result = evaluate(run.model, run.loader(split))
+    result = evaluate(run.model, run.loader(split), run.config.train)
     return {"images": images, "labels": labels, "predicted": result["predictions"].numpy(), "acc": result["acc"]}
 
 

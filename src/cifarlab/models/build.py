@@ -40,12 +40,16 @@ LAYER_KINDS: dict[str, tuple[tuple[str, ...], Optional[str], dict[str, Any]]] = 
     "avgpool": (("size", "stride"), "size", {"size": 2, "stride": None}),
     "pool": (("type", "size", "stride"), "type", {"type": "max", "size": 2, "stride": None}),
     "global_avgpool": ((), None, {}),
+    "global_maxpool": ((), None, {}),
+    "residual": (("layers",), "layers", {}),  # x + layers(x); the layers must keep the shape
+    "scale": (("factor",), "factor", {}),  # multiply by a constant (e.g. logits x 0.125, as in ResNet-9)
     "dropout": (("p",), "p", {"p": 0.5}),
     "dropout2d": (("p",), "p", {"p": 0.5}),
     "flatten": ((), None, {}),
 }
 NAME_PREFIX = {"conv": "conv", "dense": "fc", "batchnorm": "bn", "maxpool": "pool", "avgpool": "pool",
-               "pool": "pool", "global_avgpool": "gap", "dropout": "drop", "dropout2d": "drop"}
+               "pool": "pool", "global_avgpool": "gap",
+               "global_maxpool": "gmp", "residual": "res", "dropout": "drop", "dropout2d": "drop"}
 BUILTIN_PARAMS = ("classes", "channels")
 
 
@@ -167,6 +171,8 @@ def parse_layer(item: Any, where: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{where}: {kind} p={args['p']} must be in [0, 1)")
     if kind == "pool" and args["type"] not in ("max", "avg"):
         raise ConfigError(f"{where}: pool type={args['type']!r} must be max or avg")
+    if kind == "residual" and not (isinstance(args["layers"], list) and args["layers"]):
+        raise ConfigError(f"{where}: residual takes a non-empty list of layers, got {args['layers']!r}")
     if kind == "conv" and not (args["padding"] in ("same", "valid") or isinstance(args["padding"], int)):
         raise ConfigError(f"{where}: conv padding={args['padding']!r} must be same, valid or a number")
     return kind, args
@@ -189,17 +195,40 @@ def build_model(model_config, input_shape: tuple[int, int, int], classes: int) -
 
 
 def build_layers(items: list, input_shape: tuple[int, int, int]) -> nn.Sequential:
-    shape = tuple(input_shape)
+    return nn.Sequential(_build(items, tuple(input_shape), "layer")[0])
+
+
+class Residual(nn.Sequential):
+    """x + layers(x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+def _build(items: list, shape: tuple, where: str) -> tuple["OrderedDict[str, nn.Module]", tuple]:
+    """(named modules, output shape) of a layer list; names count per kind (conv1, conv2, bn1, ...)."""
     modules: "OrderedDict[str, nn.Module]" = OrderedDict()
     counts: dict[str, int] = {}
     for index, item in enumerate(items):
-        kind, args = parse_layer(item, f"layer {index}")
-        module, shape = _make_layer(kind, args, shape, f"layer {index} ({kind})")
+        kind, args = parse_layer(item, f"{where} {index}")
+        module, shape = _make_layer(kind, args, shape, f"{where} {index} ({kind})")
         prefix = NAME_PREFIX.get(kind, kind)
         counts[prefix] = counts.get(prefix, 0) + 1
         name = prefix if prefix == "flatten" and counts[prefix] == 1 else f"{prefix}{counts[prefix]}"
         modules[name] = module
-    return nn.Sequential(modules)
+    return modules, shape
 
 
 def _conv_padding(padding: Any, kernel: int) -> int:
@@ -211,7 +240,7 @@ def _conv_padding(padding: Any, kernel: int) -> int:
 
 def _make_layer(kind: str, a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
     spatial = len(shape) == 3
-    if kind in ("conv", "maxpool", "avgpool", "pool", "global_avgpool", "dropout2d") and not spatial:
+    if kind in ("conv", "maxpool", "avgpool", "pool", "global_avgpool", "global_maxpool", "dropout2d") and not spatial:
         raise ConfigError(f"{where}: needs an image input (C, H, W), got a flat vector of {shape[0]}")
     if kind == "dense" and spatial:
         raise ConfigError(f"{where}: needs a flat input; add `flatten` before it")
@@ -239,6 +268,15 @@ def _make_layer(kind: str, a: dict[str, Any], shape: tuple, where: str) -> tuple
         return nn.Flatten(), (int(torch.tensor(shape).prod()),)
     if kind == "global_avgpool":
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), (shape[0],)
+    if kind == "global_maxpool":
+        return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten()), (shape[0],)
+    if kind == "residual":
+        body, out = _build(a["layers"], shape, f"{where} layer")
+        if out != shape:
+            raise ConfigError(f"{where}: its layers turn shape {shape} into {out}; a residual must keep the shape")
+        return Residual(body), shape
+    if kind == "scale":
+        return Scale(float(a["factor"])), shape
     if kind == "dropout":
         return nn.Dropout(a["p"]), shape
     if kind == "dropout2d":

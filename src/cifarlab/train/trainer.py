@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import runs
 from ..analysis.features import capture, check_layers
-from ..config import Config, write_config
+from ..config import Config, TrainConfig, write_config
 from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
 from ..data.sources import Dataset, dataset_from_config
@@ -119,15 +119,33 @@ def eval_loader(arrays, splits: Splits, config: Config, device: torch.device) ->
                         channels_last=config.train.channels_last, whiten=splits.whiten)
 
 
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast when `precision` asks for it ("auto": on CUDA only; bf16 is slow on CPUs without AMX)."""
+    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, settings: Optional[TrainConfig] = None) -> torch.Tensor:
+    """float32 logits of a normalized batch, with the run's precision and test-time augmentation
+    (tta "flip": the mean of the batch's and the mirrored batch's logits)."""
+    settings = settings or TrainConfig()
+    with autocast(images.device, settings.precision):
+        logits = model(images).float()
+        if settings.tta == "flip":
+            logits = (logits + model(images.flip(3)).float()) / 2
+    return logits
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DeviceLoader) -> dict[str, Any]:
-    """Mean cross-entropy, accuracy and the predicted classes of one split (eval mode)."""
+def evaluate(model: nn.Module, loader: DeviceLoader, settings: Optional[TrainConfig] = None) -> dict[str, Any]:
+    """Mean cross-entropy, accuracy and the predicted classes of one split (eval mode), with the
+    precision and test-time augmentation of `settings` (default: float32, none)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=loader.images.device)
     outputs = []
     for images, labels in loader:
-        logits = model(images).float()
+        logits = predict_logits(model, images, settings)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         outputs.append(logits)
     model.train(was_training)
@@ -332,7 +350,8 @@ class Trainer:
         """One optimizer step at the scheduled LR; (detached loss, detached logits, that LR)."""
         c = self.config
         lr = self.schedule.apply(self.optimizer, self.step)
-        logits = self.forward(images)
+        with autocast(self.device, c.train.precision):
+            logits = self.forward(images)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=c.train.label_smoothing)
         if self.l2_weights:
             loss = loss + l2_penalty(self.l2_weights, c.optim.l2)
@@ -390,7 +409,7 @@ class Trainer:
             self.write_summary("diverged", reason)
             raise TrainingFailed(reason)
         for split, loader in self.eval_loaders.items():
-            result = evaluate(self.model, loader)
+            result = evaluate(self.model, loader, c.train)
             record.update({f"{split}_loss": result["loss"], f"{split}_acc": result["acc"]})
         record["time"] = {"elapsed_s": round(time.perf_counter() - self.started, 3), "epoch_s": round(epoch_time, 3),
                           "img_per_s": round(seen / epoch_time, 1)}
@@ -447,7 +466,8 @@ class Trainer:
         chosen_epoch = (self.stopper.best_epoch or self.epoch) if es.restore_best else self.epoch
         if chosen_epoch != self.epoch:
             self.model.load_state_dict(load_checkpoint(best_path, str(self.device))["model"])
-        test = evaluate(self.model, eval_loader(self.splits.test, self.splits, self.config, self.device))
+        test = evaluate(self.model, eval_loader(self.splits.test, self.splits, self.config, self.device),
+                        self.config.train)
         self.log_metrics({"kind": "test", "epoch": chosen_epoch, "test_loss": test["loss"], "test_acc": test["acc"]})
         chosen = next(r for r in self.history if r["epoch"] == chosen_epoch)
         summary = self.write_summary(
@@ -544,7 +564,7 @@ def evaluate_run(run_dir: Path, split: str = "test", top_k: int = 5) -> dict[str
 
     run = load_run(run_dir)
     labels = run.split(split)[1]
-    result = evaluate(run.model, run.loader(split))
+    result = evaluate(run.model, run.loader(split), run.config.train)
     predicted = result["predictions"].numpy()
     classes = run.classes
     k = min(top_k, len(classes))
