@@ -110,3 +110,12 @@ def test_bf16_training_and_flip_tta_run_end_to_end(tmp_path):
     assert summary["status"] == "completed" and math.isfinite(summary["train_loss"])
     # eval reads the run's tta and precision and so reproduces the test accuracy of training
     assert evaluate_run(run)["acc"] == summary["test_acc"]
+
+
+def test_no_validation_split_with_early_stopping_off_tests_the_last_epoch(tmp_path):
+    config = load_config(overrides=["data.dataset=synthetic", "data.train_limit=200", "data.test_limit=50",
+                                    "data.val_size=0", "train.early_stopping.enabled=false", "train.epochs=2",
+                                    f"train.out_dir={tmp_path}", "analysis.report=false"])
+    summary = runs.read_summary(fit(config))
+    assert summary["sizes"]["val"] == 0 and summary["val_acc"] is None
+    assert summary["best_epoch"] == 2 and 0 <= summary["test_acc"] <= 1

@@ -23,8 +23,9 @@ class EarlyStopping:
         self.wait = 0
 
     def update(self, epoch: int, record: dict[str, Any]) -> bool:
-        """Record one epoch; True when it is the new best."""
-        value = record[self.monitor]
+        """Record one epoch; True when it is the new best. A monitor the record lacks (val_acc with
+        data.val_size=0 and early stopping off) never improves: the last epoch stands in for the best."""
+        value = record.get(self.monitor, math.nan)
         improved = math.isfinite(value) and (self.best is None or self.sign * (value - self.best) > self.min_delta)
         if improved:
             self.best, self.best_epoch, self.wait = value, epoch, 0
