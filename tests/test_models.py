@@ -12,6 +12,7 @@ from cifarlab.models.summary import count_params, format_summary, summarize
 REPORT_COUNTS = {
     "cnn3": (1_147_914, 448),  # report 000
     "cnn3-avg": (1_211_018, 1_728),  # report 001
+    "cnn3-fast": (1_147_914, 448),  # report 000's layers, lighter dropout
     "lab-m1": (48_970, 0),  # report 002, model 1
     "lab-m1-bn": (51_146, 2_176),
     "lab-m2": (1_442_902, 0),

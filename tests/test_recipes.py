@@ -54,9 +54,10 @@ def test_optimizers_match_torch_step_for_step(overrides, reference):
     ours, theirs = tiny_model(), tiny_model()
     a = run_steps(ours, make_optimizer(config.optim, ours))
     b = run_steps(theirs, reference(list(theirs.parameters())))
+    # ours run torch's fused / foreach kernels, the reference its plain per-parameter loop: same steps up to rounding
     for x, y in zip(a, b):
-        assert torch.equal(x, y)
-    assert not torch.equal(a[0], tiny_model()[0].weight)  # it did move
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a[0], tiny_model()[0].weight)  # it did move
 
 
 def test_proximal_adagrad_matches_a_hand_computed_step():

@@ -46,23 +46,27 @@ class ProximalAdagrad(torch.optim.Optimizer):
 
 
 def make_optimizer(c, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer an OptimConfig names; unset eps / alpha / rho keep torch's defaults."""
+    """The optimizer an OptimConfig names; unset eps / alpha / rho keep torch's defaults. SGD, Adam(W)
+    and Adagrad use torch's fused kernels (one call for all parameters: on a 2-core CPU an Adam
+    step of cnn3-avg takes a fraction of the per-parameter loop's time), the others the foreach ones."""
     params = [p for p in model.parameters() if p.requires_grad]
     extra: dict[str, Any] = {"eps": c.eps} if c.eps is not None else {}
+    fused = {"fused": True}
     if c.name == "sgd":
-        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
+                               **fused)
     if c.name == "adam":
-        return torch.optim.Adam(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, **extra)
+        return torch.optim.Adam(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, **extra, **fused)
     if c.name == "adamw":
-        return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, **extra)
+        return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, **extra, **fused)
     if c.name == "adagrad":
         return torch.optim.Adagrad(params, lr=c.lr, weight_decay=c.weight_decay,
-                                   initial_accumulator_value=c.initial_accumulator or 0.0, **extra)
+                                   initial_accumulator_value=c.initial_accumulator or 0.0, **extra, **fused)
     if c.name == "rmsprop":
         return torch.optim.RMSprop(params, lr=c.lr, alpha=c.alpha, momentum=c.momentum,
-                                   weight_decay=c.weight_decay, **extra)
+                                   weight_decay=c.weight_decay, foreach=True, **extra)
     if c.name == "adadelta":
-        return torch.optim.Adadelta(params, lr=c.lr, rho=c.rho, weight_decay=c.weight_decay, **extra)
+        return torch.optim.Adadelta(params, lr=c.lr, rho=c.rho, weight_decay=c.weight_decay, foreach=True, **extra)
     return ProximalAdagrad(params, lr=c.lr, l1=c.prox_l1, l2=c.prox_l2,
                            initial_accumulator_value=c.initial_accumulator or 0.1)
 
