@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/time_to_accuracy.py
 	$(BIN)/python benchmarks/augment_overhead.py
 	$(BIN)/python benchmarks/tsne.py --sklearn
 

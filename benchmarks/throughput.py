@@ -78,15 +78,18 @@ def reference_rate(trainer: Trainer, batch: int, epochs: int) -> float:
     return statistics.median(rates[1:])
 
 
-def cifarlab_rate(trainer: Trainer, epochs: int) -> float:
-    rates = []
+def cifarlab_rate(trainer: Trainer, epochs: int) -> tuple[float, float]:
+    """(median img/s per epoch after the first, seconds the first epoch took beyond that rate: warm-up)."""
+    rates, times = [], []
     for _ in range(epochs + 1):
         seen, start = 0, time.perf_counter()
         for images, labels, targets in trainer.batches():
             trainer.train_step(images, targets)
             seen += len(labels)
-        rates.append(seen / (time.perf_counter() - start))
-    return statistics.median(rates[1:])
+        times.append(time.perf_counter() - start)
+        rates.append(seen / times[-1])
+    rate = statistics.median(rates[1:])
+    return rate, times[0] - seen / rate
 
 
 def eval_rate(trainer: Trainer, repeats: int = 3) -> float:
@@ -104,15 +107,20 @@ def main() -> None:
     parser.add_argument("--preset", default="cnn3-avg")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--epochs", type=int, default=2, help="measured epochs per setting, after one warm-up")
+    parser.add_argument("--no-compile", action="store_true", help="skip the train.compile=true measurement")
     args = parser.parse_args()
     data = [f"data.root={args.root}"] if Path(args.root).exists() else ["data.dataset=synthetic"]
+
+    def trainer_for(batch: int, *extra: str) -> Trainer:
+        return Trainer(load_config(overrides=[*data, f"model.preset={args.preset}", "augment.preset=crop-flip",
+                                              f"train.batch_size={batch}", "analysis.report=false", *extra]))
+
     peak = matmul_peak()
     results = []
     for batch in args.batches:
-        trainer = Trainer(load_config(overrides=[*data, f"model.preset={args.preset}", "augment.preset=crop-flip",
-                                                 f"train.batch_size={batch}", "analysis.report=false"]))
+        trainer = trainer_for(batch)
         flops = forward_flops(build_model(trainer.config.model, trainer.input_shape, 10), trainer.input_shape)
-        ours = cifarlab_rate(trainer, args.epochs)
+        ours, _ = cifarlab_rate(trainer, args.epochs)
         theirs = reference_rate(trainer, batch, args.epochs)
         results.append({
             "batch_size": batch, "cifarlab_train_img_per_s": round(ours, 1),
@@ -121,10 +129,17 @@ def main() -> None:
             "model_gflop_per_image_forward": round(flops / 1e9, 4),
             "cifarlab_train_mfu": round(3 * flops * ours / (peak * 1e9), 3),
             "reference_train_mfu": round(3 * flops * theirs / (peak * 1e9), 3)})
+    compiled = None
+    if not args.no_compile:
+        batch = args.batches[0]
+        rate, warmup = cifarlab_rate(trainer_for(batch, "train.compile=true"), args.epochs)
+        compiled = {"batch_size": batch, "train_img_per_s": round(rate, 1), "warmup_s": round(warmup, 1),
+                    "train_mfu": round(3 * flops * rate / (peak * 1e9), 3)}
     print(json.dumps({
         "benchmark": "throughput", "model": args.preset, "data": data[0].split("=")[-1].split("/")[-1],
         "augment": "crop-flip", "device": str(trainer.device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "matmul_peak_gflop_per_s": round(peak, 1), "results": results,
+        "cifarlab_compiled": compiled,
     }, indent=2))
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,3 +320,21 @@ def test_zca_run_stores_its_matrix_and_eval_uses_it(cifar10_head, tmp_path):
     assert stored.shape == (3072, 3072)
     summary = runs.read_summary(run)
     assert evaluate_run(run, "test")["acc"] == pytest.approx(summary["test_acc"])
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "cnn3-fast", "resnet-fast"])
+def test_recipe_configs_load(name):
+    config = load_config(CONFIGS / f"{name}.yaml", ["data.dataset=synthetic"])
+    assert config.model.preset in {"cnn3-avg", "cnn3-fast", "resnet-fast"}
+
+
+def test_cnn3_fast_recipe_learns_cifar10_head_with_flip_tta(cifar10_head, tmp_path):
+    # the recipe compressed to 3 epochs (one-cycle spans train.epochs); the full one is benchmarked
+    config = load_config(CONFIGS / "cnn3-fast.yaml", [f"data.root={cifar10_head}", "train.epochs=3",
+                                                      f"train.out_dir={tmp_path}", "analysis.report=false"])
+    assert config.train.tta == "flip" and config.model.preset == "cnn3-fast"
+    summary = runs.read_summary(fit(config))
+    assert summary["test_acc"] > 0.40, summary  # chance is 0.10
