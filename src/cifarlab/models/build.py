@@ -48,8 +48,8 @@ LAYER_KINDS: dict[str, tuple[tuple[str, ...], Optional[str], dict[str, Any]]] = 
     "flatten": ((), None, {}),
 }
 NAME_PREFIX = {"conv": "conv", "dense": "fc", "batchnorm": "bn", "maxpool": "pool", "avgpool": "pool",
-               "pool": "pool", "global_avgpool": "gap",
-               "global_maxpool": "gmp", "residual": "res", "dropout": "drop", "dropout2d": "drop"}
+               "pool": "pool", "global_avgpool": "gap", "global_maxpool": "gmp", "residual": "res",
+               "dropout": "drop", "dropout2d": "drop"}
 BUILTIN_PARAMS = ("classes", "channels")
 
 
