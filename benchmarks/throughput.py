@@ -3,10 +3,11 @@
 against a reference pipeline written the way the seed reports train (a torch DataLoader over a
 Dataset that crops and flips each sample in numpy, NCHW float tensors, Adam), both in this process
 on the same data. Also measures this machine's float32 matmul peak and prints model FLOP
-utilization (model FLOPs x images/s / peak; training counted as 3x the forward FLOPs).
+utilization (model FLOPs x images/s / peak; training counted as 3x the forward FLOPs), and
+cifarlab's rate with train.compile=true at the first batch size (with the compile warm-up).
 Prints one JSON object.
 
-    python benchmarks/throughput.py [--root ../shared/data/cifar10-head] [--batches 64 128 256]
+    python benchmarks/throughput.py [--root ../shared/data/cifar10-head] [--batches 64 128 256] [--no-compile]
 """
 
 from __future__ import annotations
