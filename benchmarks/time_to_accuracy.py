@@ -25,6 +25,7 @@ import torch
 
 from cifarlab.config import load_config
 from cifarlab.models.build import build_model
+from cifarlab.train.callbacks import EarlyStopping
 from cifarlab.train.trainer import fit, prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,19 +41,19 @@ def reference_run(data: list[str], max_epochs: int = 100, patience: int = 5) -> 
     model = build_model(config.model, splits.dataset.image_shape, len(splits.dataset.classes))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = reference.train_loader(splits, 64)
-    best, best_epoch, best_state, epoch = -1.0, 0, None, 0
+    stopper = EarlyStopping("val_acc", patience)  # the rule cifarlab's runs use
+    best_state, epoch = None, 0
     for epoch in range(1, max_epochs + 1):
         reference.train_epoch(model, optimizer, loader)
-        val = reference.accuracy(model, splits.val, splits.mean, splits.std)
-        if val > best:
-            best, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= patience:
+        if stopper.update(epoch, {"val_acc": reference.accuracy(model, splits.val, splits.mean, splits.std)}):
+            best_state = copy.deepcopy(model.state_dict())
+        if stopper.stop_reason():
             break
     model.load_state_dict(best_state)
     test = reference.accuracy(model, splits.test, splits.mean, splits.std)
     return {"recipe": "report 001 (cnn3-avg, Adam 1e-3, batch 64, crop+flip, patience 5)",
             "pipeline": "reference (per-sample DataLoader)", "test_acc": round(test, 4),
-            "best_val_acc": round(best, 4), "best_epoch": best_epoch, "epochs_run": epoch,
+            "best_val_acc": round(stopper.best, 4), "best_epoch": stopper.best_epoch, "epochs_run": epoch,
             "wall_s": round(time.perf_counter() - start, 1)}
 
 
