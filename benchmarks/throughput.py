@@ -24,7 +24,8 @@ from torch import nn
 
 from cifarlab.config import load_config
 from cifarlab.models.build import build_model
-from cifarlab.train.trainer import Trainer, evaluate
+from cifarlab.evaluation import evaluate
+from cifarlab.train.trainer import Trainer
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-head"
 

@@ -23,10 +23,11 @@ from pathlib import Path
 import reference
 import torch
 
+import cifarlab
 from cifarlab.config import load_config
+from cifarlab.data.prepare import prepare_data
 from cifarlab.models.build import build_model
 from cifarlab.train.callbacks import EarlyStopping
-from cifarlab.train.trainer import fit, prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10-head"
@@ -59,9 +60,8 @@ def reference_run(data: list[str], max_epochs: int = 100, patience: int = 5) -> 
 
 def cifarlab_run(recipe: str, path: Path, overrides: list[str], out_dir: str) -> dict:
     start = time.perf_counter()
-    config = load_config(path, [*overrides, f"train.out_dir={out_dir}", "analysis.report=false",
-                                "analysis.tsne.layers=[]"])
-    summary = json.loads((fit(config) / "summary.json").read_text())
+    summary = cifarlab.fit(path, overrides=[*overrides, f"train.out_dir={out_dir}", "analysis.report=false",
+                                            "analysis.tsne.layers=[]"], progress=False).summary
     return {"recipe": recipe, "pipeline": "cifarlab", "config": str(path.relative_to(REPO)),
             "test_acc": round(summary["test_acc"], 4), "best_val_acc": round(summary["best_value"], 4),
             "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],

@@ -13,8 +13,9 @@ from cifarlab.analysis.embed import separation, tsne
 from cifarlab.analysis.metrics import confusion_matrix, top_k_accuracy
 from cifarlab.cli import app
 from cifarlab.config import load_config
-from cifarlab.predict import predict_files
-from cifarlab.train.trainer import evaluate, evaluate_run, fit, load_run
+from cifarlab.api import evaluate_run, fit, predict_files
+from cifarlab.evaluation import evaluate
+from cifarlab.runs import load_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -49,7 +50,7 @@ def trained_run(cifar10_head, tmp_path_factory):
         f"data.root={cifar10_head}", "data.train_limit=1500", "data.test_limit=400", "train.epochs=3",
         "model.preset=cnn3-avg", f"train.out_dir={out}", "analysis.tsne.layers=[flatten,fc1]",
         "analysis.tsne.samples=300", "analysis.tsne.split=test"])
-    return fit(config)
+    return fit(config).path
 
 
 def test_training_captures_features_and_writes_the_report(trained_run):

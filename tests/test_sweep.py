@@ -11,7 +11,7 @@ import pytest
 from cifarlab import runs
 from cifarlab.errors import ConfigError
 from cifarlab.sweep import load_study, run_study, summarize_study
-from cifarlab.train.trainer import fit
+from cifarlab.api import fit
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "configs" / "studies").glob("*.yaml"))
 TIMING = {"train_time_s", "train_img_per_s", "train_time_s_std", "train_img_per_s_std"}

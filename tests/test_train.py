@@ -9,7 +9,8 @@ from cifarlab.config import TrainConfig, load_config
 from cifarlab.errors import TrainingFailed
 from cifarlab.train.callbacks import EarlyStopping
 from cifarlab.models.build import build_model
-from cifarlab.train.trainer import evaluate_run, fit, predict_logits
+from cifarlab.api import evaluate_run, fit
+from cifarlab.evaluation import predict_logits
 
 
 def without_time(path):

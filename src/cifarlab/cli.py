@@ -5,13 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -39,7 +37,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except Interrupted as e:
-            err.print(str(e))
+            err.print(f"{e}; state saved, resume with: cifarlab train --resume {e.run_dir}")
             raise typer.Exit(e.exit_code) from None
         except CifarlabError as e:
             if state["debug"]:
@@ -64,68 +62,22 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-class BarReporter:
-    """A rich progress bar per epoch with running loss, accuracy and img/s; epoch lines above it."""
-
-    def __init__(self, console: Console, batch_size: int):
-        self.console = console
-        self.batch_size = batch_size
-        self.progress: Optional[Progress] = None
-        self.task = None
-
-    def start(self, run_dir: Path, epochs: int, steps_per_epoch: int) -> None:
-        self.epochs, self.steps = epochs, steps_per_epoch
-        self.console.print(f"run directory: {run_dir}")
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=self.console,
-                                 transient=True)
-        self.progress.start()
-
-    def step(self, epoch: int, step: int, running: Optional[dict[str, float]]) -> None:
-        if step == 1:
-            if self.task is not None:
-                self.progress.remove_task(self.task)
-            self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=self.steps, stats="")
-            self.epoch_start = time.perf_counter()
-        fields = {}
-        if running is not None:
-            rate = step * self.batch_size / max(time.perf_counter() - self.epoch_start, 1e-9)
-            fields["stats"] = f"loss {running['loss']:.4f} acc {100 * running['acc']:.1f}% {rate:.0f} img/s"
-        self.progress.update(self.task, completed=step, **fields)
-
-    def epoch_end(self, record: dict[str, Any]) -> None:
-        from .train.trainer import format_epoch
-
-        self.progress.console.print(format_epoch(record))
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-
 def train_and_report(config, resume_run: Optional[Path] = None, overrides: Optional[list[str]] = None,
                      run_dir: Optional[Path] = None) -> Path:
-    from .train.trainer import Reporter, fit, resume
+    from . import api
+    from .train.progress import LogProgress, TerminalProgress
 
-    use_bar = not state.get("quiet") and sys.stderr.isatty()
-    if resume_run is not None:
-        from .runs import read_run_config, resolve_run
-
-        batch_size = read_run_config(resolve_run(resume_run)).train.batch_size
-    else:
-        batch_size = config.train.batch_size
-    reporter = BarReporter(err, batch_size) if use_bar else Reporter()
+    progress = LogProgress() if state.get("quiet") or not sys.stderr.isatty() else TerminalProgress(err)
     try:
-        run_dir = resume(resume_run, overrides, reporter) if resume_run else fit(config, reporter, run_dir)
+        if resume_run is not None:
+            run = api.resume(resume_run, overrides, progress=progress)
+        else:
+            run = api.fit(config, run_dir=run_dir, progress=progress)
     finally:
-        if use_bar:
-            reporter.close()
-    print_summary(run_dir)
-    return run_dir
+        if isinstance(progress, TerminalProgress):
+            progress.close()
+    print_summary(run.path)
+    return run.path
 
 
 def print_summary(run_dir: Path) -> None:
@@ -196,7 +148,7 @@ def eval_command(
     top_k: int = typer.Option(5, "--top-k", min=1, help="Also report top-k accuracy."),
 ) -> None:
     """Accuracy, top-k, per-class accuracy and confusion matrix of a run's best checkpoint (eval_<split>.json)."""
-    from .train.trainer import evaluate_run
+    from .api import evaluate_run
 
     check_split(split)
     report = evaluate_run(run, split, top_k)
@@ -226,7 +178,7 @@ def predict(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Figure path (default RUN/plots/predict.png)."),
 ) -> None:
     """Class probabilities of images with a run's best model (resized, gray/RGB converted as needed)."""
-    from .predict import predict_files
+    from .api import predict_files
 
     result = predict_files(run, images, top_k, output)
     classes = result["classes"]
@@ -249,10 +201,11 @@ def report(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="HTML path."),
 ) -> None:
     """Self-contained HTML report of a run (figures, tables, t-SNE), or a comparison of runs."""
-    from .analysis.report import build_comparison, build_run_report
+    from .analysis.report import build_comparison
+    from .api import load_run
 
     if len(run_dirs) == 1:
-        path = build_run_report(run_dirs[0], output)
+        path = load_run(run_dirs[0]).report(output)
     else:
         path = build_comparison(run_dirs, output or Path("comparison.html"))
     out.print(f"wrote {path}")
@@ -371,10 +324,11 @@ def sweep(
 ) -> None:
     """Run a study (grid and/or variants x seeds) as separate processes; skips finished runs, resumes
     interrupted ones; writes results.csv, results.md, plots/ and report.html."""
-    from .sweep import load_study, run_state, run_study, summarize_study
+    from .api import run_study, study_folder
+    from .sweep import load_study, run_state
 
     study = load_study(study_file, overrides or [])
-    out_path = out_dir or Path(study.runs[0].config.train.out_dir) / study.name
+    out_path = study_folder(study, out_dir)
     if dry_run:
         table = Table(title=f"{study.name}: {len(study.runs)} runs into {out_path}")
         for column in ("run", "settings", "seed", "state"):
@@ -385,22 +339,27 @@ def sweep(
         out.print(table)
         return
     out.print(f"study {study.name}: {len(study.runs)} runs, {workers} at a time, into {out_path}")
-    outcome = run_study(study, out_path, workers=workers)
-    for run_id, what in outcome.items():
+    result = run_study(study, out=out_path, workers=workers)
+    for run_id, what in result.outcome.items():
         out.print(f"  {run_id}: {what}")
-    summarize_study(study, out_path)
-    out.print((out_path / "results.md").read_text())
+    out.print(result.table)
     out.print(f"report: {out_path / 'report.html'}")
+
+
+def draw_figure(name: str, run: Path, **options) -> list[Path]:
+    from .analysis.figures import draw
+
+    paths = draw(name, run, **options)
+    for path in paths:
+        out.print(f"wrote {path}")
+    return paths
 
 
 @viz_app.command("curves")
 @user_errors
 def viz_curves(run: Path = typer.Argument(..., help="A run directory.")) -> None:
     """Loss and accuracy per epoch (train / val / test) and the running per-step values."""
-    from .analysis.report import curves_figure
-    from .runs import resolve_run
-
-    out.print(f"wrote {curves_figure(resolve_run(run))}")
+    draw_figure("curves", run)
 
 
 @viz_app.command("samples")
@@ -409,18 +368,8 @@ def viz_samples(run: Path = typer.Argument(..., help="A run directory."),
                 split: str = typer.Option("train", "--split"), count: int = typer.Option(32, "-n", min=1, max=400),
                 seed: int = typer.Option(0, "--seed")) -> None:
     """A grid of a run's images with their class names."""
-    import numpy as np
-
-    from .analysis.plots import sample_grid
-    from .train.trainer import load_run
-
     check_split(split)
-    loaded = load_run(run)
-    images, labels = loaded.split(split)
-    pick = np.random.default_rng(seed).choice(len(labels), size=min(count, len(labels)), replace=False)
-    path = sample_grid(images[pick], labels[pick], loaded.classes, loaded.path / "plots" / f"samples_{split}.png",
-                       title=f"{split} split: {len(pick)} images")
-    out.print(f"wrote {path}")
+    draw_figure("samples", run, split=split, count=count, seed=seed)
 
 
 @viz_app.command("confusion")
@@ -428,11 +377,8 @@ def viz_samples(run: Path = typer.Argument(..., help="A run directory."),
 def viz_confusion(run: Path = typer.Argument(..., help="A run directory."),
                   split: str = typer.Option("test", "--split")) -> None:
     """The confusion matrix of best.pt on a split."""
-    from .analysis.report import confusion_figure
-    from .train.trainer import load_run
-
     check_split(split)
-    out.print(f"wrote {confusion_figure(load_run(run), split)}")
+    draw_figure("confusion", run, split=split)
 
 
 @viz_app.command("mistakes")
@@ -441,11 +387,8 @@ def viz_mistakes(run: Path = typer.Argument(..., help="A run directory."),
                  split: str = typer.Option("test", "--split"), count: int = typer.Option(8, "-n", min=1, max=32),
                  seed: int = typer.Option(0, "--seed")) -> None:
     """A row of correctly and a row of wrongly classified images with true and predicted classes."""
-    from .analysis.report import mistakes_figure
-    from .train.trainer import load_run
-
     check_split(split)
-    out.print(f"wrote {mistakes_figure(load_run(run), split, count, seed=seed)}")
+    draw_figure("mistakes", run, split=split, count=count, seed=seed)
 
 
 @viz_app.command("featuremaps")
@@ -455,14 +398,11 @@ def viz_featuremaps(run: Path = typer.Argument(..., help="A run directory."),
                     index: int = typer.Option(0, "--index", min=0, help="Which test image, without --image."),
                     layers: int = typer.Option(4, "--layers", min=1, help="The first N layers.")) -> None:
     """Feature maps of the first N layers for one image, one grid per layer."""
-    from .analysis.report import featuremap_figures
-    from .predict import read_image
-    from .train.trainer import load_run
+    from .data.images import read_image
+    from .runs import read_summary, resolve_run
 
-    loaded = load_run(run)
-    picture = read_image(image, tuple(loaded.checkpoint["input_shape"])) if image else None
-    for path in featuremap_figures(loaded, layers, picture, index):
-        out.print(f"wrote {path}")
+    picture = read_image(image, tuple(read_summary(resolve_run(run))["input_shape"])) if image else None
+    draw_figure("featuremaps", run, layers=layers, image=picture, index=index)
 
 
 @viz_app.command("filters")
@@ -470,11 +410,7 @@ def viz_featuremaps(run: Path = typer.Argument(..., help="A run directory."),
 def viz_filters(run: Path = typer.Argument(..., help="A run directory."),
                 layers: int = typer.Option(3, "--layers", min=1, help="The first N conv layers.")) -> None:
     """Convolution kernels: the first layer's as RGB tiles, deeper ones as gray tiles."""
-    from .analysis.report import filter_figures
-    from .train.trainer import load_run
-
-    for path in filter_figures(load_run(run), layers):
-        out.print(f"wrote {path}")
+    draw_figure("filters", run, layers=layers)
 
 
 @viz_app.command("tsne")
@@ -483,14 +419,12 @@ def viz_tsne(run: Path = typer.Argument(..., help="A run directory with captured
              recompute: bool = typer.Option(False, "--recompute", help="Embed again even if cached.")) -> None:
     """t-SNE (PCA 50 + openTSNE) of the features captured during training, scored by k-NN accuracy
     and silhouette; one scatter per layer and epoch and a beginning / middle / end panel per layer."""
-    from .analysis.report import tsne_figures
-    from .runs import read_run_config, read_summary, resolve_run
+    import json
 
-    path = resolve_run(run)
-    rows = tsne_figures(path, read_summary(path)["classes"], read_run_config(path).seed, recompute)
-    for row in rows:
+    draw_figure("tsne", run, recompute=recompute)
+    for row in json.loads((run / "features" / "tsne.json").read_text()):
         out.print(f"{row['layer']} epoch {row['epoch']}: k-NN accuracy {100 * row['knn_acc']:.1f}%, "
-                  f"silhouette {row['silhouette']:.3f} -> plots/{row['figure']}")
+                  f"silhouette {row['silhouette']:.3f}")
 
 
 @viz_app.command("augment")

@@ -6,15 +6,19 @@ before any work starts, with a message that names the key and what is allowed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data import sources
 from .errors import ConfigError
+from .files import atomic_write
 
-DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "synthetic")
+DATASETS = tuple(sources.DATASETS)  # the data.dataset names, from the registry in data/sources.py
+
 AUGMENT_PRESETS = {
     "none": {},
     # report 001: RandomCrop(32, padding=4) + RandomHorizontalFlip()
@@ -27,12 +31,23 @@ AUGMENT_PRESETS = {
 }
 
 
+def _one_of(names: Any, value: Any) -> Any:
+    """`value` if it is one of `names` (a registry's keys), else pydantic's own wording for a Literal
+    mismatch, so a registry-backed key reads like every other choice."""
+    names = list(names)  # a list, not the registry: an unhashable value (a YAML list) must fail as a mismatch
+    if value in names:
+        return value
+    quoted = [repr(name) for name in names]
+    choices = f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+    raise ValueError(f"Input should be {choices}")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Section):
-    dataset: Literal["cifar10", "cifar100", "mnist", "fashion-mnist", "synthetic"] = "cifar10"
+    dataset: str = "cifar10"  # a name in data/sources.py DATASETS
     # A directory holding the dataset (or its official sub-folder), a local .tar.gz, or empty:
     # then the cache ($CIFARLAB_DATA, default ~/.cache/cifarlab) and the system locations are searched.
     root: Optional[str] = None
@@ -48,6 +63,11 @@ class DataConfig(Section):
     std: Optional[list[float]] = None
     train_limit: Optional[int] = Field(None, gt=0)  # keep only the first N training images
     test_limit: Optional[int] = Field(None, gt=0)  # keep only the first N test images
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _known_dataset(cls, name: Any) -> Any:
+        return _one_of(sources.DATASETS, name)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -120,7 +140,7 @@ class ModelConfig(BaseModel):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "proximal-adagrad"] = "adam"
+    name: str = "adam"  # a name in train/optim.py OPTIMIZERS
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)  # sgd, rmsprop
     nesterov: bool = False  # sgd, needs momentum > 0
@@ -136,6 +156,13 @@ class OptimConfig(Section):
     l2_layers: Optional[list[str]] = None  # only these layers' kernels (e.g. [conv1, fc1]); default all
     clip_norm: Optional[float] = Field(None, gt=0)  # clip the global gradient norm to this
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_optimizer(cls, name: Any) -> Any:
+        from .train.optim import OPTIMIZERS  # here, not at the top: torch is slow to import
+
+        return _one_of(OPTIMIZERS, name)
+
     @model_validator(mode="after")
     def _check(self) -> "OptimConfig":
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
@@ -148,7 +175,7 @@ class OptimConfig(Section):
 class ScheduleConfig(Section):
     """Learning rate per step = optim.lr x the schedule's factor (see train/optim.py LRSchedule)."""
 
-    name: Literal["constant", "step", "multistep", "exponential", "cosine", "onecycle", "plateau"] = "constant"
+    name: str = "constant"  # a name in train/optim.py SCHEDULES
     step_size: int = Field(10, gt=0)  # step: epochs between decays
     milestones: list[int] = Field(default_factory=lambda: [30, 60])  # multistep: epochs where lr decays
     gamma: float = Field(0.1, gt=0)  # step, multistep, exponential: decay factor
@@ -161,6 +188,13 @@ class ScheduleConfig(Section):
     factor: float = Field(0.1, gt=0, lt=1)  # plateau: lr multiplier
     patience: int = Field(2, ge=0)  # plateau: epochs without improvement before reducing
     threshold: float = Field(0.0, ge=0)  # plateau: an improvement must exceed this
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_schedule(cls, name: Any) -> Any:
+        from .train.optim import SCHEDULES  # here, not at the top: torch is slow to import
+
+        return _one_of(SCHEDULES, name)
 
 
 class DivergenceConfig(Section):
@@ -225,6 +259,9 @@ class AnalysisConfig(Section):
 
 
 class Config(Section):
+    """A resolved run config: one section per part of a run; every key has a default. Build one with
+    `load_config` (YAML path, dict or Config, then overrides); `to_dict()` gives the YAML tree."""
+
     name: Optional[str] = None  # run name; default "<preset>-<dataset>"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
@@ -305,12 +342,30 @@ def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
-    """The resolved config: defaults, then the YAML file, then the overrides, in that order."""
-    tree = read_yaml(path) if path else {}
-    for text in overrides or []:
-        apply_override(tree, *parse_override(text))
-    return config_from_dict(tree, source=str(path) if path else "config")
+ConfigSource = Union["Config", dict, str, Path, None]
+Overrides = Union[list[str], dict[str, Any], None]
+
+
+def load_config(config: ConfigSource = None, overrides: Overrides = None, *, source: Optional[str] = None) -> Config:
+    """The resolved config: defaults, then `config` (a YAML path, a dict of sections or a Config),
+    then `overrides` (`key.path=value` strings, or a dict of key.path -> value), in that order.
+    Errors name `source` (default: the file, or "config")."""
+    if isinstance(config, Config):
+        tree = config.to_dict()
+    elif isinstance(config, dict):
+        tree = json.loads(json.dumps(config))  # a deep copy of plain data: overrides must not change the caller's dict
+    elif config is not None:
+        tree = read_yaml(config)
+        source = source or str(config)
+    else:
+        tree = {}
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            apply_override(tree, key.split("."), value)
+    else:
+        for text in overrides or []:
+            apply_override(tree, *parse_override(text))
+    return config_from_dict(tree, source=source or "config")
 
 
 def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
@@ -347,4 +402,4 @@ def allowed_keys(loc: tuple) -> list[str]:
 
 
 def write_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

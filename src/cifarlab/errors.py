@@ -8,11 +8,11 @@ class CifarlabError(Exception):
 
 
 class ConfigError(CifarlabError):
-    pass
+    """A config, override, study file or command argument that cannot be used (exit code 2)."""
 
 
 class DataError(CifarlabError):
-    pass
+    """Data, an image or a checkpoint that is missing or damaged (exit code 2)."""
 
 
 class TrainingFailed(CifarlabError):
@@ -24,6 +24,7 @@ class TrainingFailed(CifarlabError):
 class Interrupted(CifarlabError):
     """SIGINT or SIGTERM: the run saved its state and can be resumed; exit code 128 + signal."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, run_dir=None):
         super().__init__(message)
         self.exit_code = 128 + signum
+        self.run_dir = run_dir  # where last.pt was saved

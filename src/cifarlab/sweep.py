@@ -28,8 +28,9 @@ from statistics import mean, stdev
 from typing import Any, Optional, Protocol
 
 from . import runs
-from .config import Config, apply_override, config_from_dict, parse_override, read_yaml, write_config
+from .config import Config, apply_override, load_config, read_yaml, write_config
 from .errors import ConfigError
+from .files import atomic_write
 
 STUDY_KEYS = {"name", "description", "config", "base", "axes", "variants", "repeats", "reference"}
 
@@ -113,14 +114,12 @@ def _make_run(path: Path, base: dict, variant: Optional[str], settings: dict[str
     tree = json.loads(json.dumps(base))  # a deep copy of plain YAML data
     for key, value in {**settings, **point}.items():
         apply_override(tree, key.split("."), value)
-    for text in overrides:
-        apply_override(tree, *parse_override(text))
-    seed = int(tree.get("seed", 0)) + repeat
-    tree["seed"] = seed
     parts = ([variant] if variant else []) + [f"{k}={_value_text(v)}" for k, v in point.items()]
-    run_id = _slug("_".join(parts) or "base") + f"_seed{seed}"
-    config = config_from_dict(tree, source=f"{path} ({run_id})")
-    return Run(run_id, variant or "base", {**settings, **point}, seed, config)
+    label = _slug("_".join(parts) or "base")
+    config = load_config(tree, overrides, source=f"{path} ({label})")
+    seed = config.seed + repeat
+    config.seed = seed
+    return Run(f"{label}_seed{seed}", variant or "base", {**settings, **point}, seed, config)
 
 
 # ---------------------------------------------------------------- execution
@@ -245,14 +244,16 @@ def collect(study: Study, out: Path) -> list[dict[str, Any]]:
 
 def write_results(study: Study, out: Path, rows: list[dict[str, Any]]) -> None:
     keys = [k for k in rows[0] if k != "ids"] if rows else []
-    tmp = out / ".results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k != "ids"})
-    os.replace(tmp, out / "results.csv")
-    (out / "results.md").write_text(results_markdown(study, rows))
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k != "ids"})
+
+    atomic_write(out / "results.csv", write_csv)
+    atomic_write(out / "results.md", results_markdown(study, rows))
 
 
 def setting_keys(rows: list[dict[str, Any]]) -> list[str]:

@@ -3,9 +3,18 @@ numbers for "can you see the classes": k-NN accuracy in the embedding and the si
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ..errors import ConfigError
+from ..files import atomic_write
+
+FEATURE_FILE = re.compile(r"(?P<layer>.+)-epoch(?P<epoch>\d+)\.npy$")
 
 
 def pca(features: np.ndarray, dims: int = 50) -> np.ndarray:
@@ -76,3 +85,43 @@ def separation(embedding: np.ndarray, labels: np.ndarray, k: int = 10, seed: int
     silhouette = float(silhouette_score(embedding, labels, sample_size=sample, random_state=seed)) \
         if len(np.unique(labels)) > 1 else float("nan")
     return {"knn_acc": knn, "silhouette": silhouette}
+
+
+def feature_files(run_dir: Path) -> dict[str, dict[int, Path]]:
+    """{layer: {epoch: path}} of the features a run captured during training."""
+    found: dict[str, dict[int, Path]] = {}
+    for path in sorted((Path(run_dir) / "features").glob("*-epoch*.npy")):
+        match = FEATURE_FILE.match(path.name)
+        if match and not path.name.endswith(".tsne.npy"):
+            found.setdefault(match["layer"], {})[int(match["epoch"])] = path
+    return found
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """np.save to exactly `path` (np.save itself appends .npy to a name without it)."""
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def embed_run(run_dir: Path, seed: int = 0, recompute: bool = False) -> list[dict[str, Any]]:
+    """Embed every captured (layer, epoch) of a run (cached beside the features as .tsne.npy) and
+    score it. Rows of {layer, epoch, points, knn_acc, silhouette, embedding, labels}; the scores
+    also go to features/tsne.json."""
+    files = feature_files(run_dir)
+    if not files:
+        raise ConfigError(f"{run_dir}: no captured features (set analysis.tsne.layers, e.g. [flatten, fc1])")
+    labels = np.load(Path(run_dir) / "features" / "labels.npy")
+    rows = []
+    for layer, by_epoch in files.items():
+        for epoch, path in sorted(by_epoch.items()):
+            cached = path.with_name(path.name.replace(".npy", ".tsne.npy"))
+            if cached.is_file() and not recompute:
+                embedding = np.load(cached)
+            else:
+                embedding = tsne(np.load(path).astype(np.float32), seed=seed)
+                atomic_write(cached, lambda tmp, e=embedding: save_array(tmp, e.astype(np.float32)))
+            rows.append({"layer": layer, "epoch": epoch, "points": len(labels),
+                         **separation(embedding, labels, seed=seed), "embedding": embedding, "labels": labels})
+    scores = [{k: v for k, v in row.items() if k not in ("embedding", "labels")} for row in rows]
+    atomic_write(Path(run_dir) / "features" / "tsne.json", json.dumps(scores, indent=2) + "\n")
+    return rows

@@ -1,17 +1,23 @@
-"""Figures (matplotlib, Agg backend, PNG)."""
+"""Figures as PNG files. Figures are made outside pyplot (matplotlib.figure.Figure), so drawing
+them changes no global state: a notebook's backend and open figures stay as they were."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
+from ..files import atomic_write
+
+
+def subplots(nrows: int = 1, ncols: int = 1, figsize=None, **kwargs):
+    """(figure, axes) like pyplot.subplots, without pyplot."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def sample_grid(images: np.ndarray, labels: Sequence[int], classes: Sequence[str], path: Path,
@@ -19,7 +25,7 @@ def sample_grid(images: np.ndarray, labels: Sequence[int], classes: Sequence[str
     """A grid of uint8 (N, C, H, W) images, each titled with its class name."""
     n = len(images)
     rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows + (0.4 if title else 0)),
+    fig, axes = subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows + (0.4 if title else 0)),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -40,21 +46,14 @@ def save(fig, path: Path) -> Path:
     """Save atomically, so a failed plot never leaves a truncated PNG behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def augment_grid(originals: np.ndarray, augmented: np.ndarray, labels: Sequence[int], classes: Sequence[str],
                  path: Path, title: str = "") -> Path:
     """One row per image: the original, then each augmented draw (float images in [0, 1])."""
     rows, draws = augmented.shape[:2]
-    fig, axes = plt.subplots(rows, draws + 1, figsize=(1.5 * (draws + 1), 1.6 * rows + 0.5), squeeze=False)
+    fig, axes = subplots(rows, draws + 1, figsize=(1.5 * (draws + 1), 1.6 * rows + 0.5), squeeze=False)
     for r in range(rows):
         pictures = [originals[r].astype(np.float32) / 255] + list(augmented[r])
         for col, picture in enumerate(pictures):
@@ -83,11 +82,11 @@ def _show(ax, image: np.ndarray) -> None:
 def overlay_curves(series: list[tuple[str, list[int], list[float]]], path: Path, title: str,
                    ylabel: str = "validation accuracy (%)") -> Path:
     """One line per (label, epochs, values); runs sharing a label share a color and a legend entry."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = subplots(figsize=(7, 4.2))
     colors: dict[str, Any] = {}
     labels = list(dict.fromkeys(label for label, _, _ in series))
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(labels) <= 10 else \
-        [plt.get_cmap("tab20")(i) for i in range(20)]
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] if len(labels) <= 10 else \
+        [matplotlib.colormaps["tab20"](i) for i in range(20)]
     for label, epochs, values in series:
         first = label not in colors
         colors.setdefault(label, cycle[len(colors) % len(cycle)])
@@ -105,7 +104,7 @@ def overlay_curves(series: list[tuple[str, list[int], list[float]]], path: Path,
 def curves(epochs: list[dict], steps: list[dict], steps_per_epoch: int, path: Path, title: str = "") -> Path:
     """Loss and accuracy per epoch (train / val / test when logged), with the running per-step
     training values as thin lines (x = fractional epoch)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy (%)")):
         scale = 100 if metric == "acc" else 1
         if steps:
@@ -131,7 +130,7 @@ def confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str
     """Counts with rows (true class) shaded by their share."""
     n = len(classes)
     size = max(5.0, 0.55 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig, ax = subplots(figsize=(size, size * 0.9))
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     if n <= 20:
@@ -153,7 +152,7 @@ def mistakes(correct: tuple[np.ndarray, np.ndarray], wrong: tuple[np.ndarray, np
     """Top row: correctly classified images with their class; bottom row: misclassified ones with
     the true and the predicted class (report 004)."""
     columns = max(len(correct[0]), len(wrong[0]), 1)
-    fig, axes = plt.subplots(2, columns, figsize=(1.7 * columns, 4.2), squeeze=False)
+    fig, axes = subplots(2, columns, figsize=(1.7 * columns, 4.2), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, label in zip(axes[0], *correct):
@@ -172,7 +171,7 @@ def _tiles(count: int, inches: float, columns: int = 8):
     """A figure with a grid of `count` axes (8 per row), axes frames off."""
     columns = min(columns, count)
     rows = -(-count // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(inches * columns, inches * rows + 0.5), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(inches * columns, inches * rows + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     return fig, axes
@@ -208,7 +207,7 @@ def filters(weights: np.ndarray, path: Path, title: str, limit: int = 64) -> Pat
 
 def embedding_scatter(ax, embedding: np.ndarray, labels: np.ndarray, classes: Sequence[str], title: str,
                       legend: bool = True) -> None:
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
     for index, name in enumerate(classes):
         chosen = labels == index
         if chosen.any():
@@ -224,7 +223,7 @@ def embedding_scatter(ax, embedding: np.ndarray, labels: np.ndarray, classes: Se
 def embedding_panel(items: list[tuple[np.ndarray, np.ndarray, str]], classes: Sequence[str], path: Path,
                     title: str) -> Path:
     """Side-by-side embeddings (e.g. the first, middle and last epoch of one layer)."""
-    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items) + 1.4, 4.4), squeeze=False)
+    fig, axes = subplots(1, len(items), figsize=(4.2 * len(items) + 1.4, 4.4), squeeze=False)
     for index, (ax, (embedding, labels, subtitle)) in enumerate(zip(axes[0], items)):
         embedding_scatter(ax, embedding, labels, classes, subtitle, legend=index == len(items) - 1)
     fig.suptitle(title, fontsize=10)
@@ -236,7 +235,7 @@ def predictions(images: list[np.ndarray], names: list[str], probabilities: np.nd
                 path: Path, top_k: int = 3) -> Path:
     """Each input image next to a bar chart of its top-k class probabilities."""
     n = len(images)
-    fig, axes = plt.subplots(n, 2, figsize=(7, 2.1 * n), squeeze=False, gridspec_kw={"width_ratios": [1, 2]})
+    fig, axes = subplots(n, 2, figsize=(7, 2.1 * n), squeeze=False, gridspec_kw={"width_ratios": [1, 2]})
     for row, (image, name, probs) in enumerate(zip(images, names, probabilities)):
         _show(axes[row, 0], image.astype(np.float32) / 255)
         axes[row, 0].set_title(name, fontsize=8)

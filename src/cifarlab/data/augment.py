@@ -5,12 +5,16 @@ Images enter as uint8 (N, C, H, W) and leave as float in [0, 1]. Crop and flips 
 operations; shift, rotation, shear and zoom are one affine_grid + grid_sample call per batch, with
 the Keras fill modes nearest, constant (cval) and reflect. Mixup and cutmix act later, on the
 normalized batch and its labels (see `mix_batch`), because they change the targets too.
+
+The per-sample steps are the AUGMENTATIONS registry, in application order: a new one is one entry there
+(and its keys in config.AugmentConfig).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -169,33 +173,52 @@ def random_erasing(images: torch.Tensor, p: float, generator: torch.Generator, f
     return torch.where(mask, fill.view(1, -1, 1, 1), images)
 
 
+def _affine_enabled(c) -> bool:
+    return bool(c.rotation or c.shear or c.zoom or c.width_shift or c.height_shift)
+
+
+def _affine(x: torch.Tensor, c, generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = x.shape
+    params = draw_affine(n, h, w, c, generator, x.device)
+    return warp(x, affine_matrices(h, w, **params), c.fill_mode, c.cval / 255.0)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One step of the training augmentation: whether an AugmentConfig turns it on, and the step itself
+    (float images in [0, 1], the config, the generator, the per-channel erase fill) -> images."""
+
+    enabled: Callable[[Any], bool]
+    apply: Callable[[torch.Tensor, Any, torch.Generator, torch.Tensor], torch.Tensor]
+
+
+# The steps in the order they run, which fixes the order of the generator's draws: reordering them or
+# inserting one before others changes every augmented batch (and the resume of a run in progress).
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "crop": Augmentation(lambda c: bool(c.crop), lambda x, c, g, fill: random_crop(x, c.crop, g, c.crop_fill)),
+    "flip": Augmentation(lambda c: bool(c.flip), lambda x, c, g, fill: random_flip(x, g, dim=3)),
+    "vflip": Augmentation(lambda c: bool(c.vflip), lambda x, c, g, fill: random_flip(x, g, dim=2)),
+    "affine": Augmentation(_affine_enabled, _affine),
+    "color": Augmentation(lambda c: bool(c.brightness or c.contrast or c.saturation),
+                          lambda x, c, g, fill: jitter_color(x, g, c.brightness, c.contrast, c.saturation)),
+    "cutout": Augmentation(lambda c: bool(c.cutout), lambda x, c, g, fill: cutout(x, c.cutout, g, fill)),
+    "erasing": Augmentation(lambda c: bool(c.erasing), lambda x, c, g, fill: random_erasing(x, c.erasing, g, fill)),
+}
+
+
 def build_augment(c, mean: Optional[list[float]] = None) -> Optional[Augment]:
-    """The training-time augmentation an AugmentConfig describes (uint8 in, float [0, 1] out), or
-    None when it does nothing. Erased pixels take the channel mean: zero after normalization."""
-    affine = bool(c.rotation or c.shear or c.zoom or c.width_shift or c.height_shift)
-    jitter = bool(c.brightness or c.contrast or c.saturation)
-    if not (c.crop or c.flip or c.vflip or affine or jitter or c.cutout or c.erasing):
+    """The training-time augmentation an AugmentConfig describes (uint8 in, float [0, 1] out): its
+    enabled AUGMENTATIONS in their order, or None when none is. Erased pixels take the channel mean:
+    zero after normalization."""
+    steps = [step.apply for step in AUGMENTATIONS.values() if step.enabled(c)]
+    if not steps:
         return None
 
     def apply(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.float().div_(255)
-        n, channels, h, w = x.shape
-        if c.crop:
-            x = random_crop(x, c.crop, generator, c.crop_fill)
-        if c.flip:
-            x = random_flip(x, generator, dim=3)
-        if c.vflip:
-            x = random_flip(x, generator, dim=2)
-        if affine:
-            params = draw_affine(n, h, w, c, generator, x.device)
-            x = warp(x, affine_matrices(h, w, **params), c.fill_mode, c.cval / 255.0)
-        if jitter:
-            x = jitter_color(x, generator, c.brightness, c.contrast, c.saturation)
-        fill = torch.tensor(mean if mean is not None else [0.0] * channels, device=x.device, dtype=x.dtype)
-        if c.cutout:
-            x = cutout(x, c.cutout, generator, fill)
-        if c.erasing:
-            x = random_erasing(x, c.erasing, generator, fill)
+        fill = torch.tensor(mean if mean is not None else [0.0] * x.shape[1], device=x.device, dtype=x.dtype)
+        for step in steps:
+            x = step(x, c, generator, fill)
         return x
 
     return apply

@@ -2,6 +2,8 @@
 a seeded synthetic set; plus finding a dataset on disk, extracting archives and downloading.
 
 Every reader returns a `Dataset` of uint8 (N, C, H, W) images with int64 labels and class names.
+The datasets are the DATASETS registry near the end of this file: a new one is one entry there (the
+config takes its allowed data.dataset names from it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -28,13 +30,6 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 MNIST_CLASSES = [str(d) for d in range(10)]
-# Debian's dataset-fashion-mnist package puts the IDX files here.
-SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
-
-
-# (C, H, W) and class count of each dataset, known without reading it (for `cifarlab summary`).
-SHAPES = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "mnist": ((1, 28, 28), 10),
-          "fashion-mnist": ((1, 28, 28), 10), "synthetic": ((3, 32, 32), 10)}
 
 
 @dataclass(frozen=True)
@@ -315,57 +310,107 @@ def download(name: str, url: Optional[str] = None, timeout: float = 30.0) -> Pat
     return folder
 
 
-def _search_dirs(dataset: str) -> list[Path]:
-    cache = cache_dir()
-    found = {"cifar10": [cache], "cifar100": [cache / "cifar-100-python"],
-             "mnist": [cache / "mnist"], "fashion-mnist": [cache / "fashion-mnist"]}[dataset]
-    return found + SYSTEM_DIRS.get(dataset, [])
+# ---------------------------------------------------------------- the registry
 
 
-def _read_from(dataset: str, folder: Path, fmt: str, labels: str) -> Dataset:
-    if dataset == "cifar10":
-        batches, layout = find_cifar10_folder(folder, fmt)
-        return read_cifar10_python(batches) if layout == "python" else read_cifar10_binary(batches)
-    if dataset == "cifar100":
-        sub = folder / "cifar-100-python"
-        return read_cifar100_python(sub if sub.is_dir() else folder, labels)
-    return read_mnist_folder(folder, dataset)
+def _read_cifar10(folder: Path, fmt: str, labels: str) -> Dataset:
+    batches, layout = find_cifar10_folder(folder, fmt)
+    return read_cifar10_python(batches) if layout == "python" else read_cifar10_binary(batches)
 
 
-def _has_data(dataset: str, folder: Path, fmt: str) -> bool:
-    if not folder.is_dir():
+def _has_cifar10(folder: Path, fmt: str) -> bool:
+    try:
+        find_cifar10_folder(folder, fmt)
+        return True
+    except DataError:
         return False
-    if dataset == "cifar10":
-        try:
-            find_cifar10_folder(folder, fmt)
-            return True
-        except DataError:
-            return False
-    if dataset == "cifar100":
-        return (folder / "train").is_file() or (folder / "cifar-100-python" / "train").is_file()
+
+
+def _read_cifar100(folder: Path, fmt: str, labels: str) -> Dataset:
+    sub = folder / "cifar-100-python"
+    return read_cifar100_python(sub if sub.is_dir() else folder, labels)
+
+
+def _has_cifar100(folder: Path, fmt: str) -> bool:
+    return (folder / "train").is_file() or (folder / "cifar-100-python" / "train").is_file()
+
+
+def _idx_reader(name: str) -> Callable[[Path, str, str], Dataset]:
+    """The reader of an MNIST-style folder of IDX files, naming the dataset `name`."""
+    return lambda folder, fmt, labels: read_mnist_folder(folder, name)
+
+
+def _has_idx(folder: Path, fmt: str) -> bool:
     return any(folder.glob("train-images-idx3-ubyte*"))
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One data.dataset name: its shape without reading it, and where and how it is read (a dataset
+    on disk has `read` and `has_data`; one that needs no folder has `generate`)."""
+
+    shape: tuple[int, int, int]  # (C, H, W)
+    classes: int  # the class count (CIFAR-100's coarse labels have 20: see `cifarlab summary`)
+    read: Optional[Callable[[Path, str, str], Dataset]] = None  # (folder, data.format, data.labels) -> Dataset
+    has_data: Optional[Callable[[Path, str], bool]] = None  # (existing folder, data.format) -> is the dataset in it
+    generate: Optional[Callable[[int], Dataset]] = None  # seed -> Dataset, for a dataset that needs no folder
+    cache_folder: str = ""  # the sub-folder of the cache it is looked for in; "": the cache itself
+    system_dirs: tuple[Path, ...] = ()  # searched after the cache
+    archive: Optional[str] = None  # its key in ARCHIVES, when it can be downloaded
+    binary_archive: Optional[str] = None  # the ARCHIVES key for data.format=binary, when that differs
+
+    def archive_key(self, fmt: str) -> Optional[str]:
+        return self.binary_archive if fmt == "binary" and self.binary_archive else self.archive
+
+
+# data.dataset -> entry; the config accepts exactly these names, in this order in its errors.
+DATASETS: dict[str, DatasetEntry] = {
+    "cifar10": DatasetEntry((3, 32, 32), 10, _read_cifar10, _has_cifar10, archive="cifar10",
+                            binary_archive="cifar10-binary"),
+    "cifar100": DatasetEntry((3, 32, 32), 100, _read_cifar100, _has_cifar100, cache_folder="cifar-100-python",
+                             archive="cifar100"),
+    "mnist": DatasetEntry((1, 28, 28), 10, _idx_reader("mnist"), _has_idx, cache_folder="mnist"),
+    # Debian's dataset-fashion-mnist package puts the IDX files in /usr/share/datasets.
+    "fashion-mnist": DatasetEntry((1, 28, 28), 10, _idx_reader("fashion-mnist"), _has_idx, cache_folder="fashion-mnist",
+                                  system_dirs=(Path("/usr/share/datasets/fashion-mnist"),)),
+    "synthetic": DatasetEntry((3, 32, 32), 10, generate=synthetic),
+}
+
+# (C, H, W) and class count of each dataset, known without reading it (for `cifarlab summary`).
+SHAPES = {name: (entry.shape, entry.classes) for name, entry in DATASETS.items()}
+
+
+def dataset_entry(dataset: str) -> DatasetEntry:
+    if dataset not in DATASETS:
+        raise DataError(f"{dataset}: unknown dataset (known: {', '.join(DATASETS)})")
+    return DATASETS[dataset]
+
+
+def _search_dirs(entry: DatasetEntry) -> list[Path]:
+    return [cache_dir() / entry.cache_folder, *entry.system_dirs]
 
 
 def load_dataset(dataset: str, root: Optional[str] = None, fmt: str = "auto", labels: str = "fine",
                  allow_download: bool = False, seed: int = 0) -> Dataset:
     """Read a dataset from `root` (a folder or a .tar.gz), else from the cache and system folders,
     else (with allow_download) from the official archive."""
-    if dataset == "synthetic":
-        return synthetic(seed)
+    entry = dataset_entry(dataset)
+    if entry.generate is not None:
+        return entry.generate(seed)
     if root:
         path = Path(root).expanduser()
         if path.is_file():
             path = extract_archive(path)
         elif not path.exists():
             raise DataError(f"data.root={root}: no such file or directory")
-        return _read_from(dataset, path, fmt, labels)
-    for folder in _search_dirs(dataset):
-        if _has_data(dataset, folder, fmt):
-            return _read_from(dataset, folder, fmt, labels)
-    key = "cifar10-binary" if dataset == "cifar10" and fmt == "binary" else dataset
+        return entry.read(path, fmt, labels)
+    for folder in _search_dirs(entry):
+        if folder.is_dir() and entry.has_data(folder, fmt):
+            return entry.read(folder, fmt, labels)
+    key = entry.archive_key(fmt)
     if allow_download and key in ARCHIVES:
-        return _read_from(dataset, download(key).parent, fmt, labels)
-    where = ", ".join(str(d) for d in _search_dirs(dataset))
+        return entry.read(download(key).parent, fmt, labels)
+    where = ", ".join(str(d) for d in _search_dirs(entry))
     hint = " or data.download=true" if key in ARCHIVES else ""
     raise DataError(f"{dataset}: not found in {where}; set data.root=FOLDER or .tar.gz{hint}")
 

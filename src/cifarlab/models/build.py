@@ -7,14 +7,18 @@ inferred from the input, so a spec never states in_channels or in_features.
 Presets are YAML files in presets/ of the same form plus `params` (their defaults). In a preset,
 `$name` (or `$name.i`, item i of a list) is replaced by a parameter, `$classes` and `$channels` come from the
 dataset, and an item with `if: name` (or `if: not name`) is kept only when that parameter is truthy.
+
+The layer kinds are the LAYER_KINDS registry at the end of this file: a new kind is one entry there
+(its arguments, defaults, name prefix, the input it needs and a builder).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import yaml
@@ -24,32 +28,6 @@ from ..errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-# kind -> (allowed argument names, the argument a bare value sets, defaults)
-LAYER_KINDS: dict[str, tuple[tuple[str, ...], Optional[str], dict[str, Any]]] = {
-    "conv": (("filters", "kernel", "stride", "padding", "bias"), "filters",
-             {"kernel": 3, "stride": 1, "padding": "same", "bias": True}),
-    "dense": (("units", "bias"), "units", {"bias": True}),
-    "batchnorm": (("momentum", "eps"), None, {"momentum": 0.1, "eps": 1e-5}),
-    "relu": ((), None, {}),
-    "gelu": ((), None, {}),
-    "elu": ((), None, {}),
-    "tanh": ((), None, {}),
-    "sigmoid": ((), None, {}),
-    "leaky_relu": (("slope",), "slope", {"slope": 0.01}),
-    "maxpool": (("size", "stride"), "size", {"size": 2, "stride": None}),
-    "avgpool": (("size", "stride"), "size", {"size": 2, "stride": None}),
-    "pool": (("type", "size", "stride"), "type", {"type": "max", "size": 2, "stride": None}),
-    "global_avgpool": ((), None, {}),
-    "global_maxpool": ((), None, {}),
-    "residual": (("layers",), "layers", {}),  # x + layers(x); the layers must keep the shape
-    "scale": (("factor",), "factor", {}),  # multiply by a constant (e.g. logits x 0.125, as in ResNet-9)
-    "dropout": (("p",), "p", {"p": 0.5}),
-    "dropout2d": (("p",), "p", {"p": 0.5}),
-    "flatten": ((), None, {}),
-}
-NAME_PREFIX = {"conv": "conv", "dense": "fc", "batchnorm": "bn", "maxpool": "pool", "avgpool": "pool",
-               "pool": "pool", "global_avgpool": "gap", "global_maxpool": "gmp", "residual": "res",
-               "dropout": "drop", "dropout2d": "drop"}
 BUILTIN_PARAMS = ("classes", "channels")
 
 
@@ -152,29 +130,23 @@ def parse_layer(item: Any, where: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{where}: expected a layer kind or a one-key mapping, got {item!r}")
     if kind not in LAYER_KINDS:
         raise ConfigError(f"{where}: unknown layer kind {kind!r} (known: {', '.join(LAYER_KINDS)})")
-    allowed, bare, defaults = LAYER_KINDS[kind]
+    entry = LAYER_KINDS[kind]
     if given is None:
         given = {}
     elif not isinstance(given, dict):
-        if bare is None:
+        if entry.bare is None:
             raise ConfigError(f"{where}: {kind} takes no value, got {given!r}")
-        given = {bare: given}
-    unknown = set(given) - set(allowed)
+        given = {entry.bare: given}
+    unknown = set(given) - set(entry.args)
     if unknown:
         raise ConfigError(f"{where}: {kind} has no argument {sorted(unknown)[0]!r} "
-                          f"(allowed: {', '.join(allowed) or 'none'})")
-    args = {**defaults, **given}
-    missing = [a for a in allowed if a not in args]
+                          f"(allowed: {', '.join(entry.args) or 'none'})")
+    args = {**entry.defaults, **given}
+    missing = [a for a in entry.args if a not in args]
     if missing:
         raise ConfigError(f"{where}: {kind} needs {missing[0]}")
-    if kind in ("dropout", "dropout2d") and not 0 <= float(args["p"]) < 1:
-        raise ConfigError(f"{where}: {kind} p={args['p']} must be in [0, 1)")
-    if kind == "pool" and args["type"] not in ("max", "avg"):
-        raise ConfigError(f"{where}: pool type={args['type']!r} must be max or avg")
-    if kind == "residual" and not (isinstance(args["layers"], list) and args["layers"]):
-        raise ConfigError(f"{where}: residual takes a non-empty list of layers, got {args['layers']!r}")
-    if kind == "conv" and not (args["padding"] in ("same", "valid") or isinstance(args["padding"], int)):
-        raise ConfigError(f"{where}: conv padding={args['padding']!r} must be same, valid or a number")
+    if entry.check is not None:
+        entry.check(args, where)
     return kind, args
 
 
@@ -224,11 +196,39 @@ def _build(items: list, shape: tuple, where: str) -> tuple["OrderedDict[str, nn.
     for index, item in enumerate(items):
         kind, args = parse_layer(item, f"{where} {index}")
         module, shape = _make_layer(kind, args, shape, f"{where} {index} ({kind})")
-        prefix = NAME_PREFIX.get(kind, kind)
+        prefix = LAYER_KINDS[kind].prefix or kind
         counts[prefix] = counts.get(prefix, 0) + 1
         name = prefix if prefix == "flatten" and counts[prefix] == 1 else f"{prefix}{counts[prefix]}"
         modules[name] = module
     return modules, shape
+
+
+def _make_layer(kind: str, args: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
+    entry = LAYER_KINDS[kind]
+    if entry.needs == "image" and len(shape) != 3:
+        raise ConfigError(f"{where}: needs an image input (C, H, W), got a flat vector of {shape[0]}")
+    if entry.needs == "flat" and len(shape) == 3:
+        raise ConfigError(f"{where}: needs a flat input; add `flatten` before it")
+    return entry.build(args, shape, where)
+
+
+# ---------------------------------------------------------------- layer kinds
+
+# (complete arguments, input shape, where for errors) -> (module, output shape)
+Builder = Callable[[dict[str, Any], tuple, str], tuple[nn.Module, tuple]]
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One kind of layer item: the arguments a spec may give it and how it becomes a module."""
+
+    build: Builder
+    args: tuple[str, ...] = ()  # the argument names it accepts
+    bare: Optional[str] = None  # the argument a bare value sets (`dense: 512`); None: it takes no value
+    defaults: dict[str, Any] = field(default_factory=dict)
+    prefix: Optional[str] = None  # module names are prefix1, prefix2, ...; None: the kind's own name
+    needs: Literal["any", "image", "flat"] = "any"  # the input shape it accepts: (C, H, W) or (features,)
+    check: Optional[Callable[[dict[str, Any], str], None]] = None  # raises ConfigError on bad argument values
 
 
 def _conv_padding(padding: Any, kernel: int) -> int:
@@ -238,50 +238,116 @@ def _conv_padding(padding: Any, kernel: int) -> int:
     return 0 if padding == "valid" else int(padding)
 
 
-def _make_layer(kind: str, a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
-    spatial = len(shape) == 3
-    if kind in ("conv", "maxpool", "avgpool", "pool", "global_avgpool", "global_maxpool", "dropout2d") and not spatial:
-        raise ConfigError(f"{where}: needs an image input (C, H, W), got a flat vector of {shape[0]}")
-    if kind == "dense" and spatial:
-        raise ConfigError(f"{where}: needs a flat input; add `flatten` before it")
-    if kind == "conv":
-        pad = _conv_padding(a["padding"], a["kernel"])
-        module = nn.Conv2d(shape[0], a["filters"], a["kernel"], a["stride"], pad, bias=a["bias"])
-        h, w = ((s + 2 * pad - a["kernel"]) // a["stride"] + 1 for s in shape[1:])
-        if h < 1 or w < 1:
-            raise ConfigError(f"{where}: kernel {a['kernel']} does not fit a {shape[1]}x{shape[2]} input")
-        return module, (a["filters"], h, w)
-    if kind in ("maxpool", "avgpool", "pool"):
-        kind = {"max": "maxpool", "avg": "avgpool"}.get(a.get("type"), kind)
+def _conv(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
+    pad = _conv_padding(a["padding"], a["kernel"])
+    module = nn.Conv2d(shape[0], a["filters"], a["kernel"], a["stride"], pad, bias=a["bias"])
+    h, w = ((s + 2 * pad - a["kernel"]) // a["stride"] + 1 for s in shape[1:])
+    if h < 1 or w < 1:
+        raise ConfigError(f"{where}: kernel {a['kernel']} does not fit a {shape[1]}x{shape[2]} input")
+    return module, (a["filters"], h, w)
+
+
+def _check_conv(a: dict[str, Any], where: str) -> None:
+    if not (a["padding"] in ("same", "valid") or isinstance(a["padding"], int)):
+        raise ConfigError(f"{where}: conv padding={a['padding']!r} must be same, valid or a number")
+
+
+POOL_TYPES = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+
+
+def _pool_with(pool: type[nn.Module]) -> Builder:
+    """The builder of a fixed pooling module (stride defaults to the size)."""
+
+    def build(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
         size, stride = a["size"], a.get("stride") or a["size"]
-        module = nn.MaxPool2d(size, stride) if kind == "maxpool" else nn.AvgPool2d(size, stride)
         h, w = ((s - size) // stride + 1 for s in shape[1:])
         if h < 1 or w < 1:
             raise ConfigError(f"{where}: pool size {size} does not fit a {shape[1]}x{shape[2]} input")
-        return module, (shape[0], h, w)
-    if kind == "dense":
-        return nn.Linear(shape[0], a["units"], bias=a["bias"]), (a["units"],)
-    if kind == "batchnorm":
-        norm = nn.BatchNorm2d if spatial else nn.BatchNorm1d
-        return norm(shape[0], eps=a["eps"], momentum=a["momentum"]), shape
-    if kind == "flatten":
-        return nn.Flatten(), (int(torch.tensor(shape).prod()),)
-    if kind == "global_avgpool":
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), (shape[0],)
-    if kind == "global_maxpool":
-        return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten()), (shape[0],)
-    if kind == "residual":
-        body, out = _build(a["layers"], shape, f"{where} layer")
-        if out != shape:
-            raise ConfigError(f"{where}: its layers turn shape {shape} into {out}; a residual must keep the shape")
-        return Residual(body), shape
-    if kind == "scale":
-        return Scale(float(a["factor"])), shape
-    if kind == "dropout":
-        return nn.Dropout(a["p"]), shape
-    if kind == "dropout2d":
-        return nn.Dropout2d(a["p"]), shape
-    if kind == "leaky_relu":
-        return nn.LeakyReLU(a["slope"]), shape
-    activations = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-    return activations[kind](), shape
+        return pool(size, stride), (shape[0], h, w)
+
+    return build
+
+
+def _pool_of_type(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
+    return _pool_with(POOL_TYPES[a["type"]])(a, shape, where)
+
+
+def _check_pool(a: dict[str, Any], where: str) -> None:
+    if a["type"] not in POOL_TYPES:
+        raise ConfigError(f"{where}: pool type={a['type']!r} must be max or avg")
+
+
+def _global_pool_with(pool: type[nn.Module]) -> Builder:
+    return lambda a, shape, where: (nn.Sequential(pool(1), nn.Flatten()), (shape[0],))
+
+
+def _dense(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
+    return nn.Linear(shape[0], a["units"], bias=a["bias"]), (a["units"],)
+
+
+def _batchnorm(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
+    norm = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
+    return norm(shape[0], eps=a["eps"], momentum=a["momentum"]), shape
+
+
+def _flatten(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
+    return nn.Flatten(), (int(torch.tensor(shape).prod()),)
+
+
+def _residual(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
+    body, out = _build(a["layers"], shape, f"{where} layer")
+    if out != shape:
+        raise ConfigError(f"{where}: its layers turn shape {shape} into {out}; a residual must keep the shape")
+    return Residual(body), shape
+
+
+def _check_residual(a: dict[str, Any], where: str) -> None:
+    if not (isinstance(a["layers"], list) and a["layers"]):
+        raise ConfigError(f"{where}: residual takes a non-empty list of layers, got {a['layers']!r}")
+
+
+def _same_shape(make: Callable[[dict[str, Any]], nn.Module]) -> Builder:
+    """The builder of a module that keeps its input's shape, made from the arguments alone."""
+    return lambda a, shape, where: (make(a), shape)
+
+
+def _check_rate(kind: str) -> Callable[[dict[str, Any], str], None]:
+    """The check of a dropout kind's p."""
+
+    def check(a: dict[str, Any], where: str) -> None:
+        if not 0 <= float(a["p"]) < 1:
+            raise ConfigError(f"{where}: {kind} p={a['p']} must be in [0, 1)")
+
+    return check
+
+
+# The order is the order `unknown layer kind` errors list them in.
+LAYER_KINDS: dict[str, LayerKind] = {
+    "conv": LayerKind(_conv, ("filters", "kernel", "stride", "padding", "bias"), "filters",
+                      {"kernel": 3, "stride": 1, "padding": "same", "bias": True}, needs="image", check=_check_conv),
+    "dense": LayerKind(_dense, ("units", "bias"), "units", {"bias": True}, prefix="fc", needs="flat"),
+    "batchnorm": LayerKind(_batchnorm, ("momentum", "eps"), None, {"momentum": 0.1, "eps": 1e-5}, prefix="bn"),
+    "relu": LayerKind(_same_shape(lambda a: nn.ReLU())),
+    "gelu": LayerKind(_same_shape(lambda a: nn.GELU())),
+    "elu": LayerKind(_same_shape(lambda a: nn.ELU())),
+    "tanh": LayerKind(_same_shape(lambda a: nn.Tanh())),
+    "sigmoid": LayerKind(_same_shape(lambda a: nn.Sigmoid())),
+    "leaky_relu": LayerKind(_same_shape(lambda a: nn.LeakyReLU(a["slope"])), ("slope",), "slope", {"slope": 0.01}),
+    "maxpool": LayerKind(_pool_with(nn.MaxPool2d), ("size", "stride"), "size", {"size": 2, "stride": None},
+                         prefix="pool", needs="image"),
+    "avgpool": LayerKind(_pool_with(nn.AvgPool2d), ("size", "stride"), "size", {"size": 2, "stride": None},
+                         prefix="pool", needs="image"),
+    "pool": LayerKind(_pool_of_type, ("type", "size", "stride"), "type", {"type": "max", "size": 2, "stride": None},
+                      needs="image", check=_check_pool),
+    "global_avgpool": LayerKind(_global_pool_with(nn.AdaptiveAvgPool2d), prefix="gap", needs="image"),
+    "global_maxpool": LayerKind(_global_pool_with(nn.AdaptiveMaxPool2d), prefix="gmp", needs="image"),
+    # x + layers(x); the layers must keep the shape
+    "residual": LayerKind(_residual, ("layers",), "layers", prefix="res", check=_check_residual),
+    # multiply by a constant (e.g. logits x 0.125, as in ResNet-9)
+    "scale": LayerKind(_same_shape(lambda a: Scale(float(a["factor"]))), ("factor",), "factor"),
+    "dropout": LayerKind(_same_shape(lambda a: nn.Dropout(a["p"])), ("p",), "p", {"p": 0.5}, prefix="drop",
+                         check=_check_rate("dropout")),
+    "dropout2d": LayerKind(_same_shape(lambda a: nn.Dropout2d(a["p"])), ("p",), "p", {"p": 0.5}, prefix="drop",
+                           needs="image", check=_check_rate("dropout2d")),
+    "flatten": LayerKind(_flatten),
+}

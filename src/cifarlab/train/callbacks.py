@@ -1,52 +1,166 @@
-"""Stopping rules. Each sees every epoch's record and says whether and why training should stop;
-each keeps its state in a dict so a resumed run continues exactly."""
+"""The callback protocol and the callbacks the trainer runs by default.
+
+A callback is any object with some of these hooks (the Callback base class gives no-op versions of
+all of them; subclassing it is optional):
+
+    on_fit_start(trainer)                  the run directory exists; data and model are on the device
+    on_step_end(trainer, batch, logs)      after each optimizer step; `logs` (loss, acc, lr of the epoch
+                                           so far) every train.log_every steps, else None (no device sync)
+    on_epoch_end(trainer, record)          the epoch's record (train and validation metrics, time)
+    on_train_end(trainer)                  the loop is over; the weights may still change (best weights)
+    on_fit_end(trainer, summary)           the test split is scored and summary.json written
+    on_interrupt(trainer, position)        SIGINT / SIGTERM: `position` says where in the epoch it stopped
+
+and optionally `state_dict()` / `load_state_dict(state)`, stored in last.pt under the callback's `state_key`
+(default: its class name), so a resumed run continues with the callback's exact state. A callback
+asks to stop training with `trainer.stop(reason)`; the trainer stops after the epoch's callbacks.
+
+One `Monitor` decides "is this an improvement" for every callback that watches a metric.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from .. import runs
+from ..errors import TrainingFailed
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 
-class EarlyStopping:
-    """Tracks the best value of `monitor`; stops once `patience` epochs in a row failed to beat it
-    by more than `min_delta` (Keras semantics; report 001). Losses are minimized, accuracies maximized.
-    With enabled=False it still tracks the best epoch (for best.pt) but never stops."""
+class Callback:
+    """Base class of callbacks: every hook does nothing. Override the ones you need."""
 
-    def __init__(self, monitor: str, patience: int, min_delta: float = 0.0, enabled: bool = True):
-        self.monitor = monitor
-        self.patience = patience
+    state_key: Optional[str] = None  # the key of this callback's state in last.pt; None: the class name
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_step_end(self, trainer: "Trainer", batch: int, logs: Optional[dict[str, float]]) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        pass
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
+        pass
+
+    def on_interrupt(self, trainer: "Trainer", position: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Monitor:
+    """The best value of one metric so far. Losses are minimized and everything else maximized
+    (mode "auto"), or as `mode` says; an improvement must beat the best by more than `min_delta`
+    (Keras' MonitorCallback). NaN and infinite values never improve."""
+
+    def __init__(self, metric: str, min_delta: float = 0.0, mode: str = "auto"):
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode={mode!r}: use auto, min or max")
+        self.metric = metric
         self.min_delta = min_delta
-        self.enabled = enabled
-        self.sign = -1.0 if monitor.endswith("loss") else 1.0
+        self.minimize = mode == "min" or (mode == "auto" and metric.endswith("loss"))
         self.best: Optional[float] = None
         self.best_epoch: Optional[int] = None
-        self.wait = 0
+
+    def value(self, record: dict[str, Any]) -> float:
+        return record.get(self.metric, math.nan)
+
+    def is_better(self, value: float, reference: Optional[float]) -> bool:
+        """Finite, and better than `reference` by more than min_delta (any finite value beats None)."""
+        if not math.isfinite(value):
+            return False
+        if reference is None:
+            return True
+        gain = reference - value if self.minimize else value - reference
+        return gain > self.min_delta
+
+    def reached(self, value: float, target: float) -> bool:
+        """At or past `target` in the monitor's direction."""
+        return value <= target if self.minimize else value >= target
 
     def update(self, epoch: int, record: dict[str, Any]) -> bool:
-        """Record one epoch; True when it is the new best. A monitor the record lacks (val_acc with
-        data.val_size=0 and early stopping off) never improves: the last epoch stands in for the best."""
-        value = record.get(self.monitor, math.nan)
-        improved = math.isfinite(value) and (self.best is None or self.sign * (value - self.best) > self.min_delta)
-        if improved:
-            self.best, self.best_epoch, self.wait = value, epoch, 0
-        else:
-            self.wait += 1
+        """Take one epoch's record; True when it holds a new best."""
+        value = self.value(record)
+        if not self.is_better(value, self.best):
+            return False
+        self.best, self.best_epoch = value, epoch
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+
+
+class StoppingRule(Callback):
+    """A rule that sees every epoch's record (`update`) and may give a reason to stop (`stop_reason`);
+    both can be used without a trainer."""
+
+    def update(self, epoch: int, record: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def stop_reason(self) -> Optional[str]:
+        raise NotImplementedError
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        self.update(record["epoch"], record)
+        reason = self.stop_reason()
+        if reason:
+            trainer.stop(reason)
+
+
+class EarlyStopping(StoppingRule):
+    """Stops once `patience` epochs in a row failed to beat the best `monitor` value by more than
+    `min_delta` (Keras semantics; report 001). Losses are minimized, accuracies maximized."""
+
+    def __init__(self, monitor: str, patience: int, min_delta: float = 0.0):
+        self.monitor = Monitor(monitor, min_delta)
+        self.patience = patience
+        self.wait = 0
+
+    @property
+    def best(self) -> Optional[float]:
+        return self.monitor.best
+
+    @property
+    def best_epoch(self) -> Optional[int]:
+        return self.monitor.best_epoch
+
+    def update(self, epoch: int, record: dict[str, Any]) -> bool:
+        """Record one epoch; True when it is the new best."""
+        improved = self.monitor.update(epoch, record)
+        self.wait = 0 if improved else self.wait + 1
         return improved
 
     def stop_reason(self) -> Optional[str]:
-        if self.enabled and self.best is not None and self.wait >= self.patience:
-            return (f"early stopping: {self.monitor} did not improve by more than {self.min_delta} "
-                    f"for {self.patience} epochs (best {self.best:.4f} at epoch {self.best_epoch})")
+        m = self.monitor
+        if m.best is not None and self.wait >= self.patience:
+            return (f"early stopping: {m.metric} did not improve by more than {m.min_delta} "
+                    f"for {self.patience} epochs (best {m.best:.4f} at epoch {m.best_epoch})")
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+        return {**self.monitor.state_dict(), "wait": self.wait}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+        self.monitor.load_state_dict(state)
+        self.wait = state["wait"]
 
 
-class DivergenceStop:
+class DivergenceStop(StoppingRule):
     """Report 000's rule: after `warmup` epochs, stop when the validation loss rose while the
     training loss fell, `epochs` epochs in a row."""
 
@@ -78,28 +192,124 @@ class DivergenceStop:
         self.streak, self.epoch = state["streak"], state["epoch"]
 
 
-class TargetStop:
+class TargetStop(StoppingRule):
     """Stop once `metric` reaches `value` (accuracies: at or above; losses: at or below)."""
 
     def __init__(self, metric: str, value: float):
-        self.metric = metric
+        self.monitor = Monitor(metric)
         self.value = value
         self.reached: Optional[tuple[int, float]] = None
 
     def update(self, epoch: int, record: dict[str, Any]) -> None:
-        got = record[self.metric]
-        done = got <= self.value if self.metric.endswith("loss") else got >= self.value
-        if done and self.reached is None:
+        got = record[self.monitor.metric]
+        if self.reached is None and self.monitor.reached(got, self.value):
             self.reached = (epoch, got)
 
     def stop_reason(self) -> Optional[str]:
         if self.reached is None:
             return None
         epoch, got = self.reached
-        return f"target reached: {self.metric} {got:.4f} at epoch {epoch} (target {self.value})"
+        return f"target reached: {self.monitor.metric} {got:.4f} at epoch {epoch} (target {self.value})"
 
     def state_dict(self) -> dict[str, Any]:
         return {"reached": list(self.reached) if self.reached else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reached = tuple(state["reached"]) if state["reached"] else None
+
+
+class TimeLimit(Callback):
+    """Stop after the epoch in which the training time (not evaluation, not the report) passes `seconds`."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        if trainer.train_time >= self.seconds:
+            trainer.stop(f"time limit: {trainer.train_time:.0f} s of training >= {self.seconds:g} s")
+
+
+class NaNGuard(Callback):
+    """Fail the run (exit code 1, status "diverged") when an epoch's training loss is NaN or infinite,
+    before any checkpoint takes the broken weights."""
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        if not math.isfinite(record["train_loss"]):
+            raise TrainingFailed(f"diverged: training loss became {record['train_loss']} in epoch {record['epoch']}")
+
+
+class BestCheckpoint(Callback):
+    """best.pt: the weights of the epoch with the best `monitor` value (the same rule as early
+    stopping, so the stopped run's best epoch is the one saved). When training ends, `restore`
+    puts those weights back for the test score; the summary's best_epoch is the tested epoch."""
+
+    def __init__(self, monitor: str, min_delta: float = 0.0, restore: bool = True):
+        self.monitor = Monitor(monitor, min_delta)
+        self.restore = restore
+
+    def path(self, trainer: "Trainer"):
+        return trainer.run_dir / runs.CHECKPOINTS / "best.pt"
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        if self.monitor.update(record["epoch"], record):
+            runs.save_checkpoint(trainer.weights_state(), self.path(trainer))
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        if self.monitor.best_epoch is None:  # the monitored metric was never finite: the last epoch stands in
+            runs.save_checkpoint(trainer.weights_state(), self.path(trainer))
+        best = self.monitor.best_epoch or trainer.epoch
+        if self.restore and best != trainer.epoch:
+            trainer.model.load_state_dict(runs.load_checkpoint(self.path(trainer), str(trainer.device))["model"])
+            trainer.selected_epoch = best
+        trainer.best_value = self.monitor.best
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state)
+
+
+class LastCheckpoint(Callback):
+    """last.pt after every epoch and on an interrupt: everything a resumed run needs, including every
+    callback's state (so it runs after all other callbacks)."""
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        runs.save_checkpoint(trainer.checkpoint_state(), trainer.run_dir / runs.CHECKPOINTS / "last.pt")
+
+    def on_interrupt(self, trainer: "Trainer", position: dict[str, Any]) -> None:
+        runs.save_checkpoint(trainer.checkpoint_state(position), trainer.run_dir / runs.CHECKPOINTS / "last.pt")
+
+
+class MetricsLog(Callback):
+    """metrics.jsonl: a line per train.log_every steps (running loss, accuracy, LR), per epoch, and
+    the test score at the end. A resumed run cuts the file back to the lines its checkpoint knew."""
+
+    def __init__(self):
+        self.lines = 0
+
+    def write(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        runs.append_jsonl(trainer.run_dir / runs.METRICS, record)
+        self.lines += 1
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        runs.keep_lines(trainer.run_dir / runs.METRICS, self.lines)
+
+    def on_step_end(self, trainer: "Trainer", batch: int, logs: Optional[dict[str, float]]) -> None:
+        if logs is not None:
+            self.write(trainer, {"kind": "step", "epoch": trainer.current_epoch, "step": trainer.step, **logs,
+                                 "time": {"elapsed_s": round(trainer.elapsed(), 3)}})
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        self.write(trainer, record)
+
+    def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
+        test = trainer.test_result
+        self.write(trainer, {"kind": "test", "epoch": trainer.selected_epoch, "test_loss": test.loss,
+                             "test_acc": test.acc})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lines": self.lines}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lines = state["lines"]

@@ -1,9 +1,12 @@
-"""Optimizers, learning-rate schedules and the Keras-style L2 kernel penalty."""
+"""Optimizers, learning-rate schedules and the Keras-style L2 kernel penalty.
+
+The optimizers and schedules are the OPTIMIZERS and SCHEDULES registries: a new one is one entry there
+(the config takes its allowed names from them)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -45,42 +48,128 @@ class ProximalAdagrad(torch.optim.Optimizer):
         return loss
 
 
-def make_optimizer(c, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer an OptimConfig names; unset eps / alpha / rho keep torch's defaults. SGD, Adam(W)
-    and Adagrad use torch's fused kernels (one call for all parameters: on a 2-core CPU an Adam
-    step of cnn3-avg takes a fraction of the per-parameter loop's time), the others the foreach ones."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    extra: dict[str, Any] = {"eps": c.eps} if c.eps is not None else {}
-    fused = {"fused": True}
-    if c.name == "sgd":
-        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
-                               **fused)
-    if c.name == "adam":
-        return torch.optim.Adam(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, **extra, **fused)
-    if c.name == "adamw":
-        return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, **extra, **fused)
-    if c.name == "adagrad":
-        return torch.optim.Adagrad(params, lr=c.lr, weight_decay=c.weight_decay,
-                                   initial_accumulator_value=c.initial_accumulator or 0.0, **extra, **fused)
-    if c.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=c.lr, alpha=c.alpha, momentum=c.momentum,
-                                   weight_decay=c.weight_decay, foreach=True, **extra)
-    if c.name == "adadelta":
-        return torch.optim.Adadelta(params, lr=c.lr, rho=c.rho, weight_decay=c.weight_decay, foreach=True, **extra)
+# ---------------------------------------------------------------- optimizers
+# Each builder takes an OptimConfig and the trainable parameters. Unset eps / alpha / rho keep torch's
+# defaults. SGD, Adam(W) and Adagrad use torch's fused kernels (one call for all parameters: on a 2-core
+# CPU an Adam step of cnn3-avg takes a fraction of the per-parameter loop's time), the others the foreach ones.
+
+
+def _eps(c) -> dict[str, Any]:
+    """The eps keyword when the config sets one, so that torch's default stays otherwise."""
+    return {"eps": c.eps} if c.eps is not None else {}
+
+
+def _sgd(c, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
+                           fused=True)
+
+
+def _adam(c, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, **_eps(c), fused=True)
+
+
+def _adamw(c, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, **_eps(c), fused=True)
+
+
+def _adagrad(c, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(params, lr=c.lr, weight_decay=c.weight_decay,
+                               initial_accumulator_value=c.initial_accumulator or 0.0, **_eps(c), fused=True)
+
+
+def _rmsprop(c, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(params, lr=c.lr, alpha=c.alpha, momentum=c.momentum, weight_decay=c.weight_decay,
+                               foreach=True, **_eps(c))
+
+
+def _adadelta(c, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adadelta(params, lr=c.lr, rho=c.rho, weight_decay=c.weight_decay, foreach=True, **_eps(c))
+
+
+def _proximal_adagrad(c, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return ProximalAdagrad(params, lr=c.lr, l1=c.prox_l1, l2=c.prox_l2,
                            initial_accumulator_value=c.initial_accumulator or 0.1)
+
+
+# optim.name -> builder; the config accepts exactly these names, in this order in its errors.
+OPTIMIZERS: dict[str, Callable[[Any, list[nn.Parameter]], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "adam": _adam,
+    "adamw": _adamw,
+    "adagrad": _adagrad,
+    "rmsprop": _rmsprop,
+    "adadelta": _adadelta,
+    "proximal-adagrad": _proximal_adagrad,
+}
+
+
+def make_optimizer(c, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer an OptimConfig names, over the model's trainable parameters."""
+    if c.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={c.name}: unknown optimizer (known: {', '.join(OPTIMIZERS)})")
+    return OPTIMIZERS[c.name](c, [p for p in model.parameters() if p.requires_grad])
+
+
+# ---------------------------------------------------------------- learning-rate schedules
+# Each factor function takes the LRSchedule (for its config, epoch count and min_factor) and the
+# epochs done, fractional; the epoch-wise ones change at epoch boundaries as in torch.
+
+
+def _constant(s: "LRSchedule", t: float) -> float:
+    return 1.0
+
+
+def _step(s: "LRSchedule", t: float) -> float:
+    return s.c.gamma ** (int(t) // s.c.step_size)
+
+
+def _multistep(s: "LRSchedule", t: float) -> float:
+    return s.c.gamma ** sum(int(t) >= m for m in s.c.milestones)
+
+
+def _exponential(s: "LRSchedule", t: float) -> float:
+    return s.c.gamma ** int(t)
+
+
+def _cosine(s: "LRSchedule", t: float) -> float:
+    return s.min_factor + (1 - s.min_factor) * 0.5 * (1 + math.cos(math.pi * min(t / s.epochs, 1.0)))
+
+
+def _one_cycle(s: "LRSchedule", t: float) -> float:
+    """torch OneCycleLR shape: cosine from 1/div up to 1 over pct_start, then down to 1/(div*final_div)."""
+    c, progress = s.c, t / s.epochs
+    start, end = 1 / c.div_factor, 1 / (c.div_factor * c.final_div_factor)
+    if progress < c.pct_start:
+        a, b, p = start, 1.0, progress / c.pct_start
+    else:
+        a, b, p = 1.0, end, min((progress - c.pct_start) / (1 - c.pct_start), 1.0)
+    return b + (a - b) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+# schedule.name -> factor function; the config accepts exactly these names, in this order in its errors.
+SCHEDULES: dict[str, Callable[["LRSchedule", float], float]] = {
+    "constant": _constant,
+    "step": _step,
+    "multistep": _multistep,
+    "exponential": _exponential,
+    "cosine": _cosine,
+    "onecycle": _one_cycle,
+    # Constant until its monitor stalls: the reductions are LRSchedule.scale, kept by epoch_end.
+    "plateau": _constant,
+}
 
 
 class LRSchedule:
     """The learning rate of every step: base lr x schedule factor x plateau scale.
 
-    Every schedule is a function of the (fractional) epoch, so it is evaluated per step; the
-    epoch-wise ones (step, multistep, exponential) change at epoch boundaries as in torch.
+    Every schedule is a function of the (fractional) epoch, so it is evaluated per step (see SCHEDULES).
     `warmup_epochs` ramps any schedule up linearly from zero. `plateau` divides by 1/factor when
     its monitor has not improved for `patience` epochs (torch ReduceLROnPlateau, mode from the name).
     """
 
     def __init__(self, c, base_lr: float, epochs: int, steps_per_epoch: int):
+        if c.name not in SCHEDULES:
+            raise ConfigError(f"schedule.name={c.name}: unknown schedule (known: {', '.join(SCHEDULES)})")
         self.c = c
         self.min_factor = c.min_lr / base_lr
         self.epochs = epochs
@@ -92,32 +181,10 @@ class LRSchedule:
     def factor(self, step: int) -> float:
         c = self.c
         t = step / self.steps_per_epoch  # epochs done, fractional
-        epoch = int(t)
-        if c.name == "step":
-            f = c.gamma ** (epoch // c.step_size)
-        elif c.name == "multistep":
-            f = c.gamma ** sum(epoch >= m for m in c.milestones)
-        elif c.name == "exponential":
-            f = c.gamma ** epoch
-        elif c.name == "cosine":
-            f = self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * min(t / self.epochs, 1.0)))
-        elif c.name == "onecycle":
-            f = self._one_cycle(t / self.epochs)
-        else:
-            f = 1.0
+        f = SCHEDULES[c.name](self, t)
         if c.warmup_epochs > 0 and t < c.warmup_epochs:
             f *= (step + 1) / (c.warmup_epochs * self.steps_per_epoch)
         return f * self.scale
-
-    def _one_cycle(self, progress: float) -> float:
-        """torch OneCycleLR shape: cosine from 1/div up to 1 over pct_start, then down to 1/(div*final_div)."""
-        c = self.c
-        start, end = 1 / c.div_factor, 1 / (c.div_factor * c.final_div_factor)
-        if progress < c.pct_start:
-            a, b, p = start, 1.0, progress / c.pct_start
-        else:
-            a, b, p = 1.0, end, min((progress - c.pct_start) / (1 - c.pct_start), 1.0)
-        return b + (a - b) * 0.5 * (1 + math.cos(math.pi * p))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         f = self.factor(step)

@@ -1,20 +1,20 @@
-"""fit(): load and split the data once, put it on the device, train with early stopping, evaluate the
-test split once with the selected weights, and write the run directory.
+"""The training loop: data and model on the device, the optimizer step, per-epoch evaluation of the
+configured splits, the run directory, and the dispatch of callback hooks. Everything optional
+(stopping rules, checkpoints, the metrics log, progress, feature capture, the report) is a callback;
+`cifarlab.api.default_callbacks` builds the list a config asks for.
 
-Model selection only ever looks at the validation split; the test split is touched once, at the end.
+Model selection only ever looks at the validation split; the test split is scored once, at the end.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,138 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import runs
-from ..analysis.features import capture, check_layers
-from ..config import Config, TrainConfig, write_config
+from ..config import Config, write_config
 from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
-from ..data.sources import Dataset, dataset_from_config
-from ..data.splits import channel_stats, split_indices, zca_matrix
+from ..data.prepare import eval_loader, prepare_data, select_device, to_device
 from ..errors import ConfigError, Interrupted, TrainingFailed
+from ..evaluation import Evaluation, autocast, evaluate
 from ..models.build import build_model
 from ..models.summary import count_params
-from .callbacks import DivergenceStop, EarlyStopping, TargetStop
-from .checkpoint import load_checkpoint, save_checkpoint
+from .callbacks import Callback
 from .optim import LRSchedule, kernels, l2_penalty, make_optimizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Splits:
-    """The data of one run, split, with the normalization learned from the training split."""
-
-    dataset: Dataset
-    train: tuple[np.ndarray, np.ndarray]
-    val: tuple[np.ndarray, np.ndarray]
-    test: tuple[np.ndarray, np.ndarray]
-    mean: list[float]
-    std: list[float]
-    whiten: Optional[torch.Tensor] = None  # ZCA matrix fitted on the training split
-
-
-class Reporter:
-    """Receives progress from fit(). This one logs; the CLI passes one that draws a progress bar."""
-
-    def start(self, run_dir: Path, epochs: int, steps_per_epoch: int) -> None:
-        log.info("run %s: %d epochs of %d steps", run_dir, epochs, steps_per_epoch)
-
-    def step(self, epoch: int, step: int, running: Optional[dict[str, float]]) -> None:
-        if running is not None:
-            log.info("epoch %d step %d: loss %.4f acc %.2f%%", epoch, step, running["loss"], 100 * running["acc"])
-
-    def epoch_end(self, record: dict[str, Any]) -> None:
-        log.info("%s", format_epoch(record))
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        log.info("%s: test accuracy %.2f%%", summary["stop_reason"], 100 * (summary.get("test_acc") or 0))
-
-
-def format_epoch(record: dict[str, Any]) -> str:
-    parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}", f"acc {100 * record['train_acc']:.2f}%"]
-    if "val_loss" in record:
-        parts += [f"val_loss {record['val_loss']:.4f}", f"val_acc {100 * record['val_acc']:.2f}%"]
-    parts.append(f"{record['time']['img_per_s']:.0f} img/s")
-    return "  ".join(parts)
-
-
-def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda: no CUDA device is available (use auto or cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def prepare_data(config: Config, stored: Optional[dict[str, Any]] = None) -> Splits:
-    """Read and split the data; normalization (and ZCA) is fitted on the training split, or taken
-    from `stored` (a checkpoint's "normalization") so evaluation uses exactly the training statistics."""
-    ds = dataset_from_config(config.data, config.seed)
-    train_idx, val_idx = split_indices(ds.y_train, config.data.val_size, config.seed, config.data.stratify)
-    x_train = ds.x_train[train_idx]
-    channels = ds.image_shape[0]
-    if stored is not None:
-        return Splits(ds, (x_train, ds.y_train[train_idx]), (ds.x_train[val_idx], ds.y_train[val_idx]),
-                      (ds.x_test, ds.y_test), stored["mean"], stored["std"], stored.get("zca"))
-    if config.data.mean is not None:
-        if len(config.data.mean) != channels or len(config.data.std) != channels:
-            raise ConfigError(f"data.mean/data.std: {ds.name} has {channels} channel(s), "
-                              f"got {len(config.data.mean)} and {len(config.data.std)} values")
-        mean, std = list(config.data.mean), list(config.data.std)
-    elif config.data.normalize:
-        mean, std = channel_stats(x_train)
-    else:
-        mean, std = [0.0] * channels, [1.0] * channels
-    whiten = torch.from_numpy(zca_matrix(x_train, mean, std, config.data.zca_epsilon)) if config.data.zca else None
-    return Splits(ds, (x_train, ds.y_train[train_idx]), (ds.x_train[val_idx], ds.y_train[val_idx]),
-                  (ds.x_test, ds.y_test), mean, std, whiten)
-
-
-def to_device(arrays: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = arrays
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device), torch.from_numpy(labels).to(device)
-
-
-def eval_loader(arrays, splits: Splits, config: Config, device: torch.device) -> DeviceLoader:
-    images, labels = to_device(arrays, device)
-    return DeviceLoader(images, labels, config.train.eval_batch_size, splits.mean, splits.std,
-                        channels_last=config.train.channels_last, whiten=splits.whiten)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast when `precision` asks for it ("auto": on CUDA only; bf16 is slow on CPUs without AMX)."""
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def predict_logits(model: nn.Module, images: torch.Tensor, settings: Optional[TrainConfig] = None) -> torch.Tensor:
-    """float32 logits of a normalized batch, with the run's precision and test-time augmentation
-    (tta "flip": the mean of the batch's and the mirrored batch's logits)."""
-    settings = settings or TrainConfig()
-    with autocast(images.device, settings.precision):
-        logits = model(images).float()
-        if settings.tta == "flip":
-            logits = (logits + model(images.flip(3)).float()) / 2
-    return logits
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: DeviceLoader, settings: Optional[TrainConfig] = None) -> dict[str, Any]:
-    """Mean cross-entropy, accuracy and the predicted classes of one split (eval mode), with the
-    precision and test-time augmentation of `settings` (default: float32, none)."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=loader.images.device)
-    outputs = []
-    for images, labels in loader:
-        logits = predict_logits(model, images, settings)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        outputs.append(logits)
-    model.train(was_training)
-    logits = torch.cat(outputs).cpu() if outputs else torch.empty(0, 0)
-    predicted = logits.argmax(1) if len(logits) else torch.empty(0, dtype=torch.long)
-    n = max(len(predicted), 1)
-    correct = (predicted == loader.labels.cpu()).sum().item()
-    return {"loss": loss_sum.item() / n, "acc": correct / n, "predictions": predicted, "logits": logits}
+HOOKS = ("on_fit_start", "on_step_end", "on_epoch_end", "on_train_end", "on_fit_end", "on_interrupt")
 
 
 class _CompiledOrEager:
@@ -201,12 +82,15 @@ class _SignalFlag:
 
 
 class Trainer:
-    """One training run: data and model on the device, the loop, the stopping rules, the run directory.
-    All that a resumed run needs is in `checkpoint_state()`."""
+    """One training run. `fit()` runs it from the start, `resume_from(run_dir)` from the run's last.pt.
+    Callbacks are called in list order for every hook."""
 
-    def __init__(self, config: Config, reporter: Optional[Reporter] = None):
+    def __init__(self, config: Config, callbacks: Sequence[Callback] = ()):
         self.config = config
-        self.reporter = reporter or Reporter()
+        self.callbacks = list(callbacks)
+        self.callback_keys = state_keys(self.callbacks)
+        # a callback may define any subset of the hooks (the Callback base class defines them all)
+        self.hooks = {hook: [getattr(cb, hook) for cb in self.callbacks if hasattr(cb, hook)] for hook in HOOKS}
         self.started = time.perf_counter()
         torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
         self.device = device = select_device(config.train.device)
@@ -226,56 +110,74 @@ class Trainer:
                                          splits.std, shuffle=True, generator=self.generator, augment=augment,
                                          channels_last=config.train.channels_last, whiten=splits.whiten)
         self.schedule = LRSchedule(config.schedule, config.optim.lr, config.train.epochs, len(self.train_loader))
-        self.eval_loaders = {split: eval_loader(getattr(splits, split), splits, config, device)
-                             for split in config.train.evaluate}
+        self.eval_loaders = {split: self.loader(split) for split in config.train.evaluate}
         self.l2_weights = kernels(self.model, config.optim.l2_layers) if config.optim.l2 else []
-        t = config.train
-        self.stopper = EarlyStopping(t.early_stopping.monitor, t.early_stopping.patience,
-                                     t.early_stopping.min_delta, t.early_stopping.enabled)
-        self.rules: dict[str, Any] = {"early_stopping": self.stopper}
-        if t.divergence.enabled:
-            self.rules["divergence"] = DivergenceStop(t.divergence.warmup, t.divergence.epochs)
-        if t.target.metric:
-            self.rules["target"] = TargetStop(t.target.metric, t.target.value)
-        tsne = config.analysis.tsne
-        self.tsne_loader: Optional[DeviceLoader] = None
-        if tsne.layers:
-            check_layers(self.model, tsne.layers)
-            images, labels = getattr(splits, tsne.split)
-            pick = np.sort(np.random.default_rng(config.seed).permutation(len(labels))[:tsne.samples])
-            self.tsne_loader = eval_loader((images[pick], labels[pick]), splits, config, device)
-            last = config.train.epochs
-            self.tsne_epochs = set(tsne.epochs or [1, (last + 1) // 2, last])
         # progress; a resumed run overwrites these from last.pt
         self.epoch, self.step, self.train_time, self.images_seen = 0, 0, 0.0, 0
+        self.current_epoch = 0  # the epoch in progress (for step hooks)
         self.history: list[dict[str, Any]] = []
         self.position: Optional[dict[str, Any]] = None  # set when resuming in the middle of an epoch
+        self.stop_reasons: list[str] = []
+        self.selected_epoch: Optional[int] = None  # the epoch whose weights are tested (a callback may choose)
+        self.best_value: Optional[float] = None
+        self.test_result: Optional[Evaluation] = None
+        self.run_dir: Optional[Path] = None
+        self.resuming = False
 
-    # ---------------------------------------------------------------- run directory
+    # ---------------------------------------------------------------- for callbacks
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    def loader(self, split: str, arrays: Optional[tuple[np.ndarray, np.ndarray]] = None) -> DeviceLoader:
+        """An evaluation loader of a split (or of `arrays`) with the run's normalization."""
+        return eval_loader(arrays if arrays is not None else getattr(self.splits, split), self.splits, self.config,
+                           self.device)
+
+    def elapsed(self) -> float:
+        """Seconds since the Trainer was created (data loading included)."""
+        return time.perf_counter() - self.started
+
+    def stop(self, reason: str) -> None:
+        """Ask to stop after this epoch; the reasons given in one epoch are joined in the summary."""
+        self.stop_reasons.append(reason)
+
+    def dispatch(self, hook: str, *args: Any) -> None:
+        for method in self.hooks[hook]:
+            method(self, *args)
+
+    # ---------------------------------------------------------------- state
 
     def base_state(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "classes": self.classes, "input_shape": list(self.input_shape),
-                "normalization": {"mean": self.splits.mean, "std": self.splits.std, "zca": self.splits.whiten}}
+                "normalization": self.splits.normalization()}
+
+    def weights_state(self) -> dict[str, Any]:
+        """What best.pt holds: the current weights and what is needed to use them."""
+        return {**self.base_state(), "epoch": self.epoch, "model": self.model.state_dict()}
 
     def checkpoint_state(self, position: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        """Everything needed to continue exactly: weights, optimizer, schedule, rules, RNG states, progress."""
-        return {**self.base_state(), "epoch": self.epoch, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                "rules": {name: rule.state_dict() for name, rule in self.rules.items()},
+        """Everything needed to continue exactly: weights, optimizer, schedule, callbacks, RNG states, progress."""
+        return {**self.weights_state(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "callbacks": {key: cb.state_dict() for key, cb in zip(self.callback_keys, self.callbacks)
+                              if hasattr(cb, "state_dict")},
                 "generator": self.generator.get_state() if position is None else position["generator"],
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
                 "progress": {"step": self.step, "train_time": self.train_time, "images_seen": self.images_seen,
-                             "history": self.history, "metrics_lines": self.metrics_lines},
+                             "history": self.history},
                 "position": position}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        for name, rule in self.rules.items():
-            if name in state["rules"]:
-                rule.load_state_dict(state["rules"][name])
+        saved = state.get("callbacks", {})
+        for key, callback in zip(self.callback_keys, self.callbacks):
+            if key in saved and hasattr(callback, "load_state_dict"):
+                callback.load_state_dict(saved[key])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
@@ -284,12 +186,9 @@ class Trainer:
         self.epoch, self.step = state["epoch"], progress["step"]
         self.train_time, self.images_seen = progress["train_time"], progress["images_seen"]
         self.history = list(progress["history"])
-        self.metrics_lines = progress["metrics_lines"]
         self.position = state["position"]
 
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        runs.append_jsonl(self.run_dir / runs.METRICS, record)
-        self.metrics_lines += 1
+    # ---------------------------------------------------------------- run directory
 
     def summary_base(self) -> dict[str, Any]:
         trainable, non_trainable = count_params(self.model)
@@ -297,7 +196,8 @@ class Trainer:
         return {"run": self.run_dir.name, "dataset": self.splits.dataset.name, "model": self.config.model.preset,
                 "sizes": sizes, "params": {"trainable": trainable, "non_trainable": non_trainable},
                 "normalization": {"mean": self.splits.mean, "std": self.splits.std}, "classes": self.classes,
-                "input_shape": list(self.input_shape), "device": str(self.device), "monitor": self.stopper.monitor}
+                "input_shape": list(self.input_shape), "device": str(self.device),
+                "monitor": self.config.train.early_stopping.monitor}
 
     def write_summary(self, status: str, stop_reason: str, **fields: Any) -> dict[str, Any]:
         summary = {**self.summary_base(), "status": status, "stop_reason": stop_reason, "epochs_run": self.epoch,
@@ -305,34 +205,26 @@ class Trainer:
         runs.write_json(self.run_dir / runs.SUMMARY, summary)
         return summary
 
-    # ---------------------------------------------------------------- training
-
-    def save_features(self, epoch: int) -> None:
-        """Features of the t-SNE layers for the chosen examples, float16, one file per layer and epoch."""
-        folder = self.run_dir / "features"
-        folder.mkdir(exist_ok=True)
-        np.save(folder / "labels.npy", self.tsne_loader.labels.cpu().numpy())
-        for layer, values in capture(self.model, self.tsne_loader, self.config.analysis.tsne.layers).items():
-            np.save(folder / f"{layer}-epoch{epoch:03d}.npy", values)
-
-    def start(self, run_dir: Optional[Path] = None, resuming: bool = False) -> Path:
-        """A new run directory (`run_dir` if given), or (resuming) the old one with its metrics cut
-        back to the checkpoint."""
-        if not resuming:
-            self.run_dir = runs.create_run_dir(self.config.train.out_dir, self.config.run_name(), run_dir)
-            write_config(self.config, self.run_dir / runs.CONFIG)
-            runs.write_json(self.run_dir / runs.ENV, {**runs.environment(str(self.device), self.config.seed),
-                                                      "data_origin": self.splits.dataset.origin})
-            self.metrics_lines = 0
-        else:
-            self.run_dir = run_dir
-            lines = (run_dir / runs.METRICS).read_text().splitlines(keepends=True)[:self.metrics_lines]
-            tmp = run_dir / f".{runs.METRICS}.tmp"
-            tmp.write_text("".join(lines))
-            os.replace(tmp, run_dir / runs.METRICS)
-            write_config(self.config, run_dir / runs.CONFIG)
-            (run_dir / runs.SUMMARY).unlink(missing_ok=True)
+    def start(self, run_dir: Optional[Path] = None) -> Path:
+        """A new run directory (`run_dir` if given) with config.yaml and env.json."""
+        self.run_dir = runs.create_run_dir(self.config.train.out_dir, self.config.run_name(), run_dir)
+        write_config(self.config, self.run_dir / runs.CONFIG)
+        runs.write_json(self.run_dir / runs.ENV, {**runs.environment(str(self.device), self.config.seed),
+                                                  "data_origin": self.splits.dataset.origin})
         return self.run_dir
+
+    def resume_from(self, run_dir: Path) -> Path:
+        """Take up `run_dir` where its last.pt left it (end of an epoch, or the step of an interrupt)."""
+        self.load_checkpoint_state(runs.load_checkpoint(run_dir / runs.CHECKPOINTS / "last.pt", str(self.device)))
+        if self.position is None and self.epoch >= self.config.train.epochs:
+            raise ConfigError(f"{run_dir}: already trained {self.epoch} of train.epochs={self.config.train.epochs}; "
+                              "pass train.epochs=N to train longer")
+        self.run_dir, self.resuming = run_dir, True
+        write_config(self.config, run_dir / runs.CONFIG)
+        (run_dir / runs.SUMMARY).unlink(missing_ok=True)
+        return run_dir
+
+    # ---------------------------------------------------------------- training
 
     def batches(self):
         """(images, labels, targets) of one epoch; targets are soft when mixup / cutmix are on."""
@@ -363,10 +255,11 @@ class Trainer:
         self.step += 1
         return loss.detach(), logits.detach(), lr
 
-    def run_epoch(self, epoch: int, flag: _SignalFlag) -> dict[str, Any]:
+    def run_epoch(self, epoch: int, flag: "_SignalFlag") -> dict[str, Any]:
         """Train one epoch (from the saved position when resuming mid-epoch) and score it."""
         c = self.config
         epoch_start = time.perf_counter()
+        self.current_epoch = epoch
         position, self.position = self.position, None
         generator_at_start = position["generator"] if position else self.generator.get_state()
         skip = position["batch"] if position else 0
@@ -386,12 +279,10 @@ class Trainer:
             loss_sum += loss.double() * len(labels)
             hits = logits.argmax(1) == (targets.argmax(1) if targets.dim() == 2 else labels)
             correct += hits.sum()
-            running = None
+            logs = None
             if batch_index % c.train.log_every == 0:
-                running = {"loss": loss_sum.item() / seen, "acc": correct.item() / seen}
-                self.log_metrics({"kind": "step", "epoch": epoch, "step": self.step, **running, "lr": lr,
-                                  "time": {"elapsed_s": round(time.perf_counter() - self.started, 3)}})
-            self.reporter.step(epoch, batch_index, running)
+                logs = {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "lr": lr}
+            self.dispatch("on_step_end", batch_index, logs)
             if flag.signum is not None:
                 self.train_time += time.perf_counter() - epoch_start
                 self.interrupt(epoch, batch_index, generator_at_start, flag.signum,
@@ -403,15 +294,10 @@ class Trainer:
                                   "train_acc": correct.item() / seen, "lr": lrs[-1]}
         if c.schedule.name != "constant" or c.schedule.warmup_epochs:
             record["lr_steps"] = lrs
-        if not math.isfinite(record["train_loss"]):
-            self.epoch = epoch
-            reason = f"diverged: training loss became {record['train_loss']} in epoch {epoch}"
-            self.write_summary("diverged", reason)
-            raise TrainingFailed(reason)
         for split, loader in self.eval_loaders.items():
             result = evaluate(self.model, loader, c.train)
-            record.update({f"{split}_loss": result["loss"], f"{split}_acc": result["acc"]})
-        record["time"] = {"elapsed_s": round(time.perf_counter() - self.started, 3), "epoch_s": round(epoch_time, 3),
+            record.update({f"{split}_loss": result.loss, f"{split}_acc": result.acc})
+        record["time"] = {"elapsed_s": round(self.elapsed(), 3), "epoch_s": round(epoch_time, 3),
                           "img_per_s": round(seen / epoch_time, 1)}
         return record
 
@@ -419,159 +305,78 @@ class Trainer:
                   partial: dict[str, Any]) -> None:
         position = {"epoch": epoch, "batch": batch, "generator": generator_at_start,
                     "torch_rng": torch.get_rng_state(), "partial": partial}
-        save_checkpoint(self.checkpoint_state(position), self.run_dir / runs.CHECKPOINTS / "last.pt")
-        name = signal.Signals(signum).name
-        reason = f"interrupted by {name} in epoch {epoch} after step {batch}"
-        self.write_summary("interrupted", reason, resume=f"cifarlab train --resume {self.run_dir}")
-        raise Interrupted(f"{reason}; state saved, resume with: cifarlab train --resume {self.run_dir}", signum)
+        self.dispatch("on_interrupt", position)
+        reason = f"interrupted by {signal.Signals(signum).name} in epoch {epoch} after step {batch}"
+        self.write_summary("interrupted", reason)
+        raise Interrupted(reason, signum, self.run_dir)
 
-    def train(self) -> Path:
+    def fit(self) -> Path:
+        """Train until train.epochs or a callback's stop, score the test split once, write summary.json.
+        A NaN loss ends with status "diverged" (TrainingFailed), any other error with "failed"."""
+        try:
+            return self._fit()
+        except TrainingFailed as e:
+            self.write_summary("diverged", str(e))
+            raise
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if self.run_dir is not None:
+                self.write_summary("failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise
+
+    def _fit(self) -> Path:
         c = self.config
-        checkpoints = self.run_dir / runs.CHECKPOINTS
         first = self.position["epoch"] if self.position else self.epoch + 1
-        self.reporter.start(self.run_dir, c.train.epochs, len(self.train_loader))
+        self.dispatch("on_fit_start")
         stop_reason = f"max epochs: trained all {c.train.epochs} epochs"
         with _SignalFlag() as flag:
             for epoch in range(first, c.train.epochs + 1):
                 record = self.run_epoch(epoch, flag)
                 self.epoch = epoch
                 self.history.append(record)
-                self.log_metrics(record)
-                self.reporter.epoch_end(record)
                 self.schedule.epoch_end(record)
-                if self.tsne_loader is not None and epoch in self.tsne_epochs:
-                    self.save_features(epoch)
-                for rule in self.rules.values():
-                    improved = rule.update(epoch, record)
-                    if rule is self.stopper and improved:
-                        save_checkpoint({**self.base_state(), "epoch": epoch, "model": self.model.state_dict()},
-                                        checkpoints / "best.pt")
-                save_checkpoint(self.checkpoint_state(), checkpoints / "last.pt")
-                reasons = [r for r in (rule.stop_reason() for rule in self.rules.values()) if r]
-                if c.train.max_time_s and self.train_time >= c.train.max_time_s:
-                    reasons.append(f"time limit: {self.train_time:.0f} s of training >= {c.train.max_time_s:g} s")
-                if reasons:
-                    stop_reason = "; ".join(reasons)
+                self.dispatch("on_epoch_end", record)
+                if self.stop_reasons:
+                    stop_reason = "; ".join(self.stop_reasons)
                     break
-        return self.finish(stop_reason)
-
-    def finish(self, stop_reason: str) -> Path:
-        """Restore the selected weights, score the test split once, write summary.json."""
-        es = self.config.train.early_stopping
-        if self.tsne_loader is not None and self.epoch not in self.tsne_epochs:
-            self.save_features(self.epoch)  # training stopped early: the last epoch is the "end"
-        best_path = self.run_dir / runs.CHECKPOINTS / "best.pt"
-        if self.stopper.best_epoch is None:  # the monitored metric was never finite: the last epoch stands in
-            save_checkpoint({**self.base_state(), "epoch": self.epoch, "model": self.model.state_dict()}, best_path)
-        chosen_epoch = (self.stopper.best_epoch or self.epoch) if es.restore_best else self.epoch
-        if chosen_epoch != self.epoch:
-            self.model.load_state_dict(load_checkpoint(best_path, str(self.device))["model"])
-        test = evaluate(self.model, eval_loader(self.splits.test, self.splits, self.config, self.device),
-                        self.config.train)
-        self.log_metrics({"kind": "test", "epoch": chosen_epoch, "test_loss": test["loss"], "test_acc": test["acc"]})
-        chosen = next(r for r in self.history if r["epoch"] == chosen_epoch)
+        self.selected_epoch = self.epoch
+        self.dispatch("on_train_end")
+        self.test_result = evaluate(self.model, self.loader("test"), c.train)
+        chosen = next(r for r in self.history if r["epoch"] == self.selected_epoch)
         summary = self.write_summary(
-            "completed", stop_reason, best_epoch=chosen_epoch, best_value=self.stopper.best,
+            "completed", stop_reason, best_epoch=self.selected_epoch, best_value=self.best_value,
             train_loss=chosen["train_loss"], train_acc=chosen["train_acc"], val_loss=chosen.get("val_loss"),
-            val_acc=chosen.get("val_acc"), test_loss=test["loss"], test_acc=test["acc"],
-            train_time_s=round(self.train_time, 3), wall_time_s=round(time.perf_counter() - self.started, 3),
+            val_acc=chosen.get("val_acc"), test_loss=self.test_result.loss, test_acc=self.test_result.acc,
+            train_time_s=round(self.train_time, 3), wall_time_s=round(self.elapsed(), 3),
             train_img_per_s=round(self.images_seen / self.train_time, 1) if self.train_time else None)
-        if self.config.analysis.report:
-            from ..analysis.report import build_run_report
-
-            try:
-                build_run_report(self.run_dir)
-            except Exception as e:  # noqa: BLE001 - a figure must never cost the trained run
-                log.warning("report.html was not written: %s (cifarlab report %s retries)", e, self.run_dir)
-        self.reporter.finish(summary)
+        self.dispatch("on_fit_end", summary)
         return self.run_dir
 
 
-def fit(config: Config, reporter: Optional[Reporter] = None, run_dir: Optional[Path] = None) -> Path:
-    """Train as `config` says and return the new run directory (`run_dir` if given). Raises
-    TrainingFailed (exit code 1) when the loss becomes NaN or infinite, Interrupted on SIGINT /
-    SIGTERM (state saved)."""
-    trainer = Trainer(config, reporter)
+def state_keys(callbacks: Sequence[Callback]) -> list[str]:
+    """Each callback's key in last.pt: its state_key or class name, numbered when repeated."""
+    keys: list[str] = []
+    for callback in callbacks:
+        base = getattr(callback, "state_key", None) or type(callback).__name__
+        key, n = base, 1
+        while key in keys:
+            n += 1
+            key = f"{base}#{n}"
+        keys.append(key)
+    return keys
+
+
+def fit(config: Config, callbacks: Sequence[Callback] = (), run_dir: Optional[Path] = None) -> Path:
+    """Train as `config` says with `callbacks` into a new run directory (`run_dir` if given)."""
+    trainer = Trainer(config, callbacks)
     trainer.start(run_dir)
-    return trainer.train()
+    return trainer.fit()
 
 
-def resume(run_dir: Path, overrides: Optional[list[str]] = None, reporter: Optional[Reporter] = None) -> Path:
-    """Continue a run from its last.pt exactly where it stopped (end of an epoch, or the step where
-    it was interrupted). Overrides such as train.epochs=30 extend it; others change what follows."""
-    run_dir = runs.resolve_run(run_dir)
-    config = runs.read_run_config(run_dir, overrides)
-    trainer = Trainer(config, reporter)
-    trainer.load_checkpoint_state(load_checkpoint(run_dir / runs.CHECKPOINTS / "last.pt", str(trainer.device)))
-    if trainer.position is None and trainer.epoch >= config.train.epochs:
-        raise ConfigError(f"{run_dir}: already trained {trainer.epoch} of train.epochs={config.train.epochs}; "
-                          "pass train.epochs=N to train longer")
-    trainer.start(run_dir, resuming=True)
-    return trainer.train()
-
-
-@dataclass
-class LoadedRun:
-    """A finished run read back: its config, data splits (with the run's own normalization) and
-    the best.pt model in eval mode."""
-
-    path: Path
-    config: Config
-    splits: Splits
-    model: nn.Module
-    checkpoint: dict[str, Any]
-    device: torch.device
-
-    @property
-    def classes(self) -> list[str]:
-        return self.checkpoint["classes"]
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        arrays = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}[name]
-        if len(arrays[1]) == 0:
-            raise ConfigError(f"{self.path}: the {name} split is empty (data.val_size=0?)")
-        return arrays
-
-    def normalize(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, C, H, W) images as the model sees them: the run's normalization, on its device."""
-        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        loader = DeviceLoader(batch, torch.zeros(len(batch), dtype=torch.long), len(batch), self.splits.mean,
-                              self.splits.std, channels_last=self.config.train.channels_last, whiten=self.splits.whiten)
-        return loader.normalize(batch)
-
-    def loader(self, name: str) -> DeviceLoader:
-        return eval_loader(self.split(name), self.splits, self.config, self.device)
-
-
-def load_run(run_dir: Path, checkpoint_name: str = "best.pt") -> LoadedRun:
-    run_dir = runs.resolve_run(run_dir)
-    config = runs.read_run_config(run_dir)
-    device = select_device(config.train.device)
-    checkpoint = load_checkpoint(run_dir / runs.CHECKPOINTS / checkpoint_name, str(device))
-    splits = prepare_data(config, checkpoint["normalization"])
-    model = build_model(config.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"])).to(device)
-    if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    return LoadedRun(run_dir, config, splits, model, checkpoint, device)
-
-
-def evaluate_run(run_dir: Path, split: str = "test", top_k: int = 5) -> dict[str, Any]:
-    """Accuracy, loss, top-k accuracy, per-class accuracy and the confusion matrix of a run's best.pt
-    on one split, with the run's own normalization; also written to eval_<split>.json."""
-    from ..analysis.metrics import confusion_matrix, per_class_accuracy, top_k_accuracy
-
-    run = load_run(run_dir)
-    labels = run.split(split)[1]
-    result = evaluate(run.model, run.loader(split), run.config.train)
-    predicted = result["predictions"].numpy()
-    classes = run.classes
-    k = min(top_k, len(classes))
-    report = {"run": run.path.name, "split": split, "epoch": run.checkpoint["epoch"], "images": len(labels),
-              "loss": result["loss"], "acc": result["acc"], f"top{k}_acc": top_k_accuracy(result["logits"].numpy(),
-                                                                                          labels, k),
-              "per_class_acc": dict(zip(classes, per_class_accuracy(predicted, labels, len(classes)))),
-              "classes": classes, "confusion": confusion_matrix(predicted, labels, len(classes)).tolist()}
-    runs.write_json(run.path / f"eval_{split}.json", report)
-    return report
+def resume(run_dir: Path, config: Config, callbacks: Sequence[Callback] = ()) -> Path:
+    """Continue a run from its last.pt exactly where it stopped, with `config` (the run's own,
+    possibly with overrides such as train.epochs=30)."""
+    trainer = Trainer(config, callbacks)
+    trainer.resume_from(run_dir)
+    return trainer.fit()

@@ -1,0 +1,93 @@
+"""Activations of named layers, captured with forward hooks; and the callback that saves the
+t-SNE layers' features of a fixed sample at chosen epochs (reports 000 and 001)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import TsneConfig
+from ..errors import ConfigError
+from ..evaluation import eval_mode
+
+FEATURES = "features"
+
+
+def check_layers(model: nn.Module, layers: list[str]) -> None:
+    names = [name for name, _ in model.named_children()]
+    missing = [layer for layer in layers if layer not in names]
+    if missing:
+        raise ConfigError(f"layer {missing[0]!r} is not in the model (layers: {', '.join(names)})")
+
+
+@contextmanager
+def recording(model: nn.Module, layers: list[str]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Within the block, every forward pass appends each named layer's output to the dict."""
+    check_layers(model, layers)
+    found: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    modules = dict(model.named_children())
+    hooks = [modules[layer].register_forward_hook(lambda m, i, out, layer=layer: found[layer].append(out.detach()))
+             for layer in layers]
+    try:
+        yield found
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@torch.inference_mode()
+def capture(model: nn.Module, loader, layers: list[str]) -> dict[str, np.ndarray]:
+    """{layer: (N, D) float16 features} of every example of an (unshuffled) loader, in eval mode."""
+    with eval_mode(model), recording(model, layers) as found:
+        for images, _ in loader:
+            model(images)
+    return {layer: torch.cat([t.flatten(1).float() for t in outs]).cpu().numpy().astype(np.float16)
+            for layer, outs in found.items()}
+
+
+@torch.inference_mode()
+def activations_of(model: nn.Module, image: torch.Tensor, layers: list[str]) -> dict[str, np.ndarray]:
+    """{layer: (C, H, W) or (D,) float32} for one normalized image (1, C, H, W)."""
+    with eval_mode(model), recording(model, layers) as found:
+        model(image)
+    return {layer: outs[0][0].float().cpu().numpy() for layer, outs in found.items()}
+
+
+class FeatureCapture:
+    """A training callback: features/<layer>-epochNNN.npy (float16) of `settings.samples` images of
+    `settings.split` (a seeded pick, the same every epoch) with features/labels.npy, at the chosen
+    epochs (default: first, middle, last) and at the last epoch of a run that stopped early."""
+
+    state_key = "FeatureCapture"
+
+    def __init__(self, settings: TsneConfig):
+        self.settings = settings
+
+    def on_fit_start(self, trainer: Any) -> None:
+        s, config = self.settings, trainer.config
+        check_layers(trainer.model, s.layers)
+        images, labels = getattr(trainer.splits, s.split)
+        pick = np.sort(np.random.default_rng(config.seed).permutation(len(labels))[:s.samples])
+        self.loader = trainer.loader(s.split, (images[pick], labels[pick]))
+        last = config.train.epochs
+        self.epochs = set(s.epochs or [1, (last + 1) // 2, last])
+
+    def save(self, trainer: Any, epoch: int) -> None:
+        folder = Path(trainer.run_dir) / FEATURES
+        folder.mkdir(exist_ok=True)
+        np.save(folder / "labels.npy", self.loader.labels.cpu().numpy())
+        for layer, values in capture(trainer.model, self.loader, self.settings.layers).items():
+            np.save(folder / f"{layer}-epoch{epoch:03d}.npy", values)
+
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        if record["epoch"] in self.epochs:
+            self.save(trainer, record["epoch"])
+
+    def on_train_end(self, trainer: Any) -> None:
+        if trainer.epoch not in self.epochs:  # training stopped early: its last epoch is the "end"
+            self.save(trainer, trainer.epoch)

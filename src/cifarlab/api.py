@@ -1,0 +1,264 @@
+"""The public Python API: train, resume and read back runs; evaluate, predict, report; run studies.
+
+    import cifarlab
+    run = cifarlab.fit("configs/quickstart.yaml", overrides={"train.epochs": 5})
+    run.summary["test_acc"]; run.history; run.model(); run.predict(images); run.report()
+
+This module connects training (train/) and analysis (analysis/): `default_callbacks` turns a
+config into the list of callbacks a run executes, in a fixed order.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import runs
+from .analysis import figures
+from .analysis.capture import FeatureCapture
+from .analysis.metrics import confusion_matrix, per_class_accuracy, top_k_accuracy
+from .analysis.report import ReportCallback, build_run_report
+from .config import Config, ConfigSource, Overrides, load_config
+from .data.images import read_image
+from .errors import DataError
+from .evaluation import evaluate, predict_logits
+from .sweep import Study, load_study, run_study as run_study_jobs, summarize_study
+from .train import trainer
+from .train.callbacks import (BestCheckpoint, Callback, DivergenceStop, EarlyStopping, LastCheckpoint, MetricsLog,
+                              NaNGuard, TargetStop, TimeLimit)
+from .train.progress import default_progress
+
+PathLike = Union[str, Path]
+Progress = Union[bool, Callback, None]
+Images = Union[np.ndarray, torch.Tensor, PathLike, Sequence[PathLike]]
+
+
+def default_callbacks(config: Config, callbacks: Sequence[Any] = (), progress: Progress = None) -> list[Any]:
+    """The callbacks a run executes, in dispatch order: metrics log, progress, NaN guard, feature
+    capture, stopping rules (early stopping, divergence, target, time limit), then `callbacks`
+    (yours), then best and last checkpoints (so last.pt holds every callback's state after the
+    epoch) and the report. `progress`: True / False / None (a bar in a notebook or on a terminal),
+    or a callback of your own."""
+    t = config.train
+    chosen: list[Any] = [MetricsLog(), progress if isinstance(progress, Callback) else default_progress(progress),
+                         NaNGuard()]
+    if config.analysis.tsne.layers:
+        chosen.append(FeatureCapture(config.analysis.tsne))
+    if t.early_stopping.enabled:
+        chosen.append(EarlyStopping(t.early_stopping.monitor, t.early_stopping.patience, t.early_stopping.min_delta))
+    if t.divergence.enabled:
+        chosen.append(DivergenceStop(t.divergence.warmup, t.divergence.epochs))
+    if t.target.metric:
+        chosen.append(TargetStop(t.target.metric, t.target.value))
+    if t.max_time_s:
+        chosen.append(TimeLimit(t.max_time_s))
+    chosen += list(callbacks)
+    chosen += [BestCheckpoint(t.early_stopping.monitor, t.early_stopping.min_delta, t.early_stopping.restore_best),
+               LastCheckpoint()]
+    if config.analysis.report:
+        chosen.append(ReportCallback())
+    return chosen
+
+
+def fit(config: ConfigSource, *, overrides: Overrides = None, callbacks: Sequence[Any] = (),
+        run_dir: Optional[PathLike] = None, progress: Progress = None) -> "Run":
+    """Train a model and return its Run. `config`: a Config, a YAML path or a dict of sections;
+    `overrides`: `key.path=value` strings or a dict {"train.epochs": 5}; `callbacks`: objects with
+    any of the hooks of cifarlab.Callback; `run_dir`: a new or empty folder (default
+    train.out_dir/NAME-TIMESTAMP). Raises TrainingFailed when the loss becomes NaN, Interrupted on
+    SIGINT / SIGTERM (state saved in last.pt; `resume` continues exactly)."""
+    resolved = load_config(config, overrides)
+    path = trainer.fit(resolved, default_callbacks(resolved, callbacks, progress),
+                       Path(run_dir) if run_dir is not None else None)
+    return Run(path)
+
+
+def resume(run: Union["Run", PathLike], overrides: Overrides = None, *, callbacks: Sequence[Any] = (),
+           progress: Progress = None) -> "Run":
+    """Continue a run from its last.pt exactly where it stopped (the end of an epoch, or the step of
+    an interrupt). Overrides such as train.epochs=30 train a finished run further."""
+    path = runs.resolve_run(run.path if isinstance(run, Run) else run)
+    config = load_config(path / runs.CONFIG, overrides)
+    return Run(trainer.resume(path, config, default_callbacks(config, callbacks, progress)))
+
+
+def load_run(path: Union["Run", PathLike]) -> "Run":
+    """A run directory written by `fit` (or `cifarlab train`)."""
+    return path if isinstance(path, Run) else Run(path)
+
+
+def evaluate_run(run: Union["Run", PathLike], split: str = "test", top_k: int = 5) -> dict[str, Any]:
+    """Accuracy, loss, top-k accuracy, per-class accuracy and the confusion matrix of a run's best.pt
+    on one split, with the run's own normalization; also written to RUN/eval_<split>.json."""
+    loaded = runs.load_run(run.path if isinstance(run, Run) else run)
+    labels = loaded.split(figures.check_split(split))[1]
+    result = evaluate(loaded.model, loaded.loader(split), loaded.config.train)
+    predicted = result.predictions.cpu().numpy()
+    classes = loaded.classes
+    k = min(top_k, len(classes))
+    report = {"run": loaded.path.name, "split": split, "epoch": loaded.checkpoint["epoch"], "images": len(labels),
+              "loss": result.loss, "acc": result.acc,
+              f"top{k}_acc": top_k_accuracy(result.logits.cpu().numpy(), labels, k),
+              "per_class_acc": dict(zip(classes, per_class_accuracy(predicted, labels, len(classes)))),
+              "classes": classes, "confusion": confusion_matrix(predicted, labels, len(classes)).tolist()}
+    runs.write_json(loaded.path / f"eval_{split}.json", report)
+    return report
+
+
+@dataclass
+class StudyResult:
+    """Where a study's runs and tables are, and what happened to each run this time."""
+
+    path: Path
+    outcome: dict[str, str]  # run id -> completed, skipped (completed before), failed (exit N, see logs/...)
+
+    @property
+    def table(self) -> str:
+        """results.md: one row per variant, mean +- std over repeats."""
+        return (self.path / "results.md").read_text()
+
+
+def run_study(study: Union[Study, PathLike], *, overrides: Optional[list[str]] = None, out: Optional[PathLike] = None,
+              workers: int = 1) -> StudyResult:
+    """Run a study (a Study or a study YAML; `overrides` apply to every run): every run not finished
+    yet, `workers` at a time, each in its own process; then results.csv, results.md, plots/ and
+    report.html in the study folder (default train.out_dir/STUDY-NAME)."""
+    if not isinstance(study, Study):
+        study = load_study(Path(study), overrides)
+    folder = study_folder(study, out)
+    outcome = run_study_jobs(study, folder, workers=workers)
+    summarize_study(study, folder)
+    return StudyResult(folder, outcome)
+
+
+def study_folder(study: Study, out: Optional[PathLike] = None) -> Path:
+    return Path(out) if out is not None else Path(study.runs[0].config.train.out_dir) / study.name
+
+
+class Run:
+    """A run directory: its summary, history and config, its best model, and what can be done with it.
+    In a notebook, a cell that returns a Run shows its summary and curves."""
+
+    def __init__(self, path: PathLike):
+        self.path: Path = runs.resolve_run(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: PathLike) -> Path:
+        """run / "report.html": a path inside the run directory."""
+        return self.path / name
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """summary.json: status, stop reason, accuracies of the tested epoch, times, sizes."""
+        return runs.read_summary(self.path)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One record per epoch (train_loss, train_acc, val_loss, val_acc, lr, time, ...)."""
+        return [r for r in runs.read_jsonl(self.path / runs.METRICS) if r["kind"] == "epoch"]
+
+    @cached_property
+    def config(self) -> Config:
+        return runs.read_run_config(self.path)
+
+    @cached_property
+    def loaded(self) -> runs.LoadedRun:
+        """best.pt with the run's data splits and normalization (read once)."""
+        return runs.load_run(self.path)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.loaded.classes
+
+    def model(self) -> nn.Module:
+        """The best weights, built and in eval mode, on the run's device."""
+        return self.loaded.model
+
+    def predict(self, images: Images) -> np.ndarray:
+        """Class probabilities (N, classes) of images: uint8 arrays (N, C, H, W) or (N, H, W, C), float
+        arrays in [0, 1], a single image, or image file paths (any size; resized and converted).
+        Uses the run's normalization, precision and test-time augmentation."""
+        batch = self.as_batch(images)
+        loaded = self.loaded
+        size = loaded.config.train.eval_batch_size
+        with torch.inference_mode():
+            probabilities = [torch.softmax(predict_logits(loaded.model, loaded.normalize(batch[i:i + size]),
+                                                          loaded.config.train), dim=1).cpu().numpy()
+                             for i in range(0, len(batch), size)]
+        return np.concatenate(probabilities) if probabilities else np.zeros((0, len(self.classes)), np.float32)
+
+    def as_batch(self, images: Images) -> np.ndarray:
+        """Images as a (N, C, H, W) array in the model's input shape (uint8, or float32 in [0, 1])."""
+        shape = self.loaded.input_shape
+        if isinstance(images, (str, Path)):
+            images = [images]
+        if isinstance(images, (list, tuple)):
+            return np.stack([read_image(Path(p), shape) for p in images]) if images else np.zeros((0, *shape), np.uint8)
+        array = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim == 4 and array.shape[1:] != shape and array.shape[1:] == (*shape[1:], shape[0]):
+            array = array.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        if array.ndim != 4 or array.shape[1:] != shape:
+            raise DataError(f"images of shape {array.shape}: this run's model takes (N, {', '.join(map(str, shape))}) "
+                            f"or (N, {shape[1]}, {shape[2]}, {shape[0]})")
+        return array if array.dtype == np.uint8 else array.astype(np.float32)
+
+    def evaluate(self, split: str = "test", top_k: int = 5) -> dict[str, Any]:
+        """Accuracy, top-k, per-class accuracy and confusion matrix of best.pt on a split (see evaluate_run)."""
+        return evaluate_run(self.path, split, top_k)
+
+    def figure(self, name: str, **options: Any) -> list[Path]:
+        """Draw a registered figure (curves, confusion, mistakes, featuremaps, filters, tsne, samples)
+        into RUN/plots/; returns the PNG paths."""
+        return figures.draw(name, figures.RunView(self.path, loaded=self.loaded if "loaded" in vars(self) else None),
+                            **options)
+
+    def report(self, output: Optional[PathLike] = None) -> Path:
+        """Write report.html (or `output`) with every figure; returns its path."""
+        return build_run_report(self.path, Path(output) if output else None)
+
+    def _repr_html_(self) -> str:
+        s = self.summary
+        pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        rows = [("status", f"{s['status']}: {s['stop_reason']}"), ("model", f"{s.get('model') or 'custom'} on "
+                                                                             f"{s['dataset']}"),
+                ("best epoch / epochs", f"{s.get('best_epoch', '-')} / {s['epochs_run']}"),
+                ("train / val / test accuracy", " / ".join(pct(s.get(k)) for k in ("train_acc", "val_acc", "test_acc"))),
+                ("training time", f"{s.get('train_time_s') or 0:.1f} s")]
+        table = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
+                        f"{html.escape(str(v))}</td></tr>" for k, v in rows)
+        curves = self.path / "plots" / "curves.png"
+        if s["status"] == "completed" and not curves.is_file():
+            figures.draw("curves", self.path)
+        image = (f"<img style='max-width:100%' src='data:image/png;base64,"
+                 f"{base64.b64encode(curves.read_bytes()).decode()}'>") if curves.is_file() else ""
+        return f"<div><b>{html.escape(self.path.name)}</b><table>{table}</table>{image}</div>"
+
+
+def predict_files(run: Union[Run, PathLike], paths: Sequence[PathLike], top_k: int = 3,
+                  output: Optional[PathLike] = None) -> dict[str, Any]:
+    """Class probabilities of image files with a run's best model, and a figure of the images with
+    their top-k classes (default RUN/plots/predict.png)."""
+    from .analysis.plots import predictions
+
+    run = load_run(run)
+    images = run.as_batch(list(paths))
+    probabilities = run.predict(images)
+    names = [Path(p).name for p in paths]
+    figure = predictions(list(images), names, probabilities, run.classes,
+                         Path(output) if output else run.path / "plots" / "predict.png", min(top_k, len(run.classes)))
+    return {"names": names, "classes": run.classes, "probabilities": probabilities, "figure": figure}
