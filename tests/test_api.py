@@ -14,7 +14,7 @@ from cifarlab import runs
 from cifarlab.api import default_callbacks
 from cifarlab.config import load_config
 from cifarlab.errors import DataError
-from cifarlab.train.callbacks import Monitor
+from cifarlab.train.monitor import Monitor
 
 SRC = Path(cifarlab.__file__).parent
 

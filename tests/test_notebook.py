@@ -1,7 +1,6 @@
 """examples/quickstart.ipynb runs from top to bottom in a kernel of the test venv, as a user would."""
 
 import shutil
-from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient

@@ -19,7 +19,7 @@ _EXPORTS = {
     "run_study": "api", "StudyResult": "api", "default_callbacks": "api",
     "load_study": "sweep", "Study": "sweep",
     "Config": "config", "load_config": "config",
-    "Callback": "train.callbacks", "Monitor": "train.callbacks", "EarlyStopping": "train.callbacks",
+    "Callback": "train.callbacks", "Monitor": "train.monitor", "EarlyStopping": "train.callbacks",
     "Trainer": "train.trainer",
     "CifarlabError": "errors", "ConfigError": "errors", "DataError": "errors", "TrainingFailed": "errors",
     "Interrupted": "errors",
@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
     from .config import Config, load_config  # noqa: F401
     from .errors import CifarlabError, ConfigError, DataError, Interrupted, TrainingFailed  # noqa: F401
     from .sweep import Study, load_study  # noqa: F401
-    from .train.callbacks import Callback, EarlyStopping, Monitor  # noqa: F401
+    from .train.callbacks import Callback, EarlyStopping  # noqa: F401
+    from .train.monitor import Monitor  # noqa: F401
     from .train.trainer import Trainer  # noqa: F401
 
 

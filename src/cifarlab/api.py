@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import base64
 import html
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -76,8 +77,10 @@ def fit(config: ConfigSource, *, overrides: Overrides = None, callbacks: Sequenc
     train.out_dir/NAME-TIMESTAMP). Raises TrainingFailed when the loss becomes NaN, Interrupted on
     SIGINT / SIGTERM (state saved in last.pt; `resume` continues exactly)."""
     resolved = load_config(config, overrides)
-    path = trainer.fit(resolved, default_callbacks(resolved, callbacks, progress),
-                       Path(run_dir) if run_dir is not None else None)
+    bar = progress if isinstance(progress, Callback) else default_progress(progress)
+    with closing_progress(bar):
+        path = trainer.fit(resolved, default_callbacks(resolved, callbacks, bar),
+                           Path(run_dir) if run_dir is not None else None)
     return Run(path)
 
 
@@ -87,7 +90,19 @@ def resume(run: Union["Run", PathLike], overrides: Overrides = None, *, callback
     an interrupt). Overrides such as train.epochs=30 train a finished run further."""
     path = runs.resolve_run(run.path if isinstance(run, Run) else run)
     config = load_config(path / runs.CONFIG, overrides)
-    return Run(trainer.resume(path, config, default_callbacks(config, callbacks, progress)))
+    bar = progress if isinstance(progress, Callback) else default_progress(progress)
+    with closing_progress(bar):
+        return Run(trainer.resume(path, config, default_callbacks(config, callbacks, bar)))
+
+
+@contextmanager
+def closing_progress(progress: Any) -> Iterator[None]:
+    """A progress display is closed however training ends (a terminal bar must not outlive it)."""
+    try:
+        yield
+    finally:
+        if hasattr(progress, "close"):
+            progress.close()
 
 
 def load_run(path: Union["Run", PathLike]) -> "Run":
@@ -205,8 +220,10 @@ class Run:
         shape = self.loaded.input_shape
         if isinstance(images, (str, Path)):
             images = [images]
-        if isinstance(images, (list, tuple)):
+        if isinstance(images, (list, tuple)) and all(isinstance(p, (str, Path)) for p in images):
             return np.stack([read_image(Path(p), shape) for p in images]) if images else np.zeros((0, *shape), np.uint8)
+        if isinstance(images, (list, tuple)):
+            images = np.stack([i.cpu().numpy() if isinstance(i, torch.Tensor) else np.asarray(i) for i in images])
         array = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         if array.ndim == 3:
             array = array[None]

@@ -68,14 +68,10 @@ def train_and_report(config, resume_run: Optional[Path] = None, overrides: Optio
     from .train.progress import LogProgress, TerminalProgress
 
     progress = LogProgress() if state.get("quiet") or not sys.stderr.isatty() else TerminalProgress(err)
-    try:
-        if resume_run is not None:
-            run = api.resume(resume_run, overrides, progress=progress)
-        else:
-            run = api.fit(config, run_dir=run_dir, progress=progress)
-    finally:
-        if isinstance(progress, TerminalProgress):
-            progress.close()
+    if resume_run is not None:
+        run = api.resume(resume_run, overrides, progress=progress)
+    else:
+        run = api.fit(config, run_dir=run_dir, progress=progress)
     print_summary(run.path)
     return run.path
 
@@ -439,13 +435,8 @@ def viz_augment(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Write a PNG of a few training images, each under several draws of the augmentation."""
-    import numpy as np
-
-    from .analysis.plots import augment_grid
+    from .analysis.figures import augment_preview
     from .config import load_config
-    from .data.augment import augment_examples
-    from .data.sources import dataset_from_config
-    from .data.splits import channel_stats
     from .runs import read_run_config, resolve_run
 
     settings = list(overrides or [])
@@ -456,19 +447,7 @@ def viz_augment(
     else:
         config = load_config(None, [f"data.dataset={target}", *([f"data.root={root}"] if root else []), *settings])
         default_path = Path(f"{target}-augment-{config.augment.preset}.png")
-    ds = dataset_from_config(config.data, config.seed)
-    pick = np.random.default_rng(seed).choice(len(ds.y_train), size=min(count, len(ds.y_train)), replace=False)
-    images = ds.x_train[pick]
-    mean = config.data.mean or channel_stats(ds.x_train)[0]  # erased boxes take the mean color, as in training
-    augmented = augment_examples(images, config.augment, draws, seed, mean)
-    a = config.augment
-    described = ", ".join(f"{k}={v}" for k, v in a.model_dump().items()
-                          if k != "preset" and v not in (0, 0.0, False) and not (k == "crop_fill" and not a.crop)
-                          and not (k == "fill_mode" and not (a.rotation or a.shear or a.zoom or a.width_shift
-                                                             or a.height_shift)))
-    path = augment_grid(images, augmented, ds.y_train[pick], ds.classes, output or default_path,
-                        title=f"{ds.name}, augment.preset={a.preset}: {described or 'no augmentation'}")
-    out.print(f"wrote {path}")
+    out.print(f"wrote {augment_preview(config, output or default_path, count, draws, seed)}")
 
 
 def main() -> None:

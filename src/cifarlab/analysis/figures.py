@@ -17,6 +17,9 @@ import torch
 
 from .. import runs
 from ..config import Config
+from ..data.augment import augment_examples
+from ..data.sources import dataset_from_config
+from ..data.splits import channel_stats
 from ..errors import ConfigError
 from ..evaluation import Evaluation, evaluate
 from . import plots
@@ -167,6 +170,23 @@ def tsne(view: RunView, recompute: bool = False) -> list[Path]:
         paths.append(plots.embedding_panel(chosen, view.classes, view.plot(f"tsne_{layer}.png"),
                                            f"t-SNE of {layer}: beginning, middle and end of training"))
     return paths
+
+
+def augment_preview(config: Config, path: Path, count: int = 4, draws: int = 6, seed: int = 0) -> Path:
+    """`count` training images of the config's dataset, each under `draws` independent draws of its
+    augmentation (one row per image). Needs no run: it shows what a config would train on."""
+    ds = dataset_from_config(config.data, config.seed)
+    pick = np.random.default_rng(seed).choice(len(ds.y_train), size=min(count, len(ds.y_train)), replace=False)
+    images = ds.x_train[pick]
+    mean = config.data.mean or channel_stats(ds.x_train)[0]  # erased boxes take the mean color, as in training
+    augmented = augment_examples(images, config.augment, draws, seed, mean)
+    a = config.augment
+    affine = a.rotation or a.shear or a.zoom or a.width_shift or a.height_shift
+    described = ", ".join(f"{k}={v}" for k, v in a.model_dump().items()
+                          if k != "preset" and v not in (0, 0.0, False) and not (k == "crop_fill" and not a.crop)
+                          and not (k == "fill_mode" and not affine))
+    return plots.augment_grid(images, augmented, ds.y_train[pick], ds.classes, path,
+                              title=f"{ds.name}, augment.preset={a.preset}: {described or 'no augmentation'}")
 
 
 @dataclass

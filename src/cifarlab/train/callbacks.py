@@ -15,7 +15,7 @@ and optionally `state_dict()` / `load_state_dict(state)`, stored in last.pt unde
 (default: its class name), so a resumed run continues with the callback's exact state. A callback
 asks to stop training with `trainer.stop(reason)`; the trainer stops after the epoch's callbacks.
 
-One `Monitor` decides "is this an improvement" for every callback that watches a metric.
+One `Monitor` (train/monitor.py) decides "is this an improvement" for every callback that watches a metric.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .. import runs
 from ..errors import TrainingFailed
+from .monitor import Monitor
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -58,51 +59,6 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-class Monitor:
-    """The best value of one metric so far. Losses are minimized and everything else maximized
-    (mode "auto"), or as `mode` says; an improvement must beat the best by more than `min_delta`
-    (Keras' MonitorCallback). NaN and infinite values never improve."""
-
-    def __init__(self, metric: str, min_delta: float = 0.0, mode: str = "auto"):
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"mode={mode!r}: use auto, min or max")
-        self.metric = metric
-        self.min_delta = min_delta
-        self.minimize = mode == "min" or (mode == "auto" and metric.endswith("loss"))
-        self.best: Optional[float] = None
-        self.best_epoch: Optional[int] = None
-
-    def value(self, record: dict[str, Any]) -> float:
-        return record.get(self.metric, math.nan)
-
-    def is_better(self, value: float, reference: Optional[float]) -> bool:
-        """Finite, and better than `reference` by more than min_delta (any finite value beats None)."""
-        if not math.isfinite(value):
-            return False
-        if reference is None:
-            return True
-        gain = reference - value if self.minimize else value - reference
-        return gain > self.min_delta
-
-    def reached(self, value: float, target: float) -> bool:
-        """At or past `target` in the monitor's direction."""
-        return value <= target if self.minimize else value >= target
-
-    def update(self, epoch: int, record: dict[str, Any]) -> bool:
-        """Take one epoch's record; True when it holds a new best."""
-        value = self.value(record)
-        if not self.is_better(value, self.best):
-            return False
-        self.best, self.best_epoch = value, epoch
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_epoch = state["best"], state["best_epoch"]
 
 
 class StoppingRule(Callback):

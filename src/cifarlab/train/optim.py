@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .monitor import Monitor
 
 
 class ProximalAdagrad(torch.optim.Optimizer):
@@ -175,7 +176,7 @@ class LRSchedule:
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self.scale = 1.0
-        self.best: Optional[float] = None
+        self.monitor = Monitor(c.monitor, c.threshold)  # plateau: torch ReduceLROnPlateau's threshold, absolute
         self.wait = 0
 
     def factor(self, step: int) -> float:
@@ -196,13 +197,10 @@ class LRSchedule:
     def epoch_end(self, record: dict[str, Any]) -> None:
         if self.c.name != "plateau":
             return
-        monitor = self.c.monitor
-        if monitor not in record:
-            raise ConfigError(f"schedule.monitor={monitor}: not measured (add its split to train.evaluate)")
-        value = record[monitor]
-        sign = -1.0 if monitor.endswith("loss") else 1.0
-        if self.best is None or sign * (value - self.best) > self.c.threshold:
-            self.best, self.wait = value, 0
+        if self.c.monitor not in record:
+            raise ConfigError(f"schedule.monitor={self.c.monitor}: not measured (add its split to train.evaluate)")
+        if self.monitor.update(record.get("epoch", 0), record):
+            self.wait = 0
             return
         self.wait += 1
         if self.wait > self.c.patience:
@@ -210,10 +208,10 @@ class LRSchedule:
             self.wait = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "best": self.best, "wait": self.wait}
+        return {"scale": self.scale, "best": self.monitor.best, "wait": self.wait}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scale, self.best, self.wait = state["scale"], state["best"], state["wait"]
+        self.scale, self.monitor.best, self.wait = state["scale"], state["best"], state["wait"]
 
 
 def kernels(model: nn.Module, layers: Optional[list[str]] = None) -> list[torch.Tensor]:
