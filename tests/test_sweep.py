@@ -104,12 +104,14 @@ def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_he
     command = [sys.executable, "-m", "cifarlab.cli", "sweep", str(path), "--out", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     study = load_study(path)
-    first = out / study.runs[0].id
+    first, second = out / study.runs[0].id, out / study.runs[1].id
     try:
-        deadline = time.time() + 300
-        while not (first / "summary.json").is_file() and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(3)  # into the second run
+        # kill it once the second run has begun (runs go one at a time): whatever this machine's speed,
+        # the first run is done and the last two have not started
+        deadline = time.monotonic() + 300
+        while not ((first / "summary.json").is_file() and (second / "config.yaml").is_file()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

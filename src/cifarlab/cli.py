@@ -37,18 +37,23 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except Interrupted as e:
-            err.print(f"{e}; state saved, resume with: cifarlab train --resume {e.run_dir}")
+            err.print(f"{one_line(str(e))}; state saved, resume with: cifarlab train --resume {e.run_dir}")
             raise typer.Exit(e.exit_code) from None
         except CifarlabError as e:
             if state["debug"]:
                 raise
-            err.print(Text.assemble(("error: ", "bold red"), str(e)))
+            err.print(Text.assemble(("error: ", "bold red"), one_line(str(e))))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
 
     return run
+
+
+def one_line(message: str) -> str:
+    """Every error is one line, whatever a library below put in its message."""
+    return " ".join(message.split())
 
 
 @app.callback()

@@ -15,6 +15,16 @@ class DataError(CifarlabError):
     """Data, an image or a checkpoint that is missing or damaged (exit code 2)."""
 
 
+class WriteError(CifarlabError):
+    """A file could not be written (disk full, read-only folder, file size limit): exit code 1."""
+
+    exit_code = 1
+
+
+class RunInUse(CifarlabError):
+    """Another live process is writing the run (it holds RUN/.lock): exit code 2."""
+
+
 class TrainingFailed(CifarlabError):
     """Training ran but failed (for example the loss became NaN)."""
 

@@ -8,6 +8,8 @@ command reads it back.
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import os
 import pickle
@@ -25,8 +27,8 @@ from torch import nn
 from .config import Config, load_config
 from .data.loader import DeviceLoader
 from .data.prepare import Splits, eval_loader, prepare_data, select_device
-from .errors import ConfigError, DataError
-from .files import atomic_write
+from .errors import ConfigError, DataError, RunInUse
+from .files import append_line, atomic_write
 from .models.build import build_model
 
 CONFIG = "config.yaml"
@@ -34,27 +36,90 @@ ENV = "env.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 
 
 def create_run_dir(out_dir: Union[str, Path], name: str, exact: Optional[Path] = None) -> Path:
     """A new, empty run directory: `exact` if given (a study names its runs), else
     out_dir/name-timestamp, with a suffix keeping two runs started in the same second apart."""
-    if exact is not None:
-        if exact.exists() and any(exact.iterdir()):
-            raise ConfigError(f"{exact}: run directory exists and is not empty")
-        (exact / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        return exact
-    base = Path(out_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while True:
-        try:
-            path.mkdir(parents=True)
-            break
-        except FileExistsError:
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
-    (path / CHECKPOINTS).mkdir()
-    return path
+    try:
+        if exact is not None:
+            if exact.exists() and any(exact.iterdir()):
+                raise ConfigError(f"{exact}: run directory exists and is not empty")
+            (exact / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            return exact
+        base = Path(out_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, n = base, 1
+        while True:
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
+        (path / CHECKPOINTS).mkdir()
+        return path
+    except OSError as e:
+        where = exact if exact is not None else Path(out_dir)
+        raise ConfigError(f"{where}: cannot create the run directory ({e.strerror or e})") from None
+
+
+class RunLock:
+    """One writer per run: an exclusive flock on RUN/.lock, a file that holds the writer's pid. The
+    kernel drops the lock when its process ends, even by SIGKILL, so a .lock left behind by a dead
+    process is stale and the next writer takes it over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunInUse(f"{self.path.parent}: process {holder} is writing this run "
+                               f"(it holds {self.path}); wait for it to end or stop it") from None
+            try:  # the last holder may have removed the file between our open and our lock
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_holder(run_dir: Path) -> Optional[str]:
+    """The pid of the live process writing `run_dir`, or None when nobody is."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file():
+        return None
+    try:
+        with RunLock(run_dir):
+            return None
+    except RunInUse:
+        return path.read_text().strip() or "unknown"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -63,8 +128,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def append_jsonl(path: Path, obj: Any) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+    append_line(path, json.dumps(obj))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -133,8 +197,11 @@ def environment(device: str, seed: int) -> dict[str, Any]:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Serialize in memory, then write atomically: a crash or a full disk never leaves half a file,
+    and a write error is an OSError (torch.save to a file reports it as a RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
@@ -143,9 +210,32 @@ def load_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise DataError(f"{path}: not a cifarlab checkpoint ({str(e).splitlines()[0]})") from None
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError,
+            TypeError, AttributeError) as e:  # what torch.load raises on a damaged or foreign file
+        lines = str(e).strip().splitlines()
+        raise DataError(f"{path}: not a cifarlab checkpoint ({lines[0] if lines else type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: not a cifarlab checkpoint (holds a {type(state).__name__})")
+    return state
+
+
+def load_weights(model: nn.Module, weights: dict[str, Any], source: Path) -> None:
+    """Load a checkpoint's weights into `model`, or say which layer does not fit (a checkpoint of
+    another architecture, or a config edited after training)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        detail = (f"the model has {missing[0]} which the checkpoint lacks" if missing
+                  else f"the checkpoint has {unexpected[0]} which the model lacks")
+        raise DataError(f"{source}: does not fit the model built from the config ({detail}; "
+                        f"{len(missing)} missing, {len(unexpected)} unexpected)")
+    for key, tensor in expected.items():
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            raise DataError(f"{source}: does not fit the model built from the config: {key} is "
+                            f"{tuple(weights[key].shape)} in the checkpoint, {tuple(tensor.shape)} in the model")
+    model.load_state_dict(weights)
 
 
 # ---------------------------------------------------------------- reading a finished run
@@ -195,11 +285,15 @@ def load_run(run_dir: Union[str, Path], checkpoint_name: str = "best.pt") -> Loa
     run_dir = resolve_run(run_dir)
     config = read_run_config(run_dir)
     device = select_device(config.train.device)
-    checkpoint = load_checkpoint(run_dir / CHECKPOINTS / checkpoint_name, str(device))
+    path = run_dir / CHECKPOINTS / checkpoint_name
+    checkpoint = load_checkpoint(path, str(device))
+    missing = [k for k in ("model", "normalization", "input_shape", "classes", "epoch") if k not in checkpoint]
+    if missing:
+        raise DataError(f"{path}: not a cifarlab checkpoint (no {missing[0]!r})")
     splits = prepare_data(config, checkpoint["normalization"])
     model = build_model(config.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"])).to(device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint["model"], path)
     model.eval()
     return LoadedRun(run_dir, config, splits, model, checkpoint, device)

@@ -181,6 +181,10 @@ def run_study(study: Study, out: Path, executor: Optional[Executor] = None, work
     outcome, jobs = {}, []
     for run in study.runs:
         run_dir = out / run.id
+        holder = runs.lock_holder(run_dir) if run_dir.exists() else None
+        if holder is not None:  # another sweep (or a train --resume) is writing it: leave it alone
+            outcome[run.id] = f"skipped (process {holder} is writing it)"
+            continue
         state = run_state(run_dir) if run_dir.exists() else "fresh"
         if state == "completed":
             outcome[run.id] = "skipped (completed before)"

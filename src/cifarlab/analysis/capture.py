@@ -14,6 +14,7 @@ from torch import nn
 from ..config import TsneConfig
 from ..errors import ConfigError
 from ..evaluation import eval_mode
+from ..files import atomic_write, save_array
 
 FEATURES = "features"
 
@@ -80,9 +81,9 @@ class FeatureCapture:
     def save(self, trainer: Any, epoch: int) -> None:
         folder = Path(trainer.run_dir) / FEATURES
         folder.mkdir(exist_ok=True)
-        np.save(folder / "labels.npy", self.loader.labels.cpu().numpy())
+        atomic_write(folder / "labels.npy", lambda tmp: save_array(tmp, self.loader.labels.cpu().numpy()))
         for layer, values in capture(trainer.model, self.loader, self.settings.layers).items():
-            np.save(folder / f"{layer}-epoch{epoch:03d}.npy", values)
+            atomic_write(folder / f"{layer}-epoch{epoch:03d}.npy", lambda tmp, v=values: save_array(tmp, v))
 
     def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
         if record["epoch"] in self.epochs:

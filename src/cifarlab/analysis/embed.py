@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..files import atomic_write
+from ..files import atomic_write, save_array
 
 FEATURE_FILE = re.compile(r"(?P<layer>.+)-epoch(?P<epoch>\d+)\.npy$")
 
@@ -95,12 +95,6 @@ def feature_files(run_dir: Path) -> dict[str, dict[int, Path]]:
         if match and not path.name.endswith(".tsne.npy"):
             found.setdefault(match["layer"], {})[int(match["epoch"])] = path
     return found
-
-
-def save_array(path: Path, array: np.ndarray) -> None:
-    """np.save to exactly `path` (np.save itself appends .npy to a name without it)."""
-    with open(path, "wb") as f:
-        np.save(f, array)
 
 
 def embed_run(run_dir: Path, seed: int = 0, recompute: bool = False) -> list[dict[str, Any]]:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
+
+# Larger images are refused before decoding (a PNG of a few KB can declare 30000 x 30000 pixels:
+# a decompression bomb). Photos of up to 40 megapixels pass.
+MAX_PIXELS = 40_000_000
 
 
 def read_image(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
@@ -16,13 +21,21 @@ def read_image(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
 
     channels, height, width = input_shape
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # Pillow warns of large images; MAX_PIXELS refuses them below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            if image.width * image.height > MAX_PIXELS:
+                raise DataError(f"{path}: image of {image.width} x {image.height} pixels is too large "
+                                f"(at most {MAX_PIXELS:,} pixels)")
             image = image.convert("L" if channels == 1 else "RGB")
             if image.size != (width, height):
                 image = image.resize((width, height), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image is too large ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: not a readable image ({str(e).splitlines()[0]})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()

@@ -101,24 +101,43 @@ def read_pickle(path: Path) -> dict:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except pickle.UnpicklingError as e:
-        raise DataError(f"{path}: not a dataset pickle we trust ({e})") from None
-    except (EOFError, ValueError, TypeError, AttributeError) as e:
-        raise DataError(f"{path}: corrupt pickle ({e})") from None
+        raise DataError(f"{path}: not a dataset pickle we trust ({_first_line(e)})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+        raise DataError(f"{path}: corrupt pickle ({_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
 
 
-def _pickled_images(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def checked_labels(path: Path, values, count: int, classes: int) -> np.ndarray:
+    """`values` as int64 labels, one per image, each in [0, classes); else a DataError naming the file."""
+    try:
+        labels = np.asarray(values)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: labels are not a list of integers ({e})") from None
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+        raise DataError(f"{path}: labels must be a list of integers, got {labels.dtype} of shape {labels.shape}")
+    if len(labels) != count:
+        raise DataError(f"{path}: {count} images but {len(labels)} labels")
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        index = int(np.argmax(bad))
+        raise DataError(f"{path}: label {int(labels[index])} of image {index} is outside 0-{classes - 1} "
+                        f"({classes} classes)")
+    return labels.astype(np.int64)
+
+
+def _pickled_images(path: Path, label_key: str, classes: int) -> tuple[np.ndarray, np.ndarray]:
     batch = read_pickle(path)
     if "data" not in batch or label_key not in batch:
         raise DataError(f"{path}: missing 'data' or '{label_key}' (keys: {', '.join(map(str, batch))})")
-    data = np.asarray(batch["data"], dtype=np.uint8)
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise DataError(f"{path}: 'data' must be a uint8 array of pixels, got {type(data).__name__} "
+                        f"{getattr(data, 'dtype', '')}".rstrip())
     if data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"{path}: 'data' has shape {data.shape}, expected (N, 3072)")
-    labels = np.asarray(batch[label_key], dtype=np.int64)
-    if len(labels) != len(data):
-        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
+        raise DataError(f"{path}: 'data' has shape {data.shape}, expected (N, 3072): rows of 32x32x3 pixels")
+    labels = checked_labels(path, batch[label_key], len(data), classes)
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -127,15 +146,15 @@ def _pickled_images(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]
 
 def read_cifar10_python(folder: Path) -> Dataset:
     folder = Path(folder)
-    parts = [_pickled_images(folder / f"data_batch_{i}", "labels") for i in range(1, 6)]
-    x_test, y_test = _pickled_images(folder / "test_batch", "labels")
     meta = folder / "batches.meta"
-    classes = list(read_pickle(meta)["label_names"]) if meta.exists() else list(CIFAR10_CLASSES)
+    classes = list(read_pickle(meta).get("label_names", CIFAR10_CLASSES)) if meta.exists() else list(CIFAR10_CLASSES)
+    parts = [_pickled_images(folder / f"data_batch_{i}", "labels", len(classes)) for i in range(1, 6)]
+    x_test, y_test = _pickled_images(folder / "test_batch", "labels", len(classes))
     return Dataset("cifar10", np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                    x_test, y_test, classes, str(folder))
 
 
-def _read_cifar10_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar10_records(path: Path, classes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         raw = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
@@ -144,15 +163,15 @@ def _read_cifar10_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if raw.size == 0 or raw.size % record:
         raise DataError(f"{path}: {raw.size} bytes is not a whole number of {record}-byte CIFAR-10 records")
     raw = raw.reshape(-1, record)
-    return raw[:, 1:].reshape(-1, 3, 32, 32).copy(), raw[:, 0].astype(np.int64)
+    return raw[:, 1:].reshape(-1, 3, 32, 32).copy(), checked_labels(path, raw[:, 0], len(raw), classes)
 
 
 def read_cifar10_binary(folder: Path) -> Dataset:
     folder = Path(folder)
-    parts = [_read_cifar10_records(folder / f"data_batch_{i}.bin") for i in range(1, 6)]
-    x_test, y_test = _read_cifar10_records(folder / "test_batch.bin")
     meta = folder / "batches.meta.txt"
-    classes = [c for c in meta.read_text().split() if c] if meta.exists() else list(CIFAR10_CLASSES)
+    classes = [c for c in meta.read_text(errors="replace").split() if c] if meta.exists() else list(CIFAR10_CLASSES)
+    parts = [_read_cifar10_records(folder / f"data_batch_{i}.bin", len(classes)) for i in range(1, 6)]
+    x_test, y_test = _read_cifar10_records(folder / "test_batch.bin", len(classes))
     return Dataset("cifar10", np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                    x_test, y_test, classes, str(folder))
 
@@ -160,9 +179,12 @@ def read_cifar10_binary(folder: Path) -> Dataset:
 def read_cifar100_python(folder: Path, labels: str = "fine") -> Dataset:
     folder = Path(folder)
     key = f"{labels}_labels"
-    x_train, y_train = _pickled_images(folder / "train", key)
-    x_test, y_test = _pickled_images(folder / "test", key)
-    classes = list(read_pickle(folder / "meta")[f"{labels}_label_names"])
+    meta = read_pickle(folder / "meta")
+    if f"{labels}_label_names" not in meta:
+        raise DataError(f"{folder / 'meta'}: no '{labels}_label_names'")
+    classes = list(meta[f"{labels}_label_names"])
+    x_train, y_train = _pickled_images(folder / "train", key, len(classes))
+    x_test, y_test = _pickled_images(folder / "test", key, len(classes))
     return Dataset("cifar100", x_train, y_train, x_test, y_test, classes, str(folder))
 
 
@@ -200,13 +222,14 @@ def _idx_file(folder: Path, stem: str) -> Path:
 def read_mnist_folder(folder: Path, name: str = "fashion-mnist") -> Dataset:
     folder = Path(folder)
     arrays = {}
+    classes = FASHION_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = read_idx(_idx_file(folder, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_idx_file(folder, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-        if images.ndim != 3 or len(images) != len(labels):
-            raise DataError(f"{folder}: {prefix} images {images.shape} do not match labels {labels.shape}")
+        label_file = _idx_file(folder, f"{prefix}-labels-idx1-ubyte")
+        if images.ndim != 3:
+            raise DataError(f"{folder}: {prefix} images have shape {images.shape}, expected (N, H, W)")
+        labels = checked_labels(label_file, read_idx(label_file), len(images), len(classes))
         arrays[split] = (images[:, None, :, :].copy(), labels)
-    classes = FASHION_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
     return Dataset(name, *arrays["train"], *arrays["test"], list(classes), str(folder))
 
 
@@ -390,10 +413,33 @@ def _search_dirs(entry: DatasetEntry) -> list[Path]:
     return [cache_dir() / entry.cache_folder, *entry.system_dirs]
 
 
+def check_dataset(ds: Dataset) -> Dataset:
+    """The checks every reader's result passes (readers check their own files first, naming them):
+    uint8 (N, C, H, W) images, train and test of one shape, a label per image, labels in range."""
+    for split, images, labels in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        where = f"{ds.origin} ({split})"
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"{where}: images must be uint8 (N, C, H, W), got {getattr(images, 'dtype', type(images))} "
+                            f"{getattr(images, 'shape', '')}")
+        if images.shape[1] not in (1, 3) or min(images.shape[2:]) < 1:
+            raise DataError(f"{where}: images of shape {images.shape[1:]} (C, H, W): C must be 1 or 3")
+        checked_labels(where, labels, len(images), len(ds.classes))
+    if len(ds.y_train) == 0:
+        raise DataError(f"{ds.origin}: no training images")
+    if ds.x_train.shape[1:] != ds.x_test.shape[1:]:
+        raise DataError(f"{ds.origin}: training images are {ds.x_train.shape[1:]} but test images {ds.x_test.shape[1:]}")
+    return ds
+
+
 def load_dataset(dataset: str, root: Optional[str] = None, fmt: str = "auto", labels: str = "fine",
                  allow_download: bool = False, seed: int = 0) -> Dataset:
     """Read a dataset from `root` (a folder or a .tar.gz), else from the cache and system folders,
-    else (with allow_download) from the official archive."""
+    else (with allow_download) from the official archive; every result passes `check_dataset`."""
+    return check_dataset(_load_dataset(dataset, root, fmt, labels, allow_download, seed))
+
+
+def _load_dataset(dataset: str, root: Optional[str], fmt: str, labels: str, allow_download: bool,
+                  seed: int) -> Dataset:
     entry = dataset_entry(dataset)
     if entry.generate is not None:
         return entry.generate(seed)

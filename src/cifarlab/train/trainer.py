@@ -26,7 +26,7 @@ from ..config import Config, write_config
 from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
 from ..data.prepare import eval_loader, prepare_data, select_device, to_device
-from ..errors import ConfigError, Interrupted, TrainingFailed
+from ..errors import CifarlabError, ConfigError, Interrupted, TrainingFailed
 from ..evaluation import Evaluation, autocast, evaluate
 from ..models.build import build_model
 from ..models.summary import count_params
@@ -122,6 +122,7 @@ class Trainer:
         self.best_value: Optional[float] = None
         self.test_result: Optional[Evaluation] = None
         self.run_dir: Optional[Path] = None
+        self.lock: Optional[runs.RunLock] = None  # held from start() / resume_from() to the end of fit()
         self.resuming = False
 
     # ---------------------------------------------------------------- for callbacks
@@ -170,8 +171,8 @@ class Trainer:
                              "history": self.history},
                 "position": position}
 
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+    def load_checkpoint_state(self, state: dict[str, Any], source: Path = Path("last.pt")) -> None:
+        runs.load_weights(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         saved = state.get("callbacks", {})
@@ -208,14 +209,17 @@ class Trainer:
     def start(self, run_dir: Optional[Path] = None) -> Path:
         """A new run directory (`run_dir` if given) with config.yaml and env.json."""
         self.run_dir = runs.create_run_dir(self.config.train.out_dir, self.config.run_name(), run_dir)
+        self.lock = runs.RunLock(self.run_dir).acquire()
         write_config(self.config, self.run_dir / runs.CONFIG)
         runs.write_json(self.run_dir / runs.ENV, {**runs.environment(str(self.device), self.config.seed),
                                                   "data_origin": self.splits.dataset.origin})
         return self.run_dir
 
-    def resume_from(self, run_dir: Path) -> Path:
-        """Take up `run_dir` where its last.pt left it (end of an epoch, or the step of an interrupt)."""
-        self.load_checkpoint_state(runs.load_checkpoint(run_dir / runs.CHECKPOINTS / "last.pt", str(self.device)))
+    def resume_from(self, run_dir: Path, state: dict[str, Any], lock: runs.RunLock) -> Path:
+        """Take up `run_dir` from its last.pt `state` (end of an epoch, or the step of an interrupt),
+        holding its `lock` until fit() ends."""
+        self.lock = lock
+        self.load_checkpoint_state(state, run_dir / runs.CHECKPOINTS / "last.pt")
         if self.position is None and self.epoch >= self.config.train.epochs:
             raise ConfigError(f"{run_dir}: already trained {self.epoch} of train.epochs={self.config.train.epochs}; "
                               "pass train.epochs=N to train longer")
@@ -316,14 +320,25 @@ class Trainer:
         try:
             return self._fit()
         except TrainingFailed as e:
-            self.write_summary("diverged", str(e))
+            self.record_failure("diverged", str(e))
             raise
         except (Interrupted, KeyboardInterrupt):
             raise
         except Exception as e:
-            if self.run_dir is not None:
-                self.write_summary("failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            lines = str(e).splitlines()
+            self.record_failure("failed", str(e) if isinstance(e, CifarlabError) else
+                                f"{type(e).__name__}: {lines[0] if lines else ''}")
             raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def record_failure(self, status: str, reason: str) -> None:
+        """summary.json with the failure, if it can still be written (not when the disk is full)."""
+        try:
+            self.write_summary(status, reason)
+        except CifarlabError as e:
+            log.warning("%s", e)
 
     def _fit(self) -> Path:
         c = self.config
@@ -354,6 +369,29 @@ class Trainer:
         return self.run_dir
 
 
+# What a resumed run must share with its checkpoint: the network, the data and its split (seed). A new
+# data.root (the data moved) or train.* / optim.* / schedule.* settings are allowed.
+FIXED_ON_RESUME = ("model", "data", "seed")
+MOVABLE_DATA_KEYS = ("root", "download")
+
+
+def check_resumable(saved: dict[str, Any], config: Config, run_dir: Path) -> None:
+    """Refuse overrides that cannot apply to a run's checkpoint (ConfigError naming the key)."""
+    now = config.to_dict()
+    for section in FIXED_ON_RESUME:
+        before, after = saved.get(section), now.get(section)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changed = [f"{section}.{k}" for k in sorted(set(before) | set(after))
+                       if before.get(k) != after.get(k) and not (section == "data" and k in MOVABLE_DATA_KEYS)]
+            if changed:
+                key = changed[0]
+                leaf = key.split(".", 1)[1]
+                raise ConfigError(f"{run_dir}: {key} cannot change when resuming (it was {before.get(leaf)!r}, "
+                                  f"now {after.get(leaf)!r}); start a new run instead")
+        elif saved and before != after:
+            raise ConfigError(f"{run_dir}: {section} cannot change when resuming (it was {before!r}, now {after!r})")
+
+
 def state_keys(callbacks: Sequence[Callback]) -> list[str]:
     """Each callback's key in last.pt: its state_key or class name, numbered when repeated."""
     keys: list[str] = []
@@ -377,6 +415,13 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), run_dir: Optional[Pa
 def resume(run_dir: Path, config: Config, callbacks: Sequence[Callback] = ()) -> Path:
     """Continue a run from its last.pt exactly where it stopped, with `config` (the run's own,
     possibly with overrides such as train.epochs=30)."""
-    trainer = Trainer(config, callbacks)
-    trainer.resume_from(run_dir)
+    lock = runs.RunLock(run_dir).acquire()  # a second writer is refused before anything is read
+    try:
+        state = runs.load_checkpoint(run_dir / runs.CHECKPOINTS / "last.pt")
+        check_resumable(state.get("config", {}), config, run_dir)  # before the data is read
+        trainer = Trainer(config, callbacks)
+        trainer.resume_from(run_dir, state, lock)
+    except BaseException:
+        lock.release()
+        raise
     return trainer.fit()
