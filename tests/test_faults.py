@@ -42,6 +42,7 @@ def assert_error(result, code, *fragments):
     assert last.startswith("error: "), result.stderr[-2000:]
     for fragment in fragments:
         assert fragment in last, (fragment, last)
+    print(f"exit {result.returncode}: {last}")  # the corpus' messages, shown by pytest -rP
     return last
 
 

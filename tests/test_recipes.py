@@ -95,6 +95,13 @@ def test_proximal_adagrad_from_config():
         load_config(overrides=["optim.prox_l1=0.01"])
 
 
+def test_proximal_adagrad_refuses_a_zero_accumulator_as_tensorflow_does():
+    with pytest.raises(ConfigError, match=r"optim.initial_accumulator=0: proximal-adagrad needs a value > 0"):
+        load_config(overrides=["optim.name=proximal-adagrad", "optim.initial_accumulator=0"])
+    small = load_config(overrides=["optim.name=proximal-adagrad", "optim.initial_accumulator=0.01"])
+    assert make_optimizer(small.optim, tiny_model()).defaults["initial_accumulator_value"] == 0.01
+
+
 def test_l2_applies_to_named_kernels_only():
     config = load_config(overrides=["model.preset=cnn3"])
     from cifarlab.models.build import build_model

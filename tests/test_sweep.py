@@ -97,6 +97,14 @@ repeats: 2
     assert "± " in (tmp_path / "out" / "results.md").read_text()
 
 
+def wait_until_unlocked(run_dirs, timeout: float = 60) -> None:
+    """A killed process lets go of its run's lock as it exits, a moment after the kill."""
+    deadline = time.monotonic() + timeout
+    while any(runs.lock_holder(d) for d in run_dirs if d.is_dir()):
+        assert time.monotonic() < deadline, "a run is still locked"
+        time.sleep(0.05)
+
+
 def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_head, tmp_path):
     text = GRID.format(root=cifar10_head)
     path = write_study(tmp_path, text)
@@ -115,6 +123,7 @@ def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_he
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        wait_until_unlocked([out / r.id for r in study.runs])  # its training process is gone too
     done_before = {r.id: (out / r.id / "summary.json").stat().st_mtime_ns for r in study.runs
                    if (out / r.id / "summary.json").is_file()}
     assert study.runs[0].id in done_before and len(done_before) < 4

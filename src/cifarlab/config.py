@@ -7,11 +7,12 @@ before any work starts, with a message that names the key and what is allowed.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from .data import sources
 from .errors import ConfigError
@@ -40,6 +41,9 @@ def _one_of(names: Any, value: Any) -> Any:
     quoted = [repr(name) for name in names]
     choices = f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
     raise ValueError(f"Input should be {choices}")
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 class Section(BaseModel):
@@ -80,6 +84,16 @@ class DataConfig(Section):
         return self
 
 
+# An int or a float, each kept as its own type (pydantic would turn 3 into 3.0 for a float field);
+# AugmentConfig._shift_range checks it first, so a bad value gets one message.
+ShiftRange = Union[Annotated[int, Strict()], Annotated[float, Strict()]]
+
+# The framework flavors of the top-level `defaults` key (see train/optim.py FLAVOR_OPTIM_DEFAULTS and
+# models/build.py FLAVOR_LAYER_DEFAULTS): whose defaults fill the keys a config leaves out, and whose
+# update rules the optimizers follow.
+Flavor = Literal["torch", "keras", "tf1"]
+
+
 class AugmentConfig(Section):
     """Training-time augmentation. A preset fills the keys you leave out; keys you give win."""
 
@@ -88,8 +102,11 @@ class AugmentConfig(Section):
     crop_fill: Optional[Literal["constant", "reflect", "edge"]] = None  # how the crop padding is filled
     flip: Optional[bool] = None  # random horizontal flip, p = 0.5
     vflip: Optional[bool] = None  # random vertical flip, p = 0.5
-    width_shift: Optional[float] = Field(None, ge=0)  # Keras: < 1 a fraction of the width, >= 1 pixels
-    height_shift: Optional[float] = Field(None, ge=0)
+    # Keras' width_shift_range / height_shift_range rule (data/augment.py draw_shift): a float < 1 is a
+    # fraction of the size, a float >= 1 pixels from [-r, r], an int whole pixels from {-(r-1), ..., r-1}.
+    # A YAML int (3) stays an int and a YAML float (3.0) a float: the union is tried in that order, strictly.
+    width_shift: Optional[ShiftRange] = None
+    height_shift: Optional[ShiftRange] = None
     rotation: Optional[float] = Field(None, ge=0, le=180)  # degrees, drawn from [-r, r]
     shear: Optional[float] = Field(None, ge=0, lt=90)  # degrees (Keras shear_range), from [-s, s]
     zoom: Optional[float] = Field(None, ge=0, lt=1)  # scale drawn from [1 - z, 1 + z] per axis
@@ -102,6 +119,14 @@ class AugmentConfig(Section):
     erasing: Optional[float] = Field(None, ge=0, le=1)  # random-erasing probability per image
     mixup: Optional[float] = Field(None, ge=0)  # Beta(alpha, alpha) mixing; 0: off
     cutmix: Optional[float] = Field(None, ge=0)  # Beta(alpha, alpha) box pasting; 0: off
+
+    @field_validator("width_shift", "height_shift", mode="before")
+    @classmethod
+    def _shift_range(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError("must be a number >= 0: an int for whole pixels, a float below 1 for a fraction "
+                         "of the size, a float of 1 or more for pixels from a continuous range")
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> "AugmentConfig":
@@ -123,6 +148,7 @@ class ModelConfig(BaseModel):
 
     preset: Optional[str] = "cnn3-avg"
     layers: Optional[list[Any]] = None
+    defaults: Optional[Flavor] = None  # layer defaults (init, BatchNorm) of a framework; None: the top-level `defaults`
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -140,15 +166,19 @@ class ModelConfig(BaseModel):
 
 
 class OptimConfig(Section):
+    """Keys left out take the framework flavor's defaults (`defaults`, else the top-level `defaults`:
+    train/optim.py FLAVOR_OPTIM_DEFAULTS); keys given always win."""
+
+    defaults: Optional[Flavor] = None  # update rules and defaults of a framework; None: the top-level `defaults`
     name: str = "adam"  # a name in train/optim.py OPTIMIZERS
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)  # sgd, rmsprop
     nesterov: bool = False  # sgd, needs momentum > 0
     betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
-    eps: Optional[float] = Field(None, gt=0)  # adam(w), adagrad, rmsprop, adadelta; default: torch's
-    alpha: float = Field(0.99, gt=0, lt=1)  # rmsprop smoothing (Keras rho 0.9)
-    rho: float = Field(0.9, gt=0, lt=1)  # adadelta
-    initial_accumulator: Optional[float] = Field(None, ge=0)  # adagrad 0, proximal-adagrad 0.1 (TF)
+    eps: Optional[float] = Field(None, ge=0)  # adam(w), adagrad, rmsprop, adadelta; default: the flavor's
+    alpha: float = Field(0.99, gt=0, lt=1)  # rmsprop smoothing (Keras rho; keras / tf1 flavors 0.9)
+    rho: float = Field(0.9, gt=0, lt=1)  # adadelta (keras / tf1 flavors 0.95)
+    initial_accumulator: Optional[float] = Field(None, ge=0)  # adagrad 0 (keras / tf1 0.1), rmsprop (tf1 1), prox 0.1
     prox_l1: float = Field(0.0, ge=0)  # proximal-adagrad l1_regularization_strength
     prox_l2: float = Field(0.0, ge=0)  # proximal-adagrad l2_regularization_strength
     weight_decay: float = Field(0.0, ge=0)  # inside the optimizer step (torch semantics; decoupled for adamw)
@@ -169,7 +199,24 @@ class OptimConfig(Section):
             raise ValueError("optim.nesterov=true needs optim.name=sgd and optim.momentum > 0")
         if (self.prox_l1 or self.prox_l2) and self.name != "proximal-adagrad":
             raise ValueError("optim.prox_l1 / prox_l2 need optim.name=proximal-adagrad (for Keras L2 use optim.l2)")
+        self.apply_flavor()
         return self
+
+    def apply_flavor(self) -> None:
+        """Fill the keys the config left out with the flavor's values for this optimizer (torch: none, so
+        torch's own defaults stay), then refuse what the framework refuses."""
+        from .train.optim import flavor_optim_values
+
+        if self.defaults not in (None, "torch"):
+            for key, value in flavor_optim_values(self.defaults, self.name).items():
+                if key not in self.model_fields_set:
+                    object.__setattr__(self, key, value)
+        if self.name == "proximal-adagrad" and self.initial_accumulator == 0:
+            raise ValueError("optim.initial_accumulator=0: proximal-adagrad needs a value > 0 "
+                             "(TensorFlow refuses 0; its default is 0.1)")
+        if self.name == "adagrad" and self.defaults == "tf1" and self.eps == 0 and self.initial_accumulator == 0:
+            raise ValueError("optim.initial_accumulator=0: TensorFlow 1's Adagrad has no epsilon and refuses 0 "
+                             "(its default is 0.1)")
 
 
 class ScheduleConfig(Section):
@@ -262,8 +309,11 @@ class Config(Section):
     """A resolved run config: one section per part of a run; every key has a default. Build one with
     `load_config` (YAML path, dict or Config, then overrides); `to_dict()` gives the YAML tree."""
 
-    name: Optional[str] = None  # run name; default "<preset>-<dataset>"
+    name: Optional[str] = None  # run name; default "<preset>-<dataset>"; a plain name, never a path
     seed: int = 0
+    # framework flavor: whose defaults fill the optimizer and layer keys left out, and whose optimizer
+    # formulas run (torch, keras = Keras 3, tf1 = TensorFlow 1); model.defaults / optim.defaults override it
+    defaults: Flavor = "torch"
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -272,8 +322,22 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: Optional[str]) -> Optional[str]:
+        if name is not None and not PLAIN_NAME.fullmatch(name):
+            raise ValueError("must be a plain name (letters, digits, '.', '_', '-'; not starting with '.' or '-'), "
+                             "because it names the run folder inside train.out_dir")
+        return name
+
     @model_validator(mode="after")
     def _check(self) -> "Config":
+        if self.defaults != "torch":  # torch leaves the sections' defaults unset (None means torch)
+            if self.model.defaults is None:
+                object.__setattr__(self.model, "defaults", self.defaults)
+            if self.optim.defaults is None:
+                object.__setattr__(self.optim, "defaults", self.defaults)
+                self.optim.apply_flavor()
         if self.data.val_size == 0 and "val" in self.train.evaluate:
             object.__setattr__(self.train, "evaluate", [s for s in self.train.evaluate if s != "val"])
         measured = {"train_acc", "train_loss"} | {f"{s}_{m}" for s in self.train.evaluate for m in ("acc", "loss")}
@@ -307,7 +371,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected key.path=value, e.g. train.epochs=5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -323,18 +387,74 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+# A config is small data. These limits refuse, in well under a second, YAML made to hurt: a huge
+# file, nesting deep enough to exhaust the recursion limit, or aliases that expand exponentially
+# (a "billion laughs" document is a few hundred bytes).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (plain data only: no tags that construct objects) that also refuses deep
+    nesting and documents whose aliases expand to more than MAX_YAML_NODES nodes."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_document(self, node):
+        expanded_size(node, {})
+        return super().construct_document(node)
+
+
+def expanded_size(node, seen: dict[int, int]) -> int:
+    """How many nodes `node` stands for once every alias is expanded (shared nodes counted at each
+    use, as json or pydantic would copy them); refuses more than MAX_YAML_NODES."""
+    if id(node) in seen:
+        return seen[id(node)]
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(expanded_size(child, seen) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(expanded_size(k, seen) + expanded_size(v, seen) for k, v in node.value)
+    if size > MAX_YAML_NODES:
+        raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES:,} values (aliases)")
+    seen[id(node)] = size
+    return size
+
+
+def parse_yaml(text: str):
+    """Plain data from YAML text, within the limits above."""
+    return yaml.load(text, Loader=_LimitedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a config "
+                              f"(at most {MAX_YAML_BYTES:,})")
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a config is UTF-8 YAML)") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = parse_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: is not valid YAML (nested too deeply)") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):

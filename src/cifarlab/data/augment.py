@@ -3,7 +3,7 @@ torch.Generator, and no Python runs per sample.
 
 Images enter as uint8 (N, C, H, W) and leave as float in [0, 1]. Crop and flips are index
 operations; shift, rotation, shear and zoom are one affine_grid + grid_sample call per batch, with
-the Keras fill modes nearest, constant (cval) and reflect. Mixup and cutmix act later, on the
+the Keras (scipy.ndimage) fill modes nearest, constant (cval) and reflect. Mixup and cutmix act later, on the
 normalized batch and its labels (see `mix_batch`), because they change the targets too.
 
 The per-sample steps are the AUGMENTATIONS registry, in application order: a new one is one entry there
@@ -60,9 +60,13 @@ def random_flip(images: torch.Tensor, generator: torch.Generator, dim: int = 3, 
 def affine_matrices(height: int, width: int, angle: torch.Tensor, shear: torch.Tensor, zoom_x: torch.Tensor,
                     zoom_y: torch.Tensor, shift_x: torch.Tensor, shift_y: torch.Tensor) -> torch.Tensor:
     """(N, 3, 3) matrices mapping an output pixel, in pixel units about the image center (x right,
-    y down), to the input pixel it samples:  input = R(angle) Sh(shear) Z(zoom) output - shift.
+    y down), to the input pixel it samples, composed as Keras' apply_affine_transform composes them:
+
+        input = R(angle) (Sh(shear) Z(zoom) output - shift)
+
     Angles are degrees, positive counter-clockwise as displayed (Keras). Zoom < 1 enlarges the
-    content (Keras). A shift (dx, dy) moves the content right and down."""
+    content (Keras). Without rotation a shift (dx, dy) moves the content right and down; with one,
+    the shift is applied before the rotation, as in Keras (its tx, ty are -dx, -dy)."""
     a, s = torch.deg2rad(angle), torch.deg2rad(shear)
     cos, sin = torch.cos(a), torch.sin(a)
     zero, one = torch.zeros_like(a), torch.ones_like(a)
@@ -75,38 +79,65 @@ def affine_matrices(height: int, width: int, angle: torch.Tensor, shear: torch.T
                           torch.stack([zero, zero, one], -1)], -2)
     shift_m = torch.stack([torch.stack([one, zero, -shift_x], -1), torch.stack([zero, one, -shift_y], -1),
                            torch.stack([zero, zero, one], -1)], -2)
-    return shift_m @ rotate @ shear_m @ zoom_m
+    return rotate @ shift_m @ shear_m @ zoom_m
+
+
+# A sample point counts as inside the image (fill_mode constant) up to this far past the outermost pixel
+# centers: float rounding of an exact border position must not turn an edge pixel into the fill.
+INSIDE_TOLERANCE = 1e-6
 
 
 def warp(images: torch.Tensor, matrices: torch.Tensor, fill: str = "nearest", cval: float = 0.0) -> torch.Tensor:
-    """Resample float images through pixel-space matrices (see affine_matrices), bilinear."""
+    """Resample float images through pixel-space matrices (see affine_matrices), bilinear, with the
+    fill modes of scipy.ndimage (which Keras' ImageDataGenerator uses): nearest repeats the edge pixel,
+    reflect mirrors about the border (d c b a | a b c d | d c b a), and constant gives `cval` to every
+    sample point outside the outermost pixel centers while points inside interpolate inside pixels
+    only (no blend of the image into the fill color). Sample points are computed in float64."""
     n, _, h, w = images.shape
-    # normalized coordinates (align_corners=False): x_norm = x_pix * 2 / w about the center
-    to_norm = torch.diag(torch.tensor([2.0 / w, 2.0 / h, 1.0], device=images.device, dtype=matrices.dtype))
-    to_pix = torch.diag(torch.tensor([w / 2.0, h / 2.0, 1.0], device=images.device, dtype=matrices.dtype))
-    theta = (to_norm @ matrices.to(images.device) @ to_pix)[:, :2, :].to(images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    device = images.device
+    m = matrices.to(device=device, dtype=torch.float64)
+    ys = torch.arange(h, device=device, dtype=torch.float64) + 0.5 - h / 2
+    xs = torch.arange(w, device=device, dtype=torch.float64) + 0.5 - w / 2
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    points = torch.stack([gx, gy, torch.ones_like(gx)], -1).reshape(-1, 3)  # (H*W, 3) output pixels
+    source = points @ m[:, :2, :].transpose(1, 2)  # (N, H*W, 2): input pixel about the center
+    x = source[..., 0] + (w / 2 - 0.5)  # input pixel index (column), 0 = the first pixel's center
+    y = source[..., 1] + (h / 2 - 0.5)
+    # normalized coordinates of grid_sample(align_corners=False): -1 and 1 are the outer pixel edges
+    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1).view(n, h, w, 2).to(images.dtype)
     if fill == "constant":
-        return F.grid_sample(images - cval, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + cval
+        tol = INSIDE_TOLERANCE
+        inside = (x >= -tol) & (x <= w - 1 + tol) & (y >= -tol) & (y <= h - 1 + tol)
+        sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return sampled.masked_fill(~inside.view(n, 1, h, w), cval)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode=GRID_PADDING[fill], align_corners=False)
+
+
+def draw_shift(n: int, limit, size: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Per-sample shifts in pixels by Keras ImageDataGenerator's rule for width_shift_range /
+    height_shift_range: a float below 1 is a fraction of the size (uniform over [-limit * size,
+    limit * size]); a float of 1 or more is pixels from the continuous interval [-limit, limit]; an int
+    is whole pixels: a magnitude from {0, ..., limit - 1} and a random sign (so 2 gives -1, 0 or +1,
+    and 0 comes twice as often as each other value, exactly as Keras draws them)."""
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        magnitude = _integers(n, 0, limit - 1, generator, device)
+        sign = _integers(n, 0, 1, generator, device) * 2 - 1
+        return (magnitude * sign).float()
+    if limit >= 1:
+        return _uniform(n, -limit, limit, generator, device)
+    return _uniform(n, -limit * size, limit * size, generator, device)
 
 
 def draw_affine(n: int, height: int, width: int, c, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
     """Per-sample affine parameters from an AugmentConfig's ranges (Keras ImageDataGenerator rules:
-    a shift range < 1 is a fraction of the size, >= 1 whole pixels; zoom z draws from [1-z, 1+z])."""
-
-    def shift(limit: float, size: int) -> torch.Tensor:
-        if limit >= 1:
-            return _integers(n, -int(limit), int(limit), generator, device).float()
-        return _uniform(n, -limit * size, limit * size, generator, device)
-
+    shifts per draw_shift; zoom z draws each axis from [1-z, 1+z]; rotation and shear from [-r, r])."""
     return {
         "angle": _uniform(n, -c.rotation, c.rotation, generator, device),
         "shear": _uniform(n, -c.shear, c.shear, generator, device),
         "zoom_x": _uniform(n, 1 - c.zoom, 1 + c.zoom, generator, device),
         "zoom_y": _uniform(n, 1 - c.zoom, 1 + c.zoom, generator, device),
-        "shift_x": shift(c.width_shift, width),
-        "shift_y": shift(c.height_shift, height),
+        "shift_x": draw_shift(n, c.width_shift, width, generator, device),
+        "shift_y": draw_shift(n, c.height_shift, height, generator, device),
     }
 
 

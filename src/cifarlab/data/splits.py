@@ -57,15 +57,22 @@ def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], l
 
 def zca_matrix(images: np.ndarray, mean: list[float], std: list[float], epsilon: float = 1e-6,
                chunk: int = 4096) -> np.ndarray:
-    """The (D, D) ZCA whitening matrix of normalized training images, D = C*H*W (Keras
-    ImageDataGenerator zca_whitening: W = U diag(1 / sqrt(S + eps)) U^T of the covariance)."""
+    """The (D, D) ZCA whitening matrix of normalized training images, D = C*H*W, by Keras'
+    ImageDataGenerator.fit (zca_whitening): with the SVD of the (D, n) data X^T = U S V^T it is
+    U diag(sqrt(n) / (S + eps)) U^T over the min(n, D) singular vectors. Here the same matrix comes
+    from the eigendecomposition of the float64 second-moment matrix X^T X / n = U diag(S^2 / n) U^T,
+    so sqrt(n) / (S + eps) = 1 / (sqrt(eigenvalue) + eps / sqrt(n)); with fewer images than
+    dimensions only the n largest eigenvalues are kept, as the thin SVD keeps n singular vectors."""
     n = len(images)
-    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    m = np.asarray(mean, dtype=np.float64).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float64).reshape(1, -1, 1, 1)
     dim = int(np.prod(images.shape[1:]))
     sigma = np.zeros((dim, dim))
     for start in range(0, n, chunk):
-        x = ((images[start:start + chunk].astype(np.float32) / 255 - m) / s).reshape(-1, dim)
+        x = ((images[start:start + chunk].astype(np.float64) / 255 - m) / s).reshape(-1, dim)
         sigma += x.T @ x
-    values, vectors = np.linalg.eigh(sigma / n)
-    return ((vectors / np.sqrt(np.maximum(values, 0) + epsilon)) @ vectors.T).astype(np.float32)
+    values, vectors = np.linalg.eigh(sigma / n)  # ascending
+    keep = min(n, dim)
+    values, vectors = values[dim - keep:], vectors[:, dim - keep:]
+    scale = 1.0 / (np.sqrt(np.maximum(values, 0)) + epsilon / np.sqrt(n))
+    return ((vectors * scale) @ vectors.T).astype(np.float32)

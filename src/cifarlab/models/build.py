@@ -10,6 +10,10 @@ dataset, and an item with `if: name` (or `if: not name`) is kept only when that 
 
 The layer kinds are the LAYER_KINDS registry at the end of this file: a new kind is one entry there
 (its arguments, defaults, name prefix, the input it needs and a builder).
+
+A framework flavor (`model.defaults`, from the config's top-level `defaults`) fills the layer arguments
+a spec leaves out with that framework's defaults (FLAVOR_LAYER_DEFAULTS): Glorot-uniform kernels and
+zero biases, and Keras' BatchNorm momentum / epsilon / moving variance. Arguments a spec gives win.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -160,10 +165,56 @@ def resolve_layers(preset: Optional[str], layers: Optional[list], params: dict[s
 
 
 def build_model(model_config, input_shape: tuple[int, int, int], classes: int) -> nn.Sequential:
-    """The network a ModelConfig describes, for inputs of `input_shape` (C, H, W)."""
+    """The network a ModelConfig describes, for inputs of `input_shape` (C, H, W), with the layer
+    defaults of its framework flavor (`model_config.defaults`; None: torch)."""
     layers = resolve_layers(model_config.preset, model_config.layers, model_config.params(),
                             input_shape[0], classes)
-    return build_layers(layers, input_shape)
+    flavor = getattr(model_config, "defaults", None) or "torch"
+    return build_layers(apply_flavor(layers, flavor), input_shape)
+
+
+# What each framework flavor gives the layer arguments a spec leaves out (torch: LAYER_KINDS' own defaults).
+# BatchNorm momentum is in torch's convention (the weight of the new batch): Keras' momentum 0.99 is 0.01 here.
+# Keras 3's BatchNormalization moves its variance with the biased batch variance; TensorFlow 1's fused
+# batch norm (tf.layers.batch_normalization on conv outputs) with the unbiased one, as torch does.
+FLAVOR_LAYER_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "torch": {},
+    "keras": {"conv": {"init": "glorot"}, "dense": {"init": "glorot"},
+              "batchnorm": {"momentum": 0.01, "eps": 1e-3, "variance": "biased"}},
+    "tf1": {"conv": {"init": "glorot"}, "dense": {"init": "glorot"},
+            "batchnorm": {"momentum": 0.01, "eps": 1e-3, "variance": "unbiased"}},
+}
+
+
+def apply_flavor(items: list, flavor: str) -> list:
+    """The layer items with the flavor's defaults filled into the arguments they leave out (inside
+    residual blocks too). Items that do not parse are left alone for parse_layer to report."""
+    extra = FLAVOR_LAYER_DEFAULTS[flavor]
+    if not extra:
+        return items
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            kind, given = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            kind, given = next(iter(item.items()))
+        else:
+            kind, given = None, None
+        entry = LAYER_KINDS.get(kind) if isinstance(kind, str) else None
+        if entry is None:
+            out.append(item)
+            continue
+        if given is None:
+            given = {}
+        elif not isinstance(given, dict):
+            if entry.bare is None:
+                out.append(item)
+                continue
+            given = {entry.bare: given}
+        if kind == "residual" and isinstance(given.get("layers"), list):
+            given = {**given, "layers": apply_flavor(given["layers"], flavor)}
+        out.append({kind: {**extra.get(kind, {}), **given}})
+    return out
 
 
 def build_layers(items: list, input_shape: tuple[int, int, int]) -> nn.Sequential:
@@ -231,25 +282,71 @@ class LayerKind:
     check: Optional[Callable[[dict[str, Any], str], None]] = None  # raises ConfigError on bad argument values
 
 
-def _conv_padding(padding: Any, kernel: int) -> int:
-    if padding == "same":
-        # Symmetric k//2: output size ceil(H / stride) for odd kernels, as Keras 'same' gives.
-        return kernel // 2
-    return 0 if padding == "valid" else int(padding)
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) zero padding of one spatial axis for TensorFlow / Keras 'same': the output has
+    ceil(size / stride) positions, and an odd total puts the extra pixel after (right / bottom)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class PaddedConv2d(nn.Conv2d):
+    """A Conv2d after an asymmetric zero padding (left, right, top, bottom): Keras 'same' where the
+    padding cannot be split evenly (an even kernel, or stride 2 on an even input). Its parameters are
+    the Conv2d's (`weight`, `bias`), so checkpoints and the L2 kernel list see an ordinary conv."""
+
+    def __init__(self, *args, pad: tuple[int, int, int, int], **kwargs):
+        super().__init__(*args, padding=0, **kwargs)
+        self.pad = tuple(pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, self.pad))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pad={self.pad}"
+
+
+def _init_glorot(module: nn.Module) -> None:
+    """Keras' default initialization: Glorot (Xavier) uniform kernel, zero bias."""
+    nn.init.xavier_uniform_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 def _conv(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
-    pad = _conv_padding(a["padding"], a["kernel"])
-    module = nn.Conv2d(shape[0], a["filters"], a["kernel"], a["stride"], pad, bias=a["bias"])
-    h, w = ((s + 2 * pad - a["kernel"]) // a["stride"] + 1 for s in shape[1:])
+    kernel, stride = a["kernel"], a["stride"]
+    if a["padding"] == "same":
+        (top, bottom), (left, right) = (same_padding(s, kernel, stride) for s in shape[1:])
+        if top == bottom and left == right:  # odd kernels at stride 1: the plain conv, as always
+            module = nn.Conv2d(shape[0], a["filters"], kernel, stride, (top, left), bias=a["bias"])
+        else:
+            module = PaddedConv2d(shape[0], a["filters"], kernel, stride, bias=a["bias"], pad=(left, right, top, bottom))
+        pads = (top + bottom, left + right)
+    else:
+        pad = 0 if a["padding"] == "valid" else int(a["padding"])
+        module = nn.Conv2d(shape[0], a["filters"], kernel, stride, pad, bias=a["bias"])
+        pads = (2 * pad, 2 * pad)
+    h, w = ((s + p - kernel) // stride + 1 for s, p in zip(shape[1:], pads))
     if h < 1 or w < 1:
-        raise ConfigError(f"{where}: kernel {a['kernel']} does not fit a {shape[1]}x{shape[2]} input")
+        raise ConfigError(f"{where}: kernel {kernel} does not fit a {shape[1]}x{shape[2]} input")
+    if a["init"] == "glorot":
+        _init_glorot(module)
     return module, (a["filters"], h, w)
+
+
+INITS = ("torch", "glorot")
+
+
+def _check_init(a: dict[str, Any], where: str) -> None:
+    if a["init"] not in INITS:
+        raise ConfigError(f"{where}: init={a['init']!r} must be torch or glorot")
 
 
 def _check_conv(a: dict[str, Any], where: str) -> None:
     if not (a["padding"] in ("same", "valid") or isinstance(a["padding"], int)):
         raise ConfigError(f"{where}: conv padding={a['padding']!r} must be same, valid or a number")
+    if isinstance(a["stride"], bool) or not isinstance(a["stride"], int) or a["stride"] < 1:
+        raise ConfigError(f"{where}: conv stride={a['stride']!r} must be a whole number >= 1")
+    _check_init(a, where)
 
 
 POOL_TYPES = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
@@ -282,12 +379,52 @@ def _global_pool_with(pool: type[nn.Module]) -> Builder:
 
 
 def _dense(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
-    return nn.Linear(shape[0], a["units"], bias=a["bias"]), (a["units"],)
+    module = nn.Linear(shape[0], a["units"], bias=a["bias"])
+    if a["init"] == "glorot":
+        _init_glorot(module)
+    return module, (a["units"],)
+
+
+class _BiasedVariance:
+    """BatchNorm whose moving variance follows the biased batch variance (Keras 3's
+    BatchNormalization) instead of torch's unbiased one; outputs, parameters and buffers are torch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims = [d for d in range(x.dim()) if d != 1]
+        with torch.no_grad():
+            stats = x.float()
+            var, mean = torch.var_mean(stats, dim=dims, correction=0)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+class BiasedBatchNorm1d(_BiasedVariance, nn.BatchNorm1d):
+    pass
+
+
+class BiasedBatchNorm2d(_BiasedVariance, nn.BatchNorm2d):
+    pass
 
 
 def _batchnorm(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
-    norm = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
+    if a["variance"] == "biased":
+        norm = BiasedBatchNorm2d if len(shape) == 3 else BiasedBatchNorm1d
+    else:
+        norm = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
     return norm(shape[0], eps=a["eps"], momentum=a["momentum"]), shape
+
+
+def _check_batchnorm(a: dict[str, Any], where: str) -> None:
+    if a["variance"] not in ("unbiased", "biased"):
+        raise ConfigError(f"{where}: batchnorm variance={a['variance']!r} must be unbiased or biased")
+    if not 0 < float(a["momentum"]) <= 1 or float(a["eps"]) <= 0:
+        raise ConfigError(f"{where}: batchnorm needs 0 < momentum <= 1 and eps > 0 "
+                          f"(got momentum={a['momentum']}, eps={a['eps']}; momentum in torch's convention: "
+                          "Keras' 0.99 is 0.01)")
 
 
 def _flatten(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
@@ -323,10 +460,14 @@ def _check_rate(kind: str) -> Callable[[dict[str, Any], str], None]:
 
 # The order is the order `unknown layer kind` errors list them in.
 LAYER_KINDS: dict[str, LayerKind] = {
-    "conv": LayerKind(_conv, ("filters", "kernel", "stride", "padding", "bias"), "filters",
-                      {"kernel": 3, "stride": 1, "padding": "same", "bias": True}, needs="image", check=_check_conv),
-    "dense": LayerKind(_dense, ("units", "bias"), "units", {"bias": True}, prefix="fc", needs="flat"),
-    "batchnorm": LayerKind(_batchnorm, ("momentum", "eps"), None, {"momentum": 0.1, "eps": 1e-5}, prefix="bn"),
+    "conv": LayerKind(_conv, ("filters", "kernel", "stride", "padding", "bias", "init"), "filters",
+                      {"kernel": 3, "stride": 1, "padding": "same", "bias": True, "init": "torch"}, needs="image",
+                      check=_check_conv),
+    "dense": LayerKind(_dense, ("units", "bias", "init"), "units", {"bias": True, "init": "torch"}, prefix="fc",
+                       needs="flat", check=_check_init),
+    # momentum in torch's convention (the new batch's weight); variance: how the moving variance moves
+    "batchnorm": LayerKind(_batchnorm, ("momentum", "eps", "variance"), None,
+                           {"momentum": 0.1, "eps": 1e-5, "variance": "unbiased"}, prefix="bn", check=_check_batchnorm),
     "relu": LayerKind(_same_shape(lambda a: nn.ReLU())),
     "gelu": LayerKind(_same_shape(lambda a: nn.GELU())),
     "elu": LayerKind(_same_shape(lambda a: nn.ELU())),
