@@ -314,7 +314,8 @@ def fetch(url: str, md5: str, dest: Path, timeout: float = 30.0) -> Path:
 
 
 def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    """An exception's message as one line (a library's message may span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def download(name: str, url: Optional[str] = None, timeout: float = 30.0) -> Path:
