@@ -12,7 +12,7 @@ CIFAR10_HEAD ?= ../shared/data/cifar10-head
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,export,loggers]'
 	touch $(STAMP)
 
 demo: $(STAMP)

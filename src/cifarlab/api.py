@@ -29,6 +29,8 @@ from .analysis.metrics import confusion_matrix, per_class_accuracy, top_k_accura
 from .analysis.report import ReportCallback, build_run_report
 from .config import Config, ConfigSource, Overrides, load_config
 from .data.images import read_image
+from .data.local import arrays_dataset, content_checksum, save_npz
+from .data.sources import Dataset, cache_dir, check_dataset
 from .errors import DataError
 from .evaluation import evaluate, predict_logits
 from .sweep import Study, load_study, run_study as run_study_jobs, summarize_study
@@ -40,17 +42,20 @@ from .train.progress import default_progress
 PathLike = Union[str, Path]
 Progress = Union[bool, Callback, None]
 Images = Union[np.ndarray, torch.Tensor, PathLike, Sequence[PathLike]]
+Data = Union["Dataset", tuple]  # (x_train, y_train, x_test, y_test[, classes]) or a Dataset
 
 
 def default_callbacks(config: Config, callbacks: Sequence[Any] = (), progress: Progress = None) -> list[Any]:
-    """The callbacks a run executes, in dispatch order: metrics log, progress, NaN guard, feature
+    """The callbacks a run executes, in dispatch order: metrics log, loggers, progress, NaN guard, feature
     capture, stopping rules (early stopping, divergence, target, time limit), then `callbacks`
     (yours), then best and last checkpoints (so last.pt holds every callback's state after the
     epoch) and the report. `progress`: True / False / None (a bar in a notebook or on a terminal),
     or a callback of your own."""
+    from .train.loggers import build_loggers  # train.loggers: csv, tensorboard, mlflow, wandb
+
     t = config.train
-    chosen: list[Any] = [MetricsLog(), progress if isinstance(progress, Callback) else default_progress(progress),
-                         NaNGuard()]
+    chosen: list[Any] = [MetricsLog(), *build_loggers(config),
+                         progress if isinstance(progress, Callback) else default_progress(progress), NaNGuard()]
     if config.analysis.tsne.layers:
         chosen.append(FeatureCapture(config.analysis.tsne))
     if t.early_stopping.enabled:
@@ -69,19 +74,35 @@ def default_callbacks(config: Config, callbacks: Sequence[Any] = (), progress: P
     return chosen
 
 
-def fit(config: ConfigSource, *, overrides: Overrides = None, callbacks: Sequence[Any] = (),
-        run_dir: Optional[PathLike] = None, progress: Progress = None) -> "Run":
+def fit(config: ConfigSource = None, *, overrides: Overrides = None, callbacks: Sequence[Any] = (),
+        run_dir: Optional[PathLike] = None, progress: Progress = None, data: Optional[Data] = None) -> "Run":
     """Train a model and return its Run. `config`: a Config, a YAML path or a dict of sections;
     `overrides`: `key.path=value` strings or a dict {"train.epochs": 5}; `callbacks`: objects with
     any of the hooks of cifarlab.Callback; `run_dir`: a new or empty folder (default
-    train.out_dir/NAME-TIMESTAMP). Raises TrainingFailed when the loss becomes NaN, Interrupted on
-    SIGINT / SIGTERM (state saved in last.pt; `resume` continues exactly)."""
+    train.out_dir/NAME-TIMESTAMP); `data`: arrays instead of data.dataset, as (x_train, y_train,
+    x_test, y_test[, class names]) with uint8 images NHWC or NCHW, or a cifarlab Dataset. Raises
+    TrainingFailed when the loss becomes NaN, Interrupted on SIGINT / SIGTERM (state saved in
+    last.pt; `resume` continues exactly)."""
     resolved = load_config(config, overrides)
+    if data is not None:
+        resolved = load_config(resolved, {"data.dataset": "npz", "data.root": str(stored_arrays(data))})
     bar = progress if isinstance(progress, Callback) else default_progress(progress)
     with closing_progress(bar):
         path = trainer.fit(resolved, default_callbacks(resolved, callbacks, bar),
                            Path(run_dir) if run_dir is not None else None)
     return Run(path)
+
+
+def stored_arrays(data: Data) -> Path:
+    """Arrays handed to `fit`, checked and kept as a .npz in the cache (named by their checksum), so
+    the run can be resumed, evaluated and reported like any other."""
+    ds = data if isinstance(data, Dataset) else arrays_dataset(*data)
+    ds = check_dataset(ds)
+    path = cache_dir() / "arrays" / f"{content_checksum(ds)[:20]}.npz"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_npz(ds, path)
+    return path
 
 
 def resume(run: Union["Run", PathLike], overrides: Overrides = None, *, callbacks: Sequence[Any] = (),

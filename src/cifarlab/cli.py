@@ -21,6 +21,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Find, download and look at da
 app.add_typer(data_app, name="data")
 viz_app = typer.Typer(no_args_is_help=True, help="Figures of a dataset or a run (PNG).")
 app.add_typer(viz_app, name="viz")
+config_app = typer.Typer(no_args_is_help=True, help="Show a run's config, or the difference between two.")
+app.add_typer(config_app, name="config")
 # No markup: user values such as [32, 64] must print as they are.
 out = Console(markup=False, highlight=False, soft_wrap=True)
 err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
@@ -107,15 +109,21 @@ def train(
     resume_run: Optional[Path] = typer.Option(None, "--resume", help="Continue this run from its last.pt."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write the run here (new or empty folder)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config (YAML) and exit."),
 ) -> None:
     """Train a model; writes a run directory (config, metrics, summary, checkpoints)."""
-    from .config import load_config
+    from .config import config_yaml, load_config
+    from .runs import read_run_config, resolve_run
 
     state["quiet"] = quiet
+    if resume_run is not None and config_file is not None:
+        raise ConfigError("--resume takes its config from the run; give changes as key=value")
+    if print_config:
+        config = read_run_config(resolve_run(resume_run), overrides) if resume_run else load_config(config_file, overrides)
+        out.print(config_yaml(config), end="")
+        return
     setup_logging()
     if resume_run is not None:
-        if config_file is not None:
-            raise ConfigError("--resume takes its config from the run; give changes as key=value")
         train_and_report(None, resume_run, overrides or [])
         return
     train_and_report(load_config(config_file, overrides or []), run_dir=run_dir)
@@ -356,6 +364,37 @@ def draw_figure(name: str, run: Path, **options) -> list[Path]:
     return paths
 
 
+@config_app.command("show")
+@user_errors
+def config_show(run: Path = typer.Argument(..., help="A run directory.")) -> None:
+    """A run's resolved config (its config.yaml)."""
+    from .config import config_yaml
+    from .runs import read_run_config, resolve_run
+
+    out.print(config_yaml(read_run_config(resolve_run(run))), end="")
+
+
+@config_app.command("diff")
+@user_errors
+def config_diff_command(first: Path = typer.Argument(..., help="A run directory (or config YAML)."),
+                        second: Path = typer.Argument(..., help="Another run directory (or config YAML).")) -> None:
+    """The settings that differ between two runs' configs."""
+    from .config import config_diff, load_config
+    from .runs import CONFIG
+
+    configs = [load_config(p / CONFIG if p.is_dir() else p) for p in (first, second)]
+    changed = config_diff(*configs)
+    if not changed:
+        out.print(f"{first} and {second}: the same settings")
+    table = Table(title=f"{len(changed)} setting(s) differ")
+    for column in ("key", str(first), str(second)):
+        table.add_column(column, overflow="fold")
+    for key, a, b in changed:
+        table.add_row(key, repr(a), repr(b))
+    if changed:
+        out.print(table)
+
+
 @viz_app.command("curves")
 @user_errors
 def viz_curves(run: Path = typer.Argument(..., help="A run directory.")) -> None:
@@ -453,6 +492,23 @@ def viz_augment(
         config = load_config(None, [f"data.dataset={target}", *([f"data.root={root}"] if root else []), *settings])
         default_path = Path(f"{target}-augment-{config.augment.preset}.png")
     out.print(f"wrote {augment_preview(config, output or default_path, count, draws, seed)}")
+
+
+@app.command()
+@user_errors
+def export(
+    run: Path = typer.Argument(..., help="A run directory."),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx | safetensors | torch"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="File path (default RUN/export/model.<ext>)."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="flip | none: bake the flip average into the ONNX graph "
+                                      "(default: the run's train.tta)."),
+    input_dtype: str = typer.Option("uint8", "--input", help="onnx input: uint8 (0..255) or float (float32 in [0, 1]), "
+                                    "NHWC either way."),
+) -> None:
+    """Export a run's best weights: ONNX (images -> probabilities, normalization inside), safetensors or torch."""
+    from .export import export_run
+
+    out.print(f"wrote {export_run(run, fmt, output, tta, input_dtype)}")
 
 
 def main() -> None:

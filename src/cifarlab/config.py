@@ -58,6 +58,8 @@ class DataConfig(Section):
     format: Literal["auto", "python", "binary"] = "auto"  # CIFAR-10 layout; auto prefers python
     labels: Literal["fine", "coarse"] = "fine"  # CIFAR-100 only
     download: bool = False  # fetch into the cache when nothing is found locally
+    image_size: Optional[Union[int, tuple[int, int]]] = None  # folder: resize to this (H = W, or [H, W]); None: most common
+    test_size: float = Field(0.2, gt=0, lt=1)  # folder with one tree of classes: the test fraction (seeded, stratified)
     val_size: float = Field(0.1, ge=0)  # fraction of the training set if < 1, else a count
     stratify: bool = True
     normalize: bool = True  # per-channel mean/std; from the training split unless mean/std given
@@ -280,12 +282,36 @@ class TrainConfig(Section):
     threads: Optional[int] = Field(None, gt=0)  # CPU threads; default: every core
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     tta: Literal["none", "flip"] = "none"  # test-time augmentation of val/test scoring: flip averages mirrored logits
-    precision: Literal["auto", "float32", "bf16"] = "auto"  # bf16 autocast; auto: on CUDA only
+    # autocast: auto = bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs (T4, V100), float32 on CPU
+    precision: Literal["auto", "float32", "bf16", "fp16"] = "auto"
     evaluate: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val"])  # splits scored every epoch
     max_time_s: Optional[float] = Field(None, gt=0)  # stop after the epoch that passes this much training time
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)
+    # experiment loggers (train/loggers.py LOGGERS): csv, tensorboard, mlflow, wandb; callbacks after the metrics log
+    loggers: list[str] = Field(default_factory=list)
+    histogram_every: int = Field(5, ge=0)  # tensorboard: weight histograms at epochs 1, 1 + N, ...; 0: none
+    mlflow_uri: Optional[str] = None  # mlflow tracking URI; default: a file store in RUN/mlruns
+    wandb_mode: Literal["offline", "online"] = "offline"  # wandb: offline unless asked (`wandb sync` uploads later)
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _known_loggers(cls, names: Any) -> Any:
+        from .train.loggers import LOGGERS  # here, not at the top: torch is slow to import
+
+        if isinstance(names, str):  # train.loggers=csv means [csv]
+            names = [names]
+        if not isinstance(names, list):
+            return names  # pydantic's own error for a non-list
+        if len(set(map(str, names))) != len(names):
+            raise ValueError(f"names a logger twice ({names})")
+        for name in names:
+            try:
+                _one_of(LOGGERS, name)
+            except ValueError as e:  # the list is not shown with the error: name the entry
+                raise ValueError(f"{e} (got {name!r})") from None
+        return names
 
 
 class TsneConfig(Section):
@@ -522,4 +548,26 @@ def allowed_keys(loc: tuple) -> list[str]:
 
 
 def write_config(config: Config, path: Path) -> None:
-    atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write(path, config_yaml(config))
+
+
+def flat_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train.epochs": 10, ...}: every leaf of a config tree by its dotted key."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_diff(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) of every setting that differs, in key order."""
+    first, second = flat_settings(a.to_dict()), flat_settings(b.to_dict())
+    return [(k, first.get(k), second.get(k)) for k in sorted(set(first) | set(second)) if first.get(k) != second.get(k)]
+
+
+def config_yaml(config: Config) -> str:
+    """The resolved config as the YAML that config.yaml holds."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -18,10 +18,23 @@ from .config import TrainConfig
 from .data.loader import DeviceLoader
 
 
+def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+    """The autocast dtype `precision` asks for on `device` (None: float32). "auto" is bf16 on GPUs
+    that compute it natively, fp16 on older GPUs (T4, V100: emulated bf16 is slow), and float32 on
+    CPUs (bf16 is many times slower on CPUs without AMX)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "auto" and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return None
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast when `precision` asks for it ("auto": on CUDA only; bf16 is slow on CPUs without AMX)."""
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    """Autocast to the dtype of `autocast_dtype` (a no-op for float32)."""
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 @contextmanager

@@ -16,13 +16,14 @@ import pickle
 import shutil
 import tarfile
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from ..errors import DataError
+from .dataset import Dataset, check_dataset, checked_labels  # noqa: F401 - re-exported: readers return these
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +49,6 @@ ARCHIVES = {
     "cifar100": Archive("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                         "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python"),
 }
-
-
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    x_train: np.ndarray  # uint8 (N, C, H, W)
-    y_train: np.ndarray  # int64 (N,)
-    x_test: np.ndarray
-    y_test: np.ndarray
-    classes: list[str]
-    origin: str  # where it was read from, for logs and env.json
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])
-
-    def head(self, train: Optional[int] = None, test: Optional[int] = None) -> "Dataset":
-        """The same dataset keeping only the first `train` / `test` images."""
-        return replace(self, x_train=self.x_train[:train], y_train=self.y_train[:train],
-                       x_test=self.x_test[:test], y_test=self.y_test[:test])
 
 
 def cache_dir() -> Path:
@@ -107,24 +88,6 @@ def read_pickle(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
-
-
-def checked_labels(path: Path, values, count: int, classes: int) -> np.ndarray:
-    """`values` as int64 labels, one per image, each in [0, classes); else a DataError naming the file."""
-    try:
-        labels = np.asarray(values)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{path}: labels are not a list of integers ({e})") from None
-    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
-        raise DataError(f"{path}: labels must be a list of integers, got {labels.dtype} of shape {labels.shape}")
-    if len(labels) != count:
-        raise DataError(f"{path}: {count} images but {len(labels)} labels")
-    bad = (labels < 0) | (labels >= classes)
-    if bad.any():
-        index = int(np.argmax(bad))
-        raise DataError(f"{path}: label {int(labels[index])} of image {index} is outside 0-{classes - 1} "
-                        f"({classes} classes)")
-    return labels.astype(np.int64)
 
 
 def _pickled_images(path: Path, label_key: str, classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -337,8 +300,19 @@ def download(name: str, url: Optional[str] = None, timeout: float = 30.0) -> Pat
 # ---------------------------------------------------------------- the registry
 
 
-def _read_cifar10(folder: Path, fmt: str, labels: str) -> Dataset:
-    batches, layout = find_cifar10_folder(folder, fmt)
+@dataclass(frozen=True)
+class ReadOptions:
+    """The data.* settings a reader may use."""
+
+    format: str = "auto"  # CIFAR-10 layout
+    labels: str = "fine"  # CIFAR-100 label set
+    image_size: Optional[Any] = None  # folder: an int or [H, W]; None: the most common size
+    test_size: float = 0.2  # folder: the test fraction of a single tree
+    seed: int = 0
+
+
+def _read_cifar10(folder: Path, o: ReadOptions) -> Dataset:
+    batches, layout = find_cifar10_folder(folder, o.format)
     return read_cifar10_python(batches) if layout == "python" else read_cifar10_binary(batches)
 
 
@@ -350,18 +324,30 @@ def _has_cifar10(folder: Path, fmt: str) -> bool:
         return False
 
 
-def _read_cifar100(folder: Path, fmt: str, labels: str) -> Dataset:
+def _read_cifar100(folder: Path, o: ReadOptions) -> Dataset:
     sub = folder / "cifar-100-python"
-    return read_cifar100_python(sub if sub.is_dir() else folder, labels)
+    return read_cifar100_python(sub if sub.is_dir() else folder, o.labels)
 
 
 def _has_cifar100(folder: Path, fmt: str) -> bool:
     return (folder / "train").is_file() or (folder / "cifar-100-python" / "train").is_file()
 
 
-def _idx_reader(name: str) -> Callable[[Path, str, str], Dataset]:
+def _idx_reader(name: str) -> Callable[[Path, ReadOptions], Dataset]:
     """The reader of an MNIST-style folder of IDX files, naming the dataset `name`."""
-    return lambda folder, fmt, labels: read_mnist_folder(folder, name)
+    return lambda folder, o: read_mnist_folder(folder, name)
+
+
+def _read_folder(root: Path, o: ReadOptions) -> Dataset:
+    from .local import read_image_folder
+
+    return read_image_folder(root, o.image_size, o.test_size, o.seed, cache=cache_dir() / "folders")
+
+
+def _read_npz(path: Path, o: ReadOptions) -> Dataset:
+    from .local import read_npz
+
+    return read_npz(path)
 
 
 def _has_idx(folder: Path, fmt: str) -> bool:
@@ -373,15 +359,17 @@ class DatasetEntry:
     """One data.dataset name: its shape without reading it, and where and how it is read (a dataset
     on disk has `read` and `has_data`; one that needs no folder has `generate`)."""
 
-    shape: tuple[int, int, int]  # (C, H, W)
-    classes: int  # the class count (CIFAR-100's coarse labels have 20: see `cifarlab summary`)
-    read: Optional[Callable[[Path, str, str], Dataset]] = None  # (folder, data.format, data.labels) -> Dataset
+    shape: Optional[tuple[int, int, int]]  # (C, H, W); None: known once read (your own data)
+    classes: Optional[int]  # the class count (CIFAR-100's coarse labels have 20: see `cifarlab summary`)
+    read: Optional[Callable[[Path, ReadOptions], Dataset]] = None  # (data.root or a found folder, options) -> Dataset
     has_data: Optional[Callable[[Path, str], bool]] = None  # (existing folder, data.format) -> is the dataset in it
     generate: Optional[Callable[[int], Dataset]] = None  # seed -> Dataset, for a dataset that needs no folder
     cache_folder: str = ""  # the sub-folder of the cache it is looked for in; "": the cache itself
     system_dirs: tuple[Path, ...] = ()  # searched after the cache
     archive: Optional[str] = None  # its key in ARCHIVES, when it can be downloaded
     binary_archive: Optional[str] = None  # the ARCHIVES key for data.format=binary, when that differs
+    needs_root: bool = False  # read only from data.root (nothing to search for)
+    root_is_file: bool = False  # data.root names a file (not a folder or an archive to extract)
 
     def archive_key(self, fmt: str) -> Optional[str]:
         return self.binary_archive if fmt == "binary" and self.binary_archive else self.archive
@@ -398,10 +386,13 @@ DATASETS: dict[str, DatasetEntry] = {
     "fashion-mnist": DatasetEntry((1, 28, 28), 10, _idx_reader("fashion-mnist"), _has_idx, cache_folder="fashion-mnist",
                                   system_dirs=(Path("/usr/share/datasets/fashion-mnist"),)),
     "synthetic": DatasetEntry((3, 32, 32), 10, generate=synthetic),
+    # your own data (data/local.py): only from data.root; shape and classes are known once read
+    "folder": DatasetEntry(None, None, _read_folder, needs_root=True),
+    "npz": DatasetEntry(None, None, _read_npz, needs_root=True, root_is_file=True),
 }
 
 # (C, H, W) and class count of each dataset, known without reading it (for `cifarlab summary`).
-SHAPES = {name: (entry.shape, entry.classes) for name, entry in DATASETS.items()}
+SHAPES = {name: (entry.shape, entry.classes) for name, entry in DATASETS.items() if entry.shape is not None}
 
 
 def dataset_entry(dataset: str) -> DatasetEntry:
@@ -414,56 +405,40 @@ def _search_dirs(entry: DatasetEntry) -> list[Path]:
     return [cache_dir() / entry.cache_folder, *entry.system_dirs]
 
 
-def check_dataset(ds: Dataset) -> Dataset:
-    """The checks every reader's result passes (readers check their own files first, naming them):
-    uint8 (N, C, H, W) images, train and test of one shape, a label per image, labels in range."""
-    for split, images, labels in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
-        where = f"{ds.origin} ({split})"
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-            raise DataError(f"{where}: images must be uint8 (N, C, H, W), got {getattr(images, 'dtype', type(images))} "
-                            f"{getattr(images, 'shape', '')}")
-        if images.shape[1] not in (1, 3) or min(images.shape[2:]) < 1:
-            raise DataError(f"{where}: images of shape {images.shape[1:]} (C, H, W): C must be 1 or 3")
-        checked_labels(where, labels, len(images), len(ds.classes))
-    if len(ds.y_train) == 0:
-        raise DataError(f"{ds.origin}: no training images")
-    if ds.x_train.shape[1:] != ds.x_test.shape[1:]:
-        raise DataError(f"{ds.origin}: training images are {ds.x_train.shape[1:]} but test images {ds.x_test.shape[1:]}")
-    return ds
-
-
 def load_dataset(dataset: str, root: Optional[str] = None, fmt: str = "auto", labels: str = "fine",
-                 allow_download: bool = False, seed: int = 0) -> Dataset:
+                 allow_download: bool = False, seed: int = 0, options: Optional[ReadOptions] = None) -> Dataset:
     """Read a dataset from `root` (a folder or a .tar.gz), else from the cache and system folders,
     else (with allow_download) from the official archive; every result passes `check_dataset`."""
-    return check_dataset(_load_dataset(dataset, root, fmt, labels, allow_download, seed))
+    options = options or ReadOptions(fmt, labels, seed=seed)
+    return check_dataset(_load_dataset(dataset, root, options, allow_download))
 
 
-def _load_dataset(dataset: str, root: Optional[str], fmt: str, labels: str, allow_download: bool,
-                  seed: int) -> Dataset:
+def _load_dataset(dataset: str, root: Optional[str], o: ReadOptions, allow_download: bool) -> Dataset:
     entry = dataset_entry(dataset)
     if entry.generate is not None:
-        return entry.generate(seed)
+        return entry.generate(o.seed)
     if root:
         path = Path(root).expanduser()
-        if path.is_file():
-            path = extract_archive(path)
-        elif not path.exists():
+        if not path.exists():
             raise DataError(f"data.root={root}: no such file or directory")
-        return entry.read(path, fmt, labels)
+        if path.is_file() and not entry.root_is_file:
+            path = extract_archive(path)
+        return entry.read(path, o)
+    if entry.needs_root:
+        raise DataError(f"{dataset}: reads only data.root (your own data: set data.root=PATH)")
     for folder in _search_dirs(entry):
-        if folder.is_dir() and entry.has_data(folder, fmt):
-            return entry.read(folder, fmt, labels)
-    key = entry.archive_key(fmt)
+        if folder.is_dir() and entry.has_data(folder, o.format):
+            return entry.read(folder, o)
+    key = entry.archive_key(o.format)
     if allow_download and key in ARCHIVES:
-        return entry.read(download(key).parent, fmt, labels)
+        return entry.read(download(key).parent, o)
     where = ", ".join(str(d) for d in _search_dirs(entry))
     hint = " or data.download=true" if key in ARCHIVES else ""
     raise DataError(f"{dataset}: not found in {where}; set data.root=FOLDER or .tar.gz{hint}")
 
 
 def dataset_from_config(data_config, seed: int = 0) -> Dataset:
-    ds = load_dataset(data_config.dataset, data_config.root, data_config.format, data_config.labels,
-                      data_config.download, seed)
+    options = ReadOptions(data_config.format, data_config.labels, data_config.image_size, data_config.test_size, seed)
+    ds = load_dataset(data_config.dataset, data_config.root, allow_download=data_config.download, options=options)
     return ds.head(data_config.train_limit, data_config.test_limit)
 

@@ -25,40 +25,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .. import runs
 from ..errors import TrainingFailed
+from .hooks import Callback
 from .monitor import Monitor
 
 if TYPE_CHECKING:
     from .trainer import Trainer
-
-
-class Callback:
-    """Base class of callbacks: every hook does nothing. Override the ones you need."""
-
-    state_key: Optional[str] = None  # the key of this callback's state in last.pt; None: the class name
-
-    def on_fit_start(self, trainer: "Trainer") -> None:
-        pass
-
-    def on_step_end(self, trainer: "Trainer", batch: int, logs: Optional[dict[str, float]]) -> None:
-        pass
-
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
-        pass
-
-    def on_train_end(self, trainer: "Trainer") -> None:
-        pass
-
-    def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
-        pass
-
-    def on_interrupt(self, trainer: "Trainer", position: dict[str, Any]) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class StoppingRule(Callback):

@@ -25,9 +25,10 @@ from .. import runs
 from ..config import Config, write_config
 from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
+from ..data.local import content_checksum
 from ..data.prepare import eval_loader, prepare_data, select_device, to_device
 from ..errors import CifarlabError, ConfigError, Interrupted, TrainingFailed
-from ..evaluation import Evaluation, autocast, evaluate
+from ..evaluation import Evaluation, autocast, autocast_dtype, evaluate
 from ..models.build import build_model
 from ..models.summary import count_params
 from .callbacks import Callback
@@ -104,6 +105,9 @@ class Trainer:
         self.model = model.to(memory_format=torch.channels_last) if config.train.channels_last else model
         self.forward = _CompiledOrEager(self.model) if config.train.compile else self.model
         self.optimizer = make_optimizer(config.optim, self.model)
+        # fp16 gradients underflow without loss scaling; bf16 and float32 need none
+        fp16 = autocast_dtype(device, config.train.precision) == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         augment = build_augment(config.augment, splits.mean)
         self.train_loader = DeviceLoader(*to_device(splits.train, device), config.train.batch_size, splits.mean,
@@ -161,7 +165,7 @@ class Trainer:
     def checkpoint_state(self, position: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, schedule, callbacks, RNG states, progress."""
         return {**self.weights_state(), "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(),
+                "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                 "callbacks": {key: cb.state_dict() for key, cb in zip(self.callback_keys, self.callbacks)
                               if hasattr(cb, "state_dict")},
                 "generator": self.generator.get_state() if position is None else position["generator"],
@@ -175,6 +179,8 @@ class Trainer:
         runs.load_weights(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         saved = state.get("callbacks", {})
         for key, callback in zip(self.callback_keys, self.callbacks):
             if key in saved and hasattr(callback, "load_state_dict"):
@@ -212,7 +218,8 @@ class Trainer:
         self.lock = runs.RunLock(self.run_dir).acquire()
         write_config(self.config, self.run_dir / runs.CONFIG)
         runs.write_json(self.run_dir / runs.ENV, {**runs.environment(str(self.device), self.config.seed),
-                                                  "data_origin": self.splits.dataset.origin})
+                                                  "data_origin": self.splits.dataset.origin,
+                                                  "data_sha256": content_checksum(self.splits.dataset)})
         return self.run_dir
 
     def resume_from(self, run_dir: Path, state: dict[str, Any], lock: runs.RunLock) -> Path:
@@ -252,10 +259,12 @@ class Trainer:
         if self.l2_weights:
             loss = loss + l2_penalty(self.l2_weights, c.optim.l2)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()  # the scaler does nothing unless the run is fp16
         if c.optim.clip_norm:
+            self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.clip_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.step += 1
         return loss.detach(), logits.detach(), lr
 
@@ -381,7 +390,10 @@ def check_resumable(saved: dict[str, Any], config: Config, run_dir: Path) -> Non
     for section in FIXED_ON_RESUME:
         before, after = saved.get(section), now.get(section)
         if isinstance(before, dict) and isinstance(after, dict):
-            changed = [f"{section}.{k}" for k in sorted(set(before) | set(after))
+            # model: any key (preset parameters are free-form); data: a key the checkpoint lacks is a
+            # setting added to cifarlab since, which keeps its default
+            keys = set(before) | set(after) if section == "model" else set(before) & set(after)
+            changed = [f"{section}.{k}" for k in sorted(keys)
                        if before.get(k) != after.get(k) and not (section == "data" and k in MOVABLE_DATA_KEYS)]
             if changed:
                 key = changed[0]

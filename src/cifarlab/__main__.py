@@ -1,0 +1,5 @@
+"""`python -m cifarlab` is the `cifarlab` command."""
+
+from .cli import main
+
+main()
