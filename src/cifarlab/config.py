@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from .data import sources
 from .errors import ConfigError
 from .files import atomic_write
+from .settings import flat_settings
 
 DATASETS = tuple(sources.DATASETS)  # the data.dataset names, from the registry in data/sources.py
 
@@ -549,17 +550,6 @@ def allowed_keys(loc: tuple) -> list[str]:
 
 def write_config(config: Config, path: Path) -> None:
     atomic_write(path, config_yaml(config))
-
-
-def flat_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train.epochs": 10, ...}: every leaf of a config tree by its dotted key."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def config_diff(a: Config, b: Config) -> list[tuple[str, Any, Any]]:

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import ConfigError
 from ..files import append_line, atomic_write
+from ..settings import flat_settings
 from .hooks import Callback
 
 if TYPE_CHECKING:
@@ -65,17 +66,6 @@ def scalar_metrics(record: dict[str, Any]) -> dict[str, float]:
     """The scalar metrics of an epoch record: its top-level numbers but the epoch (not kind, lr_steps, time)."""
     return {key: value for key, value in record.items()
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: a config as flat settings (lists and None stay values)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class Logger(Callback):
@@ -219,7 +209,7 @@ class TensorBoardLogger(Logger):
 
     def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
         hparams = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
-                   for key, value in flatten(trainer.config.to_dict()).items()}
+                   for key, value in flat_settings(trainer.config.to_dict()).items()}
         final = {f"final/{key}": summary[key] for key in FINAL_METRICS if summary.get(key) is not None}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -289,7 +279,7 @@ class MLflowLogger(Logger):
         Param, RunTag = self.mlflow.entities.Param, self.mlflow.entities.RunTag
         logged = self.client.get_run(self.run_id).data.params
         params, tags = [], []
-        for key, value in flatten(trainer.config.to_dict()).items():
+        for key, value in flat_settings(trainer.config.to_dict()).items():
             text = str(value)[:MLFLOW_PARAM_LENGTH]
             if key not in logged:
                 params.append(Param(key, text))
@@ -344,7 +334,7 @@ class WandbLogger(Logger):
         wandb, config = self.wandb, trainer.config
         self.run = wandb.init(project=config.run_name(), name=trainer.run_dir.name, id=self.run_id,
                               resume="allow" if self.run_id else None, dir=str(trainer.run_dir), mode=self.mode,
-                              config=flatten(config.to_dict()), reinit="create_new",
+                              config=flat_settings(config.to_dict()), reinit="create_new",
                               settings=wandb.Settings(console="off"))
         self.run_id = self.run.id
         self.watch(trainer)
