@@ -245,7 +245,9 @@ def test_eval_of_a_truncated_checkpoint(finished_run, tmp_path):
 
 @pytest.mark.parametrize("override, key", [("model.preset=cnn3-avg", "model.preset"),
                                            ("data.train_limit=200", "data.train_limit"),
-                                           ("data.dataset=fashion-mnist", "data.dataset")])
+                                           ("data.dataset=fashion-mnist", "data.dataset"),
+                                           ("optim.name=sgd", "optim.name"),
+                                           ("train.batch_size=32", "train.batch_size")])
 def test_resume_refuses_overrides_that_cannot_apply(finished_run, tmp_path, override, key):
     run = copy_run(finished_run, tmp_path)
     before = (run / "metrics.jsonl").read_text()
@@ -316,6 +318,27 @@ def test_a_later_failed_write_leaves_the_previous_last_pt_to_resume_from(finishe
     assert resumed.returncode == 0, resumed.stderr
     epochs = [r["epoch"] for r in runs.read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
     assert epochs == [1, 2, 3] and runs.read_summary(run)["status"] == "completed"
+
+
+def test_a_metrics_line_that_does_not_fit_is_cut_back(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200));"
+              "from cifarlab.files import append_line\n"
+              "for i in range(10): append_line(sys.argv[1], '{\"line\": %d, \"pad\": \"%s\"}' % (i, 'x' * 40))")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+    assert result.returncode == 1 and "WriteError" in result.stderr and "cannot write (File too large)" in result.stderr
+    text = path.read_text()
+    assert text.endswith("\n") and [r["line"] for r in runs.read_jsonl(path)] == [0, 1, 2]
+
+
+def test_a_resumed_run_takes_the_new_optimizer_settings(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    result = cli("train", "--resume", run, "train.epochs=3", "optim.lr=0.0005", "optim.weight_decay=0.001", "-q")
+    assert result.returncode == 0, result.stderr
+    epochs = [r for r in runs.read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [r["lr"] for r in epochs] == [0.001, 0.001, 0.0005]
+    group = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 0.001 and group["initial_lr"] == 0.0005
 
 
 def test_an_output_folder_that_cannot_be_made(cifar10_head, tmp_path):

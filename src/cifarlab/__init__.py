@@ -22,14 +22,15 @@ _EXPORTS = {
     "Callback": "train.callbacks", "Monitor": "train.monitor", "EarlyStopping": "train.callbacks",
     "Trainer": "train.trainer",
     "CifarlabError": "errors", "ConfigError": "errors", "DataError": "errors", "TrainingFailed": "errors",
-    "Interrupted": "errors",
+    "Interrupted": "errors", "WriteError": "errors", "RunInUse": "errors",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports on first use
     from .api import Run, StudyResult, default_callbacks, evaluate_run, fit, load_run, predict_files, resume, run_study  # noqa: F401
     from .config import Config, load_config  # noqa: F401
-    from .errors import CifarlabError, ConfigError, DataError, Interrupted, TrainingFailed  # noqa: F401
+    from .errors import (CifarlabError, ConfigError, DataError, Interrupted, RunInUse, TrainingFailed,  # noqa: F401
+                         WriteError)
     from .sweep import Study, load_study  # noqa: F401
     from .train.callbacks import Callback, EarlyStopping  # noqa: F401
     from .train.monitor import Monitor  # noqa: F401

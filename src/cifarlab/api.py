@@ -31,7 +31,7 @@ from .config import Config, ConfigSource, Overrides, load_config
 from .data.images import read_image
 from .data.local import arrays_dataset, content_checksum, save_npz
 from .data.sources import Dataset, cache_dir, check_dataset
-from .errors import DataError
+from .errors import DataError, WriteError
 from .evaluation import evaluate, predict_logits
 from .sweep import Study, load_study, run_study as run_study_jobs, summarize_study
 from .train import trainer
@@ -100,7 +100,11 @@ def stored_arrays(data: Data) -> Path:
     ds = check_dataset(ds)
     path = cache_dir() / "arrays" / f"{content_checksum(ds)[:20]}.npz"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteError(f"{path.parent}: cannot keep the arrays there ({e.strerror or e}); "
+                             "set $CIFARLAB_DATA to a writable folder") from None
         save_npz(ds, path)
     return path
 

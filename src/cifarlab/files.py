@@ -4,6 +4,7 @@ and ends in a WriteError naming the file and the reason (disk full, read-only, f
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Union
 
@@ -14,9 +15,11 @@ Content = Union[str, bytes, Callable[[Path], None]]
 
 def atomic_write(path: Union[str, Path], content: Content) -> Path:
     """Write `content` (text, bytes, or a function that writes to the path it is given) to a
-    temporary file beside `path`, then rename it over `path`."""
+    temporary file of its own beside `path` (two writers never share one), then rename it over `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         if callable(content):
             content(tmp)
@@ -35,20 +38,28 @@ def atomic_write(path: Union[str, Path], content: Content) -> Path:
 
 
 def append_line(path: Union[str, Path], line: str) -> None:
-    """Append one line; if the write fails the file is cut back to where it was, so it never holds
-    half a line."""
+    """Append one line with a single unbuffered write; if it fails the file is cut back to where it
+    was, so it never ends in half a line."""
     path = Path(path)
+    data = (line + "\n").encode()
     try:
-        with open(path, "a") as f:
-            start = f.tell()
-            try:
-                f.write(line + "\n")
-                f.flush()
-            except OSError:
-                f.truncate(start)
-                raise
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as e:
         raise WriteError(f"{path}: cannot write ({e.strerror or e})") from None
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(data):  # a short write (the disk or a size limit is reached): the next says why
+                written = os.write(fd, data[done:])
+                if written == 0:
+                    raise OSError(5, "the file does not grow")
+                done += written
+        except OSError as e:
+            os.ftruncate(fd, start)
+            raise WriteError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
 
 
 def save_array(path: Path, array) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from .config import Config, load_config
 from .data.loader import DeviceLoader
 from .data.prepare import Splits, eval_loader, prepare_data, select_device
-from .errors import ConfigError, DataError, RunInUse
+from .errors import ConfigError, DataError, RunInUse, WriteError
 from .files import append_line, atomic_write
 from .models.build import build_model
 
@@ -75,7 +75,10 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise WriteError(f"{self.path}: cannot lock the run ({e.strerror or e})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -132,7 +135,13 @@ def append_jsonl(path: Path, obj: Any) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a JSON-lines file; a last line without its newline (a writer that died
+    mid-line) is not a record yet and is left out."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def resolve_run(path: Union[str, Path]) -> Path:

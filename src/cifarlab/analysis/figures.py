@@ -121,6 +121,8 @@ def featuremaps(view: RunView, layers: int = 4, image: Optional[np.ndarray] = No
     run = view.loaded
     if image is None:
         images, labels = run.split("test")
+        if not 0 <= index < len(labels):
+            raise ConfigError(f"--index={index}: the test split has {len(labels)} images (0-{len(labels) - 1})")
         image, label = images[index], run.classes[int(labels[index])]
     else:
         label = "input image"

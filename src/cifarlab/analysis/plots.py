@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..errors import WriteError
 from ..files import atomic_write
 
 
@@ -45,7 +46,10 @@ def sample_grid(images: np.ndarray, labels: Sequence[int], classes: Sequence[str
 def save(fig, path: Path) -> Path:
     """Save atomically, so a failed plot never leaves a truncated PNG behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"{path.parent}: cannot make the folder ({e.strerror or e})") from None
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 

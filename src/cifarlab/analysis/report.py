@@ -82,8 +82,10 @@ class ReportCallback:
     A failing figure never costs the trained run: it is logged and `cifarlab report RUN` retries."""
 
     def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        # training's test score is best.pt's only when the tested weights are best.pt's (restore_best)
+        known = {"test": trainer.test_result} if trainer.selected_epoch == trainer.best_epoch else None
         try:
-            build_run_report(trainer.run_dir, known={"test": trainer.test_result})
+            build_run_report(trainer.run_dir, known=known)
         except Exception as e:  # noqa: BLE001 - see the docstring
             log.warning("report.html was not written: %s", e)
 

@@ -17,9 +17,16 @@ MAX_PIXELS = 40_000_000
 def read_image(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
     """An image file of any size as uint8 (C, H, W) for a model taking `input_shape`: converted to gray
     or RGB as the model needs, resized (bilinear) as report 002 did with an outside photo."""
+    channels, height, width = input_shape
+    return decode_image(path, (height, width), channels)
+
+
+def decode_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """An image file as uint8 (channels, H, W), converted to gray (1) or RGB (3) and resized
+    (bilinear) to `size` (H, W); too large, truncated or unreadable files are a DataError naming it."""
     from PIL import Image, UnidentifiedImageError
 
-    channels, height, width = input_shape
+    height, width = size
     try:
         with warnings.catch_warnings():  # Pillow warns of large images; MAX_PIXELS refuses them below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

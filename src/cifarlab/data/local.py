@@ -23,10 +23,11 @@ import numpy as np
 from ..errors import DataError
 from ..files import atomic_write, save_array
 from .dataset import Dataset, check_dataset, checked_labels
-from .images import MAX_PIXELS
+from .images import decode_image
 from .splits import split_indices
 
 log = logging.getLogger(__name__)
+decode = decode_image  # one decoder for predict and for folders (a name tests can replace)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 CACHE_VERSION = 1
@@ -52,25 +53,6 @@ def image_info(path: Path) -> tuple[tuple[int, int], str]:
             return (image.height, image.width), image.mode
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: not a readable image ({' '.join(str(e).split())})") from None
-
-
-def decode(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """One image as uint8 (C, H, W): converted to gray or RGB, resized (bilinear) to `size` (H, W)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise DataError(f"{path}: image of {image.width} x {image.height} pixels is too large")
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except DataError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: not a readable image ({' '.join(str(e).split())})") from None
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 def tree_key(files: Sequence[Path], root: Path, size: tuple[int, int], channels: int) -> str:

@@ -185,6 +185,7 @@ class BestCheckpoint(Callback):
         if self.monitor.best_epoch is None:  # the monitored metric was never finite: the last epoch stands in
             runs.save_checkpoint(trainer.weights_state(), self.path(trainer))
         best = self.monitor.best_epoch or trainer.epoch
+        trainer.best_epoch = best
         if self.restore and best != trainer.epoch:
             trainer.model.load_state_dict(runs.load_checkpoint(self.path(trainer), str(trainer.device))["model"])
             trainer.selected_epoch = best

@@ -16,25 +16,26 @@ class Callback:
     state_key: Optional[str] = None  # the key of this callback's state in last.pt; None: the class name
 
     def on_fit_start(self, trainer: "Trainer") -> None:
-        pass
+        """The run directory exists and data and model are on the device (also when resuming)."""
 
     def on_step_end(self, trainer: "Trainer", batch: int, logs: Optional[dict[str, float]]) -> None:
-        pass
+        """After optimizer step `batch` of the epoch; `logs` (running loss, acc, lr) every train.log_every steps."""
 
     def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
-        pass
+        """After the epoch's evaluation; `record` is its metrics.jsonl line. `trainer.stop(reason)` ends training."""
 
     def on_train_end(self, trainer: "Trainer") -> None:
-        pass
+        """The loop is over; the weights may still change (the best checkpoint restores its weights here)."""
 
     def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
-        pass
+        """The test split is scored (`trainer.test_result`) and summary.json written."""
 
-    def on_interrupt(self, trainer: "Trainer", position: dict[str, Any]) -> None:
-        pass
+    def on_interrupt(self, trainer: "Trainer", position: Optional[dict[str, Any]]) -> None:
+        """SIGINT / SIGTERM: `position` says where in the epoch it stopped (None: at the end of an epoch)."""
 
     def state_dict(self) -> dict[str, Any]:
+        """This callback's state, saved in last.pt (plain numbers, strings, lists, dicts and tensors)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Take back the state of `state_dict` when a run resumes."""

@@ -123,6 +123,7 @@ class Trainer:
         self.position: Optional[dict[str, Any]] = None  # set when resuming in the middle of an epoch
         self.stop_reasons: list[str] = []
         self.selected_epoch: Optional[int] = None  # the epoch whose weights are tested (a callback may choose)
+        self.best_epoch: Optional[int] = None  # the epoch best.pt holds (set by BestCheckpoint)
         self.best_value: Optional[float] = None
         self.test_result: Optional[Evaluation] = None
         self.run_dir: Optional[Path] = None
@@ -175,9 +176,18 @@ class Trainer:
                              "history": self.history},
                 "position": position}
 
+    def apply_optim_settings(self) -> None:
+        """The config's optimizer settings over the ones a loaded optimizer state brought back (a resumed
+        run may change optim.lr, weight_decay, momentum, ...; the moments and step counts stay)."""
+        fresh = make_optimizer(self.config.optim, self.model).param_groups
+        for group, new in zip(self.optimizer.param_groups, fresh):
+            group.update({k: v for k, v in new.items() if k != "params"})
+            group["initial_lr"] = new["lr"]  # the schedule multiplies this
+
     def load_checkpoint_state(self, state: dict[str, Any], source: Path = Path("last.pt")) -> None:
         runs.load_weights(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.apply_optim_settings()
         self.schedule.load_state_dict(state["schedule"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -216,10 +226,14 @@ class Trainer:
         """A new run directory (`run_dir` if given) with config.yaml and env.json."""
         self.run_dir = runs.create_run_dir(self.config.train.out_dir, self.config.run_name(), run_dir)
         self.lock = runs.RunLock(self.run_dir).acquire()
-        write_config(self.config, self.run_dir / runs.CONFIG)
-        runs.write_json(self.run_dir / runs.ENV, {**runs.environment(str(self.device), self.config.seed),
-                                                  "data_origin": self.splits.dataset.origin,
-                                                  "data_sha256": content_checksum(self.splits.dataset)})
+        try:
+            write_config(self.config, self.run_dir / runs.CONFIG)
+            runs.write_json(self.run_dir / runs.ENV, {**runs.environment(str(self.device), self.config.seed),
+                                                      "data_origin": self.splits.dataset.origin,
+                                                      "data_sha256": content_checksum(self.splits.dataset)})
+        except BaseException:
+            self.lock.release()
+            raise
         return self.run_dir
 
     def resume_from(self, run_dir: Path, state: dict[str, Any], lock: runs.RunLock) -> Path:
@@ -318,8 +332,12 @@ class Trainer:
                   partial: dict[str, Any]) -> None:
         position = {"epoch": epoch, "batch": batch, "generator": generator_at_start,
                     "torch_rng": torch.get_rng_state(), "partial": partial}
+        self.stop_for_signal(f"in epoch {epoch} after step {batch}", signum, position)
+
+    def stop_for_signal(self, where: str, signum: int, position: Optional[dict[str, Any]]) -> None:
+        """Save the state (`position`: where in the epoch; None: at its end), say so, raise Interrupted."""
         self.dispatch("on_interrupt", position)
-        reason = f"interrupted by {signal.Signals(signum).name} in epoch {epoch} after step {batch}"
+        reason = f"interrupted by {signal.Signals(signum).name} {where}"
         self.write_summary("interrupted", reason)
         raise Interrupted(reason, signum, self.run_dir)
 
@@ -361,6 +379,8 @@ class Trainer:
                 self.history.append(record)
                 self.schedule.epoch_end(record)
                 self.dispatch("on_epoch_end", record)
+                if flag.signum is not None and epoch < c.train.epochs:  # it came after the epoch's last step
+                    self.stop_for_signal(f"at the end of epoch {epoch}", flag.signum, None)
                 if self.stop_reasons:
                     stop_reason = "; ".join(self.stop_reasons)
                     break
@@ -374,13 +394,19 @@ class Trainer:
             val_acc=chosen.get("val_acc"), test_loss=self.test_result.loss, test_acc=self.test_result.acc,
             train_time_s=round(self.train_time, 3), wall_time_s=round(self.elapsed(), 3),
             train_img_per_s=round(self.images_seen / self.train_time, 1) if self.train_time else None)
-        self.dispatch("on_fit_end", summary)
+        try:
+            self.dispatch("on_fit_end", summary)
+        except Exception as e:  # noqa: BLE001 - the run is trained and scored: a hook at the end must not undo that
+            log.warning("a callback failed after the run completed: %s: %s", type(e).__name__, e)
         return self.run_dir
 
 
 # What a resumed run must share with its checkpoint: the network, the data and its split (seed). A new
 # data.root (the data moved) or train.* / optim.* / schedule.* settings are allowed.
 FIXED_ON_RESUME = ("model", "data", "seed")
+# and single keys: another optimizer cannot take the saved state; the batch size sets the step count
+# the schedule and a mid-epoch position are measured in
+FIXED_KEYS_ON_RESUME = (("optim", "name"), ("train", "batch_size"))
 MOVABLE_DATA_KEYS = ("root", "download")
 
 
@@ -402,6 +428,11 @@ def check_resumable(saved: dict[str, Any], config: Config, run_dir: Path) -> Non
                                   f"now {after.get(leaf)!r}); start a new run instead")
         elif saved and before != after:
             raise ConfigError(f"{run_dir}: {section} cannot change when resuming (it was {before!r}, now {after!r})")
+    for section, key in FIXED_KEYS_ON_RESUME:
+        before, after = saved.get(section, {}).get(key), now.get(section, {}).get(key)
+        if before is not None and before != after:
+            raise ConfigError(f"{run_dir}: {section}.{key} cannot change when resuming (it was {before!r}, "
+                              f"now {after!r}); start a new run instead")
 
 
 def state_keys(callbacks: Sequence[Callback]) -> list[str]:
