@@ -159,6 +159,8 @@ def eval_command(
     """Accuracy, top-k, per-class accuracy and confusion matrix of a run's best checkpoint (eval_<split>.json)."""
     from .api import evaluate_run
 
+    from .analysis.figures import check_split
+
     check_split(split)
     report = evaluate_run(run, split, top_k)
     top = next(k for k in report if k.startswith("top") and k.endswith("_acc"))
@@ -171,12 +173,6 @@ def eval_command(
     for name, acc in report["per_class_acc"].items():
         table.add_row(name, "-" if acc != acc else f"{100 * acc:.1f}%")
     out.print(table)
-
-
-def check_split(split: str) -> None:
-    from .analysis.figures import check_split as known_split
-
-    known_split(split)
 
 
 @app.command()
@@ -409,6 +405,8 @@ def viz_samples(run: Path = typer.Argument(..., help="A run directory."),
                 split: str = typer.Option("train", "--split"), count: int = typer.Option(32, "-n", min=1, max=400),
                 seed: int = typer.Option(0, "--seed")) -> None:
     """A grid of a run's images with their class names."""
+    from .analysis.figures import check_split
+
     check_split(split)
     draw_figure("samples", run, split=split, count=count, seed=seed)
 
@@ -418,6 +416,8 @@ def viz_samples(run: Path = typer.Argument(..., help="A run directory."),
 def viz_confusion(run: Path = typer.Argument(..., help="A run directory."),
                   split: str = typer.Option("test", "--split")) -> None:
     """The confusion matrix of best.pt on a split."""
+    from .analysis.figures import check_split
+
     check_split(split)
     draw_figure("confusion", run, split=split)
 
@@ -428,6 +428,8 @@ def viz_mistakes(run: Path = typer.Argument(..., help="A run directory."),
                  split: str = typer.Option("test", "--split"), count: int = typer.Option(8, "-n", min=1, max=32),
                  seed: int = typer.Option(0, "--seed")) -> None:
     """A row of correctly and a row of wrongly classified images with true and predicted classes."""
+    from .analysis.figures import check_split
+
     check_split(split)
     draw_figure("mistakes", run, split=split, count=count, seed=seed)
 

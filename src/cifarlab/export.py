@@ -16,7 +16,6 @@ The export reads the run's config and best.pt only; the dataset does not have to
 from __future__ import annotations
 
 import copy
-import importlib
 import io
 import json
 import logging
@@ -35,13 +34,13 @@ from .config import Config, ModelConfig
 from .errors import ConfigError, DataError
 from .files import atomic_write
 from .models.build import build_model
-from .runs import CHECKPOINTS, load_checkpoint, load_weights, read_run_config, resolve_run
+from .optional import optional_modules
+from .runs import load_checkpoint, load_run, load_weights
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torch": ".pt"}
 INPUT_DTYPES = ("uint8", "float")
 TTA_CHOICES = ("flip", "none")
 EXPORT_DIR = "export"
-EXTRA = 'pip install "cifarlab[export]"'
 # The JSON in a safetensors file's metadata, and the "format" key of a torch export.
 METADATA_KEY = "cifarlab"
 FORMAT_NAME = "cifarlab-export"
@@ -81,28 +80,19 @@ NORMALIZATION_FORMULA = ("x = (pixels / 255 - mean) / std per channel, on (N, C,
 
 
 def read_source(run_dir: PathLike, tta: Optional[str] = None) -> ExportSource:
-    """A run's config and best.pt, the model rebuilt on the CPU (as runs.load_run does, without
-    reading the dataset: the checkpoint holds the normalization). `tta`: "flip" / "none", or None for
+    """A run's config and best.pt, the model on the CPU (runs.load_run reads no data for this: the
+    checkpoint holds the normalization). `tta`: "flip" / "none", or None for
     the run's own train.tta."""
     if tta is not None and tta not in TTA_CHOICES:
         raise ConfigError(f"--tta={tta}: use {' or '.join(TTA_CHOICES)}")
-    run = resolve_run(run_dir)
-    config = read_run_config(run)
-    path = run / CHECKPOINTS / "best.pt"
-    checkpoint = load_checkpoint(path, "cpu")
-    missing = [k for k in ("model", "normalization", "input_shape", "classes", "epoch") if k not in checkpoint]
-    if missing:
-        raise DataError(f"{path}: not a cifarlab checkpoint (no {missing[0]!r})")
-    input_shape = tuple(int(n) for n in checkpoint["input_shape"])
-    classes = [str(c) for c in checkpoint["classes"]]
-    model = build_model(config.model, input_shape, len(classes))
-    load_weights(model, checkpoint["model"], path)
-    model.eval()
-    normalization = checkpoint["normalization"]
-    zca = normalization.get("zca")
-    return ExportSource(run, config, model, classes, input_shape, list(normalization["mean"]), list(normalization["std"]),
-                        zca.float().contiguous() if zca is not None else None, int(checkpoint["epoch"]),
-                        tta if tta is not None else (config.train.tta or "none"))
+    loaded = load_run(run_dir, device="cpu")
+    stored = loaded.checkpoint["normalization"]
+    zca = stored.get("zca")
+    return ExportSource(loaded.path, loaded.config, loaded.model.to(memory_format=torch.contiguous_format),
+                        [str(c) for c in loaded.classes], tuple(int(n) for n in loaded.input_shape),
+                        list(stored["mean"]), list(stored["std"]),
+                        zca.float().contiguous() if zca is not None else None, int(loaded.checkpoint["epoch"]),
+                        tta if tta is not None else (loaded.config.train.tta or "none"))
 
 
 def default_output(run_dir: Path, format: str) -> Path:
@@ -126,8 +116,8 @@ def export_run(run_dir: PathLike, format: str, output: Optional[PathLike] = None
     if input_dtype != "uint8" and format != "onnx":
         raise ConfigError(f"--input={input_dtype} applies to --format onnx only")
     # Check for the optional packages before any work.
-    modules = require(("onnx", "onnxscript") if format == "onnx" else ("safetensors",) if format == "safetensors" else (),
-                      f"--format {format}")
+    needed = ("onnx", "onnxscript") if format == "onnx" else ("safetensors",) if format == "safetensors" else ()
+    modules = optional_modules({name: name for name in needed}, f"--format {format}", "export")
     source = read_source(run_dir, tta)
     path = Path(output) if output is not None else default_output(source.path, format)
     try:
@@ -144,20 +134,6 @@ def export_run(run_dir: PathLike, format: str, output: Optional[PathLike] = None
 
 
 # ---------------------------------------------------------------- optional packages
-
-
-def require(names: tuple[str, ...], purpose: str) -> dict[str, ModuleType]:
-    """Import the optional packages `names`, or say which are missing and how to install them."""
-    modules, missing = {}, []
-    for name in names:
-        try:
-            modules[name] = importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise ConfigError(f"{purpose} needs the package{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
-                          f"which {'are' if len(missing) > 1 else 'is'} not installed: {EXTRA}")
-    return modules
 
 
 # ---------------------------------------------------------------- onnx
@@ -303,7 +279,7 @@ def rebuild_model(info: dict[str, Any], state: dict[str, torch.Tensor], source: 
 
 def read_safetensors(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A safetensors export's info (normalization["zca"]: the matrix or None) and its model tensors."""
-    require(("safetensors",), "reading a safetensors export")
+    optional_modules({"safetensors": "safetensors"}, "reading a safetensors export", "export")
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)

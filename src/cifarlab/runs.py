@@ -17,6 +17,7 @@ import platform
 import subprocess
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -252,12 +253,12 @@ def load_weights(model: nn.Module, weights: dict[str, Any], source: Path) -> Non
 
 @dataclass
 class LoadedRun:
-    """A run read back: its config, data splits (with the run's own normalization) and the
-    checkpoint's model in eval mode on the run's device."""
+    """A run read back: its config and the checkpoint's model in eval mode on the run's device. The
+    data splits are read on first use only: predicting, exporting or drawing filters need none
+    (the checkpoint holds the normalization)."""
 
     path: Path
     config: Config
-    splits: Splits
     model: nn.Module
     checkpoint: dict[str, Any]
     device: torch.device
@@ -270,6 +271,11 @@ class LoadedRun:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.checkpoint["input_shape"])
 
+    @cached_property
+    def splits(self) -> Splits:
+        """The run's train / val / test splits, with its own normalization."""
+        return prepare_data(self.config, self.checkpoint["normalization"])
+
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         arrays = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}[name]
         if len(arrays[1]) == 0:
@@ -281,28 +287,29 @@ class LoadedRun:
         normalization, on its device."""
         batch = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
         batch = batch.to(self.device)
-        loader = DeviceLoader(batch, torch.zeros(len(batch), dtype=torch.long), len(batch), self.splits.mean,
-                              self.splits.std, channels_last=self.config.train.channels_last, whiten=self.splits.whiten)
+        stored = self.checkpoint["normalization"]
+        loader = DeviceLoader(batch, torch.zeros(len(batch), dtype=torch.long), len(batch), stored["mean"],
+                              stored["std"], channels_last=self.config.train.channels_last, whiten=stored.get("zca"))
         return loader.normalize(batch)
 
     def loader(self, name: str) -> DeviceLoader:
         return eval_loader(self.split(name), self.splits, self.config, self.device)
 
 
-def load_run(run_dir: Union[str, Path], checkpoint_name: str = "best.pt") -> LoadedRun:
-    """A run directory with the weights of `checkpoint_name`, ready to evaluate."""
+def load_run(run_dir: Union[str, Path], checkpoint_name: str = "best.pt", device: Optional[str] = None) -> LoadedRun:
+    """A run directory with the weights of `checkpoint_name`, ready to evaluate, on `device`
+    (default: the run's train.device)."""
     run_dir = resolve_run(run_dir)
     config = read_run_config(run_dir)
-    device = select_device(config.train.device)
+    device = select_device(device or config.train.device)
     path = run_dir / CHECKPOINTS / checkpoint_name
     checkpoint = load_checkpoint(path, str(device))
     missing = [k for k in ("model", "normalization", "input_shape", "classes", "epoch") if k not in checkpoint]
     if missing:
         raise DataError(f"{path}: not a cifarlab checkpoint (no {missing[0]!r})")
-    splits = prepare_data(config, checkpoint["normalization"])
     model = build_model(config.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"])).to(device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     load_weights(model, checkpoint["model"], path)
     model.eval()
-    return LoadedRun(run_dir, config, splits, model, checkpoint, device)
+    return LoadedRun(run_dir, config, model, checkpoint, device)

@@ -21,6 +21,7 @@ One `Monitor` (train/monitor.py) decides "is this an improvement" for every call
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Optional
 
 from .. import runs
@@ -32,15 +33,17 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
-class StoppingRule(Callback):
+class StoppingRule(Callback, ABC):
     """A rule that sees every epoch's record (`update`) and may give a reason to stop (`stop_reason`);
     both can be used without a trainer."""
 
+    @abstractmethod
     def update(self, epoch: int, record: dict[str, Any]) -> Any:
-        raise NotImplementedError
+        """Take one epoch's record."""
 
+    @abstractmethod
     def stop_reason(self) -> Optional[str]:
-        raise NotImplementedError
+        """Why training should stop now, or None."""
 
     def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
         self.update(record["epoch"], record)

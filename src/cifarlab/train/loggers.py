@@ -22,7 +22,6 @@ or was interrupted (on_interrupt) before.
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import logging
 import os
@@ -34,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from ..errors import ConfigError
 from ..files import append_line, atomic_write
+from ..optional import optional_modules
 from ..settings import flat_settings
 from .hooks import Callback
 
@@ -45,21 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INSTALL = 'pip install "cifarlab[loggers]"'
 CSV_FILE = "history.csv"
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlruns"
 MLFLOW_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 FINAL_METRICS = ("test_loss", "test_acc", "best_epoch")  # of summary.json, logged as final/<name> at the end
-
-
-def require(module: str, package: str, logger: str) -> Any:
-    """Import an optional package, or a ConfigError naming the logger and the extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(f"train.loggers: {logger} needs the {package} package ({e}); install it with: {INSTALL}") \
-            from None
 
 
 def scalar_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -151,7 +140,8 @@ class TensorBoardLogger(Logger):
     A resumed run purges what was logged after its checkpoint (SummaryWriter's purge_step)."""
 
     def __init__(self, histogram_every: int = 5):
-        self.tensorboard = require("torch.utils.tensorboard", "tensorboard", "tensorboard")
+        self.tensorboard = optional_modules({"torch.utils.tensorboard": "tensorboard"}, "train.loggers: tensorboard",
+                                            "loggers")["torch.utils.tensorboard"]
         self.histogram_every = histogram_every
         self.writer: Any = None
         self.steps: Any = None
@@ -235,7 +225,7 @@ class MLflowLogger(Logger):
     in the process environment when it is not set."""
 
     def __init__(self, uri: Optional[str] = None):
-        self.mlflow = require("mlflow", "mlflow-skinny", "mlflow")
+        self.mlflow = optional_modules({"mlflow": "mlflow-skinny"}, "train.loggers: mlflow", "loggers")["mlflow"]
         self.uri = uri
         self.run_id: Optional[str] = None
         self.client: Any = None
@@ -325,7 +315,7 @@ class WandbLogger(Logger):
     Finished with exit code 0, or 1 when interrupted or failed. A resumed run continues the same run id."""
 
     def __init__(self, mode: str = "offline"):
-        self.wandb = require("wandb", "wandb", "wandb")
+        self.wandb = optional_modules({"wandb": "wandb"}, "train.loggers: wandb", "loggers")["wandb"]
         self.mode = mode
         self.run_id: Optional[str] = None
         self.run: Any = None

@@ -5,6 +5,7 @@ by default on a terminal or in IPython); otherwise it only logs."""
 from __future__ import annotations
 
 import html
+from abc import ABC, abstractmethod
 import logging
 import sys
 import time
@@ -49,7 +50,7 @@ class LogProgress(Callback):
         log.info("%s", format_result(summary))
 
 
-class BarProgress(Callback):
+class BarProgress(Callback, ABC):
     """A bar per epoch (steps done, running loss and accuracy, img/s) with a line per finished epoch.
     Subclasses draw it: `draw(epoch_text, done, total, stats)`, `line(text)` and `close()`."""
 
@@ -78,11 +79,13 @@ class BarProgress(Callback):
     def on_interrupt(self, trainer: "Trainer", position: dict[str, Any]) -> None:
         self.close()
 
+    @abstractmethod
     def draw(self, epoch: str, done: int, total: int, stats: str) -> None:
-        raise NotImplementedError
+        """Show the bar of `epoch` at `done` of `total` steps with the running `stats`."""
 
+    @abstractmethod
     def line(self, text: str) -> None:
-        raise NotImplementedError
+        """Show one line (the run directory, an epoch's result) above the bar."""
 
     def close(self) -> None:
         pass
