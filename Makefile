@@ -12,7 +12,7 @@ CIFAR10_HEAD ?= ../shared/data/cifar10-head
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,export,loggers]'
+	$(BIN)/pip install --quiet -e '.[test,export,loggers,cluster]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -33,7 +33,7 @@ from .data.local import arrays_dataset, content_checksum, save_npz
 from .data.sources import Dataset, cache_dir, check_dataset
 from .errors import DataError, WriteError
 from .evaluation import evaluate, predict_logits
-from .sweep import Study, load_study, run_study as run_study_jobs, summarize_study
+from .sweep import Study, load_study, run_study as run_study_jobs, study_executor, summarize_study
 from .train import trainer
 from .train.callbacks import (BestCheckpoint, Callback, DivergenceStop, EarlyStopping, LastCheckpoint, MetricsLog,
                               NaNGuard, TargetStop, TimeLimit)
@@ -167,14 +167,19 @@ class StudyResult:
 
 
 def run_study(study: Union[Study, PathLike], *, overrides: Optional[list[str]] = None, out: Optional[PathLike] = None,
-              workers: int = 1) -> StudyResult:
+              workers: Optional[int] = None, executor: Optional[str] = None, address: Optional[str] = None,
+              scheduler_file: Optional[PathLike] = None) -> StudyResult:
     """Run a study (a Study or a study YAML; `overrides` apply to every run): every run not finished
-    yet, `workers` at a time, each in its own process; then results.csv, results.md, plots/ and
-    report.html in the study folder (default train.out_dir/STUDY-NAME)."""
+    yet, each in its own process, `workers` at a time, on this machine (`executor="local"`), a Dask
+    cluster (`"dask"`: a local one on 127.0.0.1, or the scheduler at `address` / `scheduler_file`)
+    or Slurm (`"slurm"`, from the study's `slurm:` block); the study file's `executor:` block gives
+    the defaults. Then results.csv, results.md, plots/ and report.html in the study folder (default
+    train.out_dir/STUDY-NAME)."""
     if not isinstance(study, Study):
         study = load_study(Path(study), overrides)
     folder = study_folder(study, out)
-    outcome = run_study_jobs(study, folder, workers=workers)
+    _, chosen, workers = study_executor(study, executor, workers, address, scheduler_file)
+    outcome = run_study_jobs(study, folder, chosen, workers)
     summarize_study(study, folder)
     return StudyResult(folder, outcome)
 

@@ -324,17 +324,23 @@ def data_show(dataset: str = typer.Argument(..., help=DATASET_HELP), root: Optio
 def sweep(
     study_file: Path = typer.Argument(..., help="A study YAML (see configs/studies/)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value applied to every run, e.g. train.epochs=2"),
-    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Runs at a time (CPU threads are split)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1,
+                                          help="Runs at a time (local, or local Dask workers; CPU threads are split)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Study directory (default: train.out_dir/NAME)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs and exit."),
+    executor: Optional[str] = typer.Option(None, "--executor", "-e",
+                                           help="local | dask | slurm (default: the study's, else local)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join this Dask scheduler (tcp://host:8786)."),
+    scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", help="Join the Dask scheduler this file names."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs (and the Slurm job script) and exit."),
 ) -> None:
-    """Run a study (grid and/or variants x seeds) as separate processes; skips finished runs, resumes
-    interrupted ones; writes results.csv, results.md, plots/ and report.html."""
+    """Run a study (grid and/or variants x seeds) as separate processes, here or on a Dask cluster;
+    skips finished runs, resumes interrupted ones; writes results.csv, results.md, plots/ and report.html."""
     from .api import run_study, study_folder
-    from .sweep import load_study, run_state
+    from .sweep import load_study, run_state, study_executor
 
     study = load_study(study_file, overrides or [])
     out_path = study_folder(study, out_dir)
+    name, _, count = study_executor(study, executor, workers, address, scheduler_file)  # checks the names first
     if dry_run:
         table = Table(title=f"{study.name}: {len(study.runs)} runs into {out_path}")
         for column in ("run", "settings", "seed", "state"):
@@ -343,9 +349,16 @@ def sweep(
             state = run_state(out_path / run.id) if (out_path / run.id).exists() else "new"
             table.add_row(run.id, ", ".join(f"{k}={v}" for k, v in run.values.items()), str(run.seed), state)
         out.print(table)
+        if name == "slurm":
+            from .executors import slurm_job_script
+
+            out.print("Slurm job script (one per worker; the scheduler address is filled in at start):")
+            out.print(slurm_job_script(study.slurm), markup=False, highlight=False)
         return
-    out.print(f"study {study.name}: {len(study.runs)} runs, {workers} at a time, into {out_path}")
-    result = run_study(study, out=out_path, workers=workers)
+    where = {"local": f"{count} at a time on this machine", "dask": "on Dask", "slurm": "on Slurm through Dask"}[name]
+    out.print(f"study {study.name}: {len(study.runs)} runs {where}, into {out_path}")
+    result = run_study(study, out=out_path, workers=workers, executor=executor, address=address,
+                       scheduler_file=scheduler_file)
     for run_id, what in result.outcome.items():
         out.print(f"  {run_id}: {what}")
     out.print(result.table)
@@ -515,6 +528,9 @@ def export(
 
 
 def main() -> None:
+    from .processes import die_with_parent
+
+    die_with_parent()
     app()
 
 

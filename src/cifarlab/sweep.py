@@ -18,21 +18,20 @@ import csv
 import itertools
 import json
 import os
-import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 from . import runs
 from .config import Config, apply_override, load_config, read_yaml, write_config
 from .errors import ConfigError
+from .executors import IN_USE, Executor, Job, make_executor, run_state  # noqa: F401 - run_state: for the CLI
 from .files import atomic_write
 
-STUDY_KEYS = {"name", "description", "config", "base", "axes", "variants", "repeats", "reference"}
+STUDY_KEYS = {"name", "description", "config", "base", "axes", "variants", "repeats", "reference", "executor", "slurm",
+              "search", "tune"}
+EXECUTOR_KEYS = {"name", "workers", "address", "scheduler_file"}
 
 
 @dataclass
@@ -54,6 +53,11 @@ class Study:
     axes: list[str]
     reference: Any = None  # what the report itself measured, shown beside our table
     path: Optional[Path] = None
+    executor: dict[str, Any] = field(default_factory=dict)  # name (local | dask | slurm), workers, address, ...
+    slurm: dict[str, Any] = field(default_factory=dict)  # the Slurm jobs' settings (see executors.slurm_options)
+    search: dict[str, Any] = field(default_factory=dict)  # `cifarlab tune`'s search space and settings
+    tune: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, Any] = field(default_factory=dict)  # the base config tree (before axes and variants)
 
 
 def _value_text(value: Any) -> str:
@@ -105,8 +109,16 @@ def load_study(path: Path, overrides: Optional[list[str]] = None) -> Study:
     ids = [r.id for r in expanded]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{path}: two runs would share the folder {next(i for i in ids if ids.count(i) > 1)}")
+    executor = spec.get("executor") or {}
+    executor = {"name": executor} if isinstance(executor, str) else executor
+    if not isinstance(executor, dict) or set(executor) - EXECUTOR_KEYS:
+        raise ConfigError(f"{path}: executor is a name (local, dask, slurm) or {{{', '.join(sorted(EXECUTOR_KEYS))}}}")
+    for key in ("slurm", "search", "tune"):
+        if not isinstance(spec.get(key) or {}, dict):
+            raise ConfigError(f"{path}: {key} must be a mapping")
     return Study(spec.get("name") or path.stem, spec.get("description", ""), expanded, list(axes),
-                 spec.get("reference"), path)
+                 spec.get("reference"), path, executor, spec.get("slurm") or {}, spec.get("search") or {},
+                 spec.get("tune") or {}, base)
 
 
 def _make_run(path: Path, base: dict, variant: Optional[str], settings: dict[str, Any], point: dict[str, Any],
@@ -125,59 +137,11 @@ def _make_run(path: Path, base: dict, variant: Optional[str], settings: dict[str
 # ---------------------------------------------------------------- execution
 
 
-@dataclass
-class Job:
-    id: str
-    command: list[str]
-    env: dict[str, str]
-    log: Path
-
-
-class Executor(Protocol):
-    """Runs jobs and returns each one's exit code; a cluster engine can stand in for LocalExecutor."""
-
-    def run(self, jobs: list[Job]) -> dict[str, int]: ...
-
-
-@dataclass
-class LocalExecutor:
-    """Runs jobs as processes on this machine, `workers` at a time."""
-
-    workers: int = 1
-    gpus: list[str] = field(default_factory=list)
-
-    def run(self, jobs: list[Job]) -> dict[str, int]:
-        def one(index_job: tuple[int, Job]) -> tuple[str, int]:
-            index, job = index_job
-            env = dict(job.env)
-            if self.gpus:  # one worker per GPU: job i goes to GPU i mod n
-                env["CUDA_VISIBLE_DEVICES"] = self.gpus[index % len(self.gpus)]
-            job.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.log, "w") as log:
-                return job.id, subprocess.run(job.command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            return dict(pool.map(one, enumerate(jobs)))
-
-
-def run_state(run_dir: Path) -> str:
-    """completed | resumable | fresh: what a rerun of the study does with this folder."""
-    summary = run_dir / runs.SUMMARY
-    if summary.is_file():
-        status = json.loads(summary.read_text()).get("status")
-        if status == "completed":
-            return "completed"
-        if status == "diverged":
-            return "fresh"
-    return "resumable" if (run_dir / runs.CHECKPOINTS / "last.pt").is_file() else "fresh"
-
-
-def run_study(study: Study, out: Path, executor: Optional[Executor] = None, workers: int = 1) -> dict[str, str]:
-    """Run what is not finished yet; returns run id -> what happened (skipped, completed, failed ...)."""
+def plan_jobs(study: Study, out: Path, threads: Optional[int] = None) -> tuple[dict[str, str], list[Job]]:
+    """What a run of the study does now: the runs it skips (completed, or being written by another
+    process) and a job for every other one (its config written to out/configs/RUN.yaml); CPU runs
+    that do not set train.threads get `threads`."""
     out.mkdir(parents=True, exist_ok=True)
-    gpus = _gpus()
-    executor = executor or LocalExecutor(workers=len(gpus) if gpus and workers == 1 else workers, gpus=gpus)
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     outcome, jobs = {}, []
     for run in study.runs:
         run_dir = out / run.id
@@ -185,31 +149,55 @@ def run_study(study: Study, out: Path, executor: Optional[Executor] = None, work
         if holder is not None:  # another sweep (or a train --resume) is writing it: leave it alone
             outcome[run.id] = f"skipped (process {holder} is writing it)"
             continue
-        state = run_state(run_dir) if run_dir.exists() else "fresh"
-        if state == "completed":
+        if run_dir.exists() and run_state(run_dir) == "completed":
             outcome[run.id] = "skipped (completed before)"
             continue
-        base = [sys.executable, "-m", "cifarlab.cli", "train", "--quiet"]
-        if state == "resumable":
-            command = base + ["--resume", str(run_dir)]
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            config_path = out / "configs" / f"{run.id}.yaml"
-            config_path.parent.mkdir(exist_ok=True)
-            write_config(run.config, config_path)
-            command = base + ["-c", str(config_path), "--run-dir", str(run_dir)]
-            if not gpus and run.config.train.threads is None:
-                command.append(f"train.threads={threads}")
-        jobs.append(Job(run.id, command, {**os.environ}, out / "logs" / f"{run.id}.log"))
+        config_path = out / "configs" / f"{run.id}.yaml"
+        config_path.parent.mkdir(exist_ok=True)
+        write_config(run.config, config_path)
+        settings = [] if threads is None or run.config.train.threads is not None else [f"train.threads={threads}"]
+        jobs.append(Job(run.id, run_dir, config_path, out / "logs" / f"{run.id}.log", settings, run.config.train.device))
+    return outcome, jobs
+
+
+def run_study(study: Study, out: Path, executor: Optional[Executor] = None, workers: int = 1) -> dict[str, str]:
+    """Run what is not finished yet; returns run id -> what happened (skipped, completed, failed ...)."""
+    executor = executor or make_executor("local", workers=workers, gpus=local_gpus())
+    outcome, jobs = plan_jobs(study, out, executor.run_threads)
     for job_id, code in executor.run(jobs).items():
-        outcome[job_id] = "completed" if code == 0 else f"failed (exit {code}, see logs/{job_id}.log)"
+        if isinstance(code, str):
+            outcome[job_id] = code
+        elif code == IN_USE:
+            outcome[job_id] = "skipped (another process kept writing it)"
+        else:
+            outcome[job_id] = "completed" if code == 0 else f"failed (exit {code}, see logs/{job_id}.log)"
     return outcome
 
 
-def _gpus() -> list[str]:
+def study_executor(study: Study, name: Optional[str] = None, workers: Optional[int] = None,
+                   address: Optional[str] = None, scheduler_file: Optional[Any] = None) -> tuple[str, Executor, int]:
+    """The executor's name, the executor and the worker count for `study`: the arguments, else the
+    study's `executor:` block, else local with one worker."""
+    settings = study.executor
+    name = name or settings.get("name") or ("dask" if address or scheduler_file else "local")
+    workers = int(workers or settings.get("workers") or 1)
+    if workers < 1:
+        raise ConfigError(f"{study.path}: executor workers must be >= 1")
+    scheduler_file = scheduler_file or settings.get("scheduler_file")
+    executor = make_executor(name, workers=workers, gpus=local_gpus(), address=address or settings.get("address"),
+                             scheduler_file=str(scheduler_file) if scheduler_file else None, slurm=study.slurm)
+    return name, executor, workers
+
+
+def local_gpus() -> list[str]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES values (those already visible, if set)."""
     import torch
 
-    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    return names[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
 # ---------------------------------------------------------------- results

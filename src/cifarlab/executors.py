@@ -1,0 +1,332 @@
+"""Where a study's runs execute: on this machine (LocalExecutor) or on a Dask cluster
+(DaskExecutor: a local cluster on 127.0.0.1, an existing scheduler, or Slurm jobs through
+dask-jobqueue).
+
+The engine only places runs. What a run needs is decided when it starts, on the machine that runs
+it, by cifarlab's own run state (`Job.command`): a completed run is not trained again, a run with a
+last.pt is resumed, anything else starts fresh. A task's result is the training process' exit code
+and nothing else, each training process runs in its own process group that dies with its task, and
+the run lock keeps two processes from ever writing one run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+from . import processes, runs
+from .errors import ConfigError
+
+IN_USE = 75  # exit code of a job whose run another process kept writing (EX_TEMPFAIL)
+EXECUTORS = ("local", "dask", "slurm")
+SLURM_KEYS = {"partition", "time", "memory", "cores", "gpus_per_run", "jobs", "account", "interface", "python",
+              "job_extra", "setup"}
+
+
+def run_state(run_dir: Path) -> str:
+    """completed | resumable | fresh: what a rerun of the study does with this folder."""
+    summary = run_dir / runs.SUMMARY
+    if summary.is_file():
+        status = json.loads(summary.read_text()).get("status")
+        if status == "completed":
+            return "completed"
+        if status == "diverged":
+            return "fresh"
+    return "resumable" if (run_dir / runs.CHECKPOINTS / "last.pt").is_file() else "fresh"
+
+
+@dataclass
+class Job:
+    """One run of a study: its folder, the config to start it from, and the settings its process adds."""
+
+    id: str
+    run_dir: Path
+    config_path: Path
+    log: Path
+    settings: list[str] = field(default_factory=list)  # key=value added to a fresh start (train.threads)
+    device: str = "auto"  # the run's train.device
+
+    def wants_gpu(self, gpus_exist: bool) -> bool:
+        """Whether the run takes a GPU (Dask resource GPU=1) where `gpus_exist`."""
+        return self.device == "cuda" or (self.device == "auto" and gpus_exist)
+
+    def command(self) -> Optional[list[str]]:
+        """The training command for the run's state now (None: it is completed)."""
+        state = run_state(self.run_dir) if self.run_dir.exists() else "fresh"
+        if state == "completed":
+            return None
+        base = [sys.executable, "-m", "cifarlab.cli", "train", "--quiet"]
+        if state == "resumable":
+            return base + ["--resume", str(self.run_dir)]
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return base + ["-c", str(self.config_path), "--run-dir", str(self.run_dir), *self.settings]
+
+
+def run_job(job: Job, gpu: Optional[str] = None, cancelled: Callable[[], bool] = lambda: False,
+            lock_wait_s: float = 120.0) -> int:
+    """Train `job` in its own process group on this machine (on `gpu` if given) and return the exit
+    code. A run still locked by a process that is going away (a worker killed a moment ago) is waited
+    for up to `lock_wait_s`; a training process whose task is `cancelled()` is stopped."""
+    deadline = time.monotonic() + lock_wait_s
+    while job.run_dir.exists() and runs.lock_holder(job.run_dir) is not None:
+        if time.monotonic() > deadline:
+            return IN_USE
+        time.sleep(0.2)
+    command = job.command()
+    if command is None:
+        return 0
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log, "a") as log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}"
+                  f"{f' GPU {gpu}' if gpu is not None else ''}: {' '.join(command)}\n")
+        log.flush()
+        process = processes.start(command, env, log)
+        try:
+            while True:
+                try:
+                    return process.wait(timeout=0.5)
+                except Exception:  # TimeoutExpired: still training
+                    if cancelled():
+                        return processes.stop(process)
+        except BaseException:
+            processes.stop(process)
+            raise
+
+
+class Executor(Protocol):
+    """Runs jobs and returns each one's exit code (or a failure message)."""
+
+    run_threads: Optional[int]  # CPU threads each training process gets (None: all the machine's cores)
+
+    def run(self, jobs: list[Job]) -> dict[str, Any]: ...
+
+
+@dataclass
+class LocalExecutor:
+    """Runs jobs as processes on this machine, `workers` at a time; with GPUs, each job takes the
+    first free GPU from a queue and gives it back when it ends."""
+
+    workers: int = 1
+    gpus: list[str] = field(default_factory=list)
+
+    @property
+    def run_threads(self) -> Optional[int]:
+        """CPU threads per training process: this machine's cores split between the workers."""
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    def run(self, jobs: list[Job]) -> dict[str, Any]:
+        free: "queue.Queue[str]" = queue.Queue()
+        for gpu in self.gpus:
+            free.put(gpu)
+
+        def one(job: Job) -> tuple[str, int]:
+            gpu = free.get() if job.wants_gpu(bool(self.gpus)) else None
+            try:
+                return job.id, run_job(job, gpu)
+            finally:
+                if gpu is not None:
+                    free.put(gpu)
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return dict(pool.map(one, jobs))
+
+
+def dask_task(job: Job) -> int:
+    """What a Dask worker runs: the job, stopped if the scheduler drops the task (the sweep went away)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    key = worker.get_current_task()
+
+    def cancelled() -> bool:
+        task = worker.state.tasks.get(key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+
+    return run_job(job, cancelled=cancelled)
+
+
+def _dask():
+    try:
+        import distributed
+    except ImportError:
+        raise ConfigError("the dask and slurm executors need the cluster extra: pip install 'cifarlab[cluster]'") from None
+    return distributed
+
+
+@dataclass
+class DaskExecutor:
+    """Runs jobs as tasks of a Dask cluster: the one at `address` or `scheduler_file`, one that
+    `make_cluster()` returns (Slurm), or else a local cluster on 127.0.0.1 with one worker per GPU
+    (pinned with CUDA_VISIBLE_DEVICES, resource GPU=1) or `workers` CPU workers. At most as many
+    runs are in flight as the cluster has slots; the next is submitted when one ends."""
+
+    workers: int = 1
+    gpus: list[str] = field(default_factory=list)
+    address: Optional[str] = None
+    scheduler_file: Optional[str] = None
+    make_cluster: Optional[Callable[[], Any]] = None
+    threads: Optional[int] = None  # CPU threads per run on the cluster's machines (None: theirs to choose)
+    gpu_workers: bool = False  # the cluster's workers will have GPUs (Slurm with gpus_per_run)
+    retries_s: float = 600.0  # how long to wait for a first worker
+
+    @property
+    def run_threads(self) -> Optional[int]:
+        """CPU threads per training process: the cores split between local workers, `threads` on a cluster."""
+        if self.address or self.scheduler_file or self.make_cluster:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    def connect(self):
+        distributed = _dask()
+        if self.address or self.scheduler_file:
+            return distributed.Client(self.address, scheduler_file=self.scheduler_file, timeout="30s"), None
+        cluster = self.make_cluster() if self.make_cluster else local_cluster(self.workers, self.gpus)
+        return distributed.Client(cluster), cluster
+
+    def run(self, jobs: list[Job]) -> dict[str, Any]:
+        if not jobs:
+            return {}
+        distributed = _dask()
+        client, cluster = self.connect()
+        results: dict[str, Any] = {}
+        try:
+            client.wait_for_workers(1, timeout=self.retries_s)
+            pending, running = list(jobs), {}
+            gpus_exist = self.gpu_workers or bool(self.gpus)
+            while pending or running:
+                gpu_slots, cpu_slots = slots(client)
+                gpus_exist = gpus_exist or gpu_slots > 0
+                for job in list(pending):
+                    gpu = job.wants_gpu(gpus_exist)
+                    busy = sum(1 for j in running.values() if j.wants_gpu(gpus_exist) == gpu)
+                    if busy >= (gpu_slots if gpu else cpu_slots):
+                        continue
+                    pending.remove(job)
+                    future = client.submit(dask_task, job, key=f"cifarlab-{job.id}-{os.urandom(4).hex()}",
+                                           pure=False, resources={"GPU": 1} if gpu else None)
+                    running[future] = job
+                if not running:
+                    if gpu_slots == 0 and any(j.wants_gpu(gpus_exist) for j in pending):
+                        raise ConfigError("the Dask cluster has no worker with the GPU resource for the GPU runs "
+                                          "(start workers with --resources GPU=1)")
+                    time.sleep(1.0)
+                    continue
+                try:  # the timeout lets new slots (workers that joined) take pending runs
+                    done, _ = distributed.wait(list(running), timeout=2.0, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    continue
+                for future in done:
+                    job = running.pop(future)
+                    try:
+                        results[job.id] = future.result()
+                    except Exception as e:  # KilledWorker: the task's workers died too often
+                        results[job.id] = f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                    future.release()  # a finished run's result must not be recomputed if its worker dies
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        return results
+
+
+def slots(client) -> tuple[int, int]:
+    """(GPU slots, CPU slots) of the cluster now: workers with the GPU resource, and all threads."""
+    info = client.scheduler_info()["workers"]
+    gpus = sum(int(w.get("resources", {}).get("GPU", 0)) for w in info.values())
+    threads = sum(int(w.get("nthreads", 1)) for w in info.values())
+    return gpus, threads
+
+
+def local_cluster(workers: int, gpus: list[str]):
+    """A Dask cluster of this machine, every listener on 127.0.0.1 and no dashboard: one worker per
+    GPU (CUDA_VISIBLE_DEVICES=that GPU, resource GPU=1), or `workers` single-thread CPU workers."""
+    distributed = _dask()
+    from distributed.deploy.spec import SpecCluster
+
+    quiet = logging.WARNING
+    options = {"nthreads": 1, "host": "127.0.0.1", "dashboard": False, "dashboard_address": "127.0.0.1:0",
+               "memory_limit": 0, "silence_logs": quiet}
+    if gpus:
+        spec = {f"gpu{g}": {"cls": distributed.Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": g},
+                                                                   "resources": {"GPU": 1}}} for g in gpus}
+    else:
+        spec = {f"cpu{i}": {"cls": distributed.Nanny, "options": dict(options)} for i in range(workers)}
+    scheduler = {"cls": distributed.Scheduler, "options": {"host": "127.0.0.1", "dashboard": False,
+                                                           "dashboard_address": "127.0.0.1:0"}}
+    return SpecCluster(workers=spec, scheduler=scheduler, silence_logs=quiet, name="cifarlab")
+
+
+def slurm_options(settings: dict[str, Any], source: str = "study") -> dict[str, Any]:
+    """dask-jobqueue keyword arguments from a study's `slurm:` block: one Slurm job per worker,
+    one run at a time per worker, `gpus_per_run` GPUs per job."""
+    unknown = set(settings) - SLURM_KEYS
+    if unknown:
+        raise ConfigError(f"{source}: unknown slurm key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(SLURM_KEYS))})")
+    gpus = int(settings.get("gpus_per_run", 0))
+    directives = list(settings.get("job_extra", []))
+    if gpus:
+        directives.append(f"--gres=gpu:{gpus}")
+    # one single-thread worker per job (one run at a time), the job's `cores` for that run's threads
+    options = {"queue": settings.get("partition"), "walltime": str(settings.get("time", "01:00:00")),
+               "memory": str(settings.get("memory", "16GB")), "cores": 1, "job_cpu": slurm_cores(settings),
+               "processes": 1, "job_extra_directives": directives, "job_name": "cifarlab",
+               "worker_extra_args": ["--resources", "GPU=1"] if gpus else [],
+               "python": settings.get("python", sys.executable), "job_script_prologue": list(settings.get("setup", [])),
+               "account": settings.get("account")}
+    if settings.get("interface"):
+        options["interface"] = settings["interface"]
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def slurm_cores(settings: dict[str, Any]) -> int:
+    return int(settings.get("cores", 4))
+
+
+def slurm_job_script(settings: dict[str, Any], scheduler: str = "tcp://SCHEDULER:8786") -> str:
+    """The batch script each Slurm job of the study runs (what `sbatch` gets)."""
+    from dask_jobqueue.slurm import SLURMJob
+
+    options = slurm_options(settings)
+    options.pop("interface", None)
+    return SLURMJob(scheduler=scheduler, name="cifarlab-worker", **options).job_script()
+
+
+def slurm_cluster(settings: dict[str, Any]):
+    """A SLURMCluster scaled to the study's `jobs` (default 1)."""
+    _dask()
+    from dask_jobqueue import SLURMCluster
+
+    cluster = SLURMCluster(**slurm_options(settings), scheduler_options={"dashboard_address": None})
+    cluster.scale(jobs=int(settings.get("jobs", 1)))
+    return cluster
+
+
+def make_executor(name: str, *, workers: int = 1, gpus: Optional[list[str]] = None, address: Optional[str] = None,
+                  scheduler_file: Optional[str] = None, slurm: Optional[dict[str, Any]] = None) -> Executor:
+    """The executor a study asks for: local | dask | slurm."""
+    gpus = list(gpus or [])
+    if name not in EXECUTORS:
+        raise ConfigError(f"unknown executor {name!r} (choose from: {', '.join(EXECUTORS)})")
+    if name == "local":
+        if address or scheduler_file:
+            raise ConfigError("--address and --scheduler-file need --executor dask")
+        return LocalExecutor(workers=len(gpus) if gpus and workers == 1 else workers, gpus=gpus)
+    if name == "dask":
+        address = address or (None if scheduler_file else os.environ.get("DASK_SCHEDULER_ADDRESS"))
+        return DaskExecutor(workers=workers, gpus=gpus, address=address, scheduler_file=scheduler_file)
+    slurm = slurm or {}
+    return DaskExecutor(make_cluster=lambda: slurm_cluster(slurm), threads=slurm_cores(slurm),
+                        gpu_workers=int(slurm.get("gpus_per_run", 0)) > 0)

@@ -1,0 +1,52 @@
+"""Child processes that never outlive what started them.
+
+A training process started by a study (or a rank started by the data-parallel launcher) runs in its
+own process group, so that stopping it stops everything it started, and it asks Linux to SIGKILL it
+when the thread that started it dies (PR_SET_PDEATHSIG): a SIGKILLed Dask worker or sweep leaves no
+orphan training behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from typing import IO, Optional
+
+PARENT_ENV = "CIFARLAB_PARENT_PID"  # set for a child: the pid it must not outlive
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Called first thing in a cifarlab process: if a cifarlab parent started it (PARENT_ENV), be
+    killed when that parent dies, and exit now if it already has."""
+    expected = os.environ.pop(PARENT_ENV, None)
+    if not expected:
+        return
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(expected):  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def start(command: list[str], env: dict[str, str], log: Optional[IO] = None) -> subprocess.Popen:
+    """Start `command` in a new process group that dies with this process."""
+    return subprocess.Popen(command, env={**env, PARENT_ENV: str(os.getpid())}, stdout=log,
+                            stderr=subprocess.STDOUT if log is not None else None, start_new_session=True)
+
+
+def stop(process: subprocess.Popen, grace_s: float = 30.0) -> int:
+    """SIGTERM the process group (a training run saves its place and exits), SIGKILL it after
+    `grace_s`; returns the exit code."""
+    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            break
+        try:
+            return process.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    return process.wait()

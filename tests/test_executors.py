@@ -1,0 +1,279 @@
+"""Studies on real engines: a Dask cluster on 127.0.0.1 (in-process LocalCluster, and the `dask
+scheduler` / `dask worker` CLI), killed workers, GPU placement from a free queue, Slurm job scripts."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifarlab import runs
+from cifarlab.executors import IN_USE, DaskExecutor, Job, LocalExecutor, local_cluster, run_job, slurm_job_script
+from cifarlab.errors import ConfigError
+from cifarlab.sweep import load_study, run_study, summarize_study
+
+pytest.importorskip("distributed")
+
+STUDY = """
+name: grid
+base:
+  data: {{root: {root}, train_limit: {limit}, test_limit: 300}}
+  model: {{preset: lab-m1}}
+  train: {{epochs: {epochs}, log_every: 5}}
+  analysis: {{report: false}}
+axes:
+  optim.name: [adam, sgd]
+repeats: {repeats}
+"""
+TIMING = {"train_time_s", "train_img_per_s", "train_time_s_std", "train_img_per_s_std"}
+CLI = [sys.executable, "-m", "cifarlab.cli"]
+
+
+def write_study(folder: Path, root: Path, limit: int = 600, epochs: int = 2, repeats: int = 1, extra: str = "") -> Path:
+    path = folder / "study.yaml"
+    path.write_text(STUDY.format(root=root, limit=limit, epochs=epochs, repeats=repeats) + extra)
+    return path
+
+
+def table(folder: Path) -> list[dict]:
+    with open(folder / "results.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def listening(pids: set[int]) -> set[str]:
+    """host:port of every listening TCP socket that one of `pids` holds."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table_file, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table_file).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                address, port = fields[1].split(":")
+                found.add(f"{decode(address, width)}:{int(port, 16)}")
+    return found
+
+
+def decode(hex_address: str, width: int) -> str:
+    if width == 8:
+        return ".".join(str(b) for b in reversed(bytes.fromhex(hex_address)))
+    return "::1" if hex_address == "00000000000000000000000001000000" else hex_address
+
+
+def descendants(pid: int) -> set[int]:
+    children = {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    return children.union(*(descendants(c) for c in children if Path(f"/proc/{c}").exists()))
+
+
+def test_dask_local_cluster_gives_the_local_results_and_a_rerun_starts_nothing(cifar10_head, tmp_path):
+    study = load_study(write_study(tmp_path, cifar10_head))
+    run_study(study, tmp_path / "local", workers=2)
+    summarize_study(study, tmp_path / "local")
+    outcome = run_study(study, tmp_path / "dask", executor=DaskExecutor(workers=2))
+    assert set(outcome.values()) == {"completed"}
+    summarize_study(study, tmp_path / "dask")
+    assert table(tmp_path / "dask") == table(tmp_path / "local")  # same accuracies, epochs, stops
+    assert float(table(tmp_path / "dask")[0]["test_acc"]) > 0.15
+    mtimes = {r.id: (tmp_path / "dask" / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs}
+    again = subprocess.run(CLI + ["sweep", str(study.path), "--executor", "dask", "--workers", "2",
+                                  "--out", str(tmp_path / "dask")], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skipped (completed before)") == 2 and "on Dask" in again.stdout
+    assert {r.id: (tmp_path / "dask" / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs} == mtimes
+
+
+def test_local_dask_cluster_listens_on_127_0_0_1_only():
+    from distributed import Client
+
+    with local_cluster(2, []) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        pids = {os.getpid()} | descendants(os.getpid())
+        addresses = listening(pids)
+        assert len(addresses) >= 3  # the scheduler, and each worker and nanny
+        assert all(a.startswith(("127.0.0.1:", "::1:")) for a in addresses), addresses
+
+
+class Recorded(Job):
+    """A job whose process records the GPU it was given; the `hold` job keeps its GPU until the
+    others are all done, so a queue that gave a busy GPU away would never finish."""
+
+    def __init__(self, id: str, folder: Path, hold: bool):
+        super().__init__(id, folder / id, folder / "unused.yaml", folder / "logs" / f"{id}.log", device="cuda")
+        self.folder, self.hold = folder, hold
+
+    def command(self):
+        script = ("import os, pathlib, sys, time\n"
+                  "folder, me, hold = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3] == '1'\n"
+                  "(folder / f'{me}.start').write_text(os.environ['CUDA_VISIBLE_DEVICES'])\n"
+                  "deadline = time.monotonic() + 120\n"
+                  "while hold and len(list(folder.glob('short*.done'))) < 4 and time.monotonic() < deadline:\n"
+                  "    time.sleep(0.02)\n"
+                  "(folder / f'{me}.done').write_text(os.environ['CUDA_VISIBLE_DEVICES'])\n")
+        return [sys.executable, "-c", script, str(self.folder), self.id, "1" if self.hold else "0"]
+
+
+@pytest.mark.parametrize("engine", ["local", "dask"])
+def test_two_pretend_gpus_are_handed_out_from_a_free_queue(engine, tmp_path):
+    jobs = [Recorded("long", tmp_path, hold=True)] + [Recorded(f"short{i}", tmp_path, hold=False) for i in range(4)]
+    executor = LocalExecutor(workers=2, gpus=["0", "1"]) if engine == "local" else DaskExecutor(gpus=["0", "1"])
+    assert executor.run(jobs) == {job.id: 0 for job in jobs}
+    given = {job.id: (tmp_path / f"{job.id}.start").read_text() for job in jobs}
+    # the long job kept its GPU busy until every short job had finished: all four ran on the other one
+    # (job i on GPU i mod 2 would have queued short1 and short3 behind the long job, which waits for them)
+    assert {given[f"short{i}"] for i in range(4)} == {"01".replace(given["long"], "")}
+    assert all((tmp_path / f"{job.id}.done").read_text() == given[job.id] for job in jobs)
+
+
+def start_cli_cluster(folder: Path) -> tuple[Path, list[subprocess.Popen]]:
+    """`dask scheduler` and two `dask worker` processes on 127.0.0.1, each in its own process group."""
+    dask = Path(sys.executable).parent / "dask"
+    scheduler_file = folder / "scheduler.json"
+    logs = open(folder / "cluster.log", "w")
+    common = dict(stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+    procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)], **common)]
+    deadline = time.monotonic() + 60
+    while not scheduler_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for name in ("w1", "w2"):
+        procs.append(subprocess.Popen([str(dask), "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                                       "--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
+                                       "--name", name, "--memory-limit", "0"], **common))
+    return scheduler_file, procs
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def wait_for(predicate, what: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("kill", ["worker", "worker-group"])
+def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_head, tmp_path):
+    path = write_study(tmp_path, cifar10_head, limit=900, epochs=4, repeats=2)
+    study = load_study(path)
+    out = tmp_path / "out"
+    scheduler_file, cluster = start_cli_cluster(tmp_path)
+    try:
+        sweep = subprocess.Popen(CLI + ["sweep", str(path), "--executor", "dask", "--scheduler-file", str(scheduler_file),
+                                        "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+        cluster.append(sweep)
+
+        def training_with_an_epoch_done():  # a run past its first epoch (it has a last.pt to resume from)
+            for run in study.runs:
+                holder = runs.lock_holder(out / run.id) if (out / run.id).is_dir() else None
+                if holder and (out / run.id / runs.CHECKPOINTS / "last.pt").is_file():
+                    return run.id, int(holder)
+            return None
+
+        victim, trainer_pid = wait_for(training_with_an_epoch_done, "a run to finish an epoch")
+        worker_pid = parent_of(trainer_pid)
+        assert parent_of(worker_pid) in {p.pid for p in cluster[1:3]}  # a worker process of a `dask worker`
+        finished_before = {r.id: (out / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs
+                           if (out / r.id / runs.SUMMARY).is_file()}
+        if kill == "worker":  # the worker process alone: its nanny starts a new one
+            os.kill(worker_pid, signal.SIGKILL)
+        else:  # the `dask worker` command with its nanny and worker: the other worker takes over
+            os.killpg(os.getpgid(worker_pid), signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{trainer_pid}").exists() or
+                 Path(f"/proc/{trainer_pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                 "the killed worker's training process to die", timeout=30)
+        output, _ = sweep.communicate(timeout=300)
+        assert sweep.returncode == 0, output
+    finally:
+        stop_all(cluster)
+    for run in study.runs:
+        summary = runs.read_summary(out / run.id)
+        assert summary["status"] == "completed", (run.id, summary)
+        epochs = [r["epoch"] for r in runs.read_jsonl(out / run.id / runs.METRICS) if r["kind"] == "epoch"]
+        assert epochs == [1, 2, 3, 4], (run.id, epochs)  # no epoch written twice
+    for run_id, mtime in finished_before.items():
+        assert (out / run_id / runs.SUMMARY).stat().st_mtime_ns == mtime  # not trained again
+    assert (out / "logs" / f"{victim}.log").read_text().count("-m cifarlab.cli train") == 2  # started, then redone
+    assert processes_naming(out) == []  # no training process outlived the sweep
+
+
+def processes_naming(folder: Path) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if str(folder) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_slurm_job_script_of_a_study(tmp_path, cifar10_head):
+    slurm = ("executor: slurm\nslurm: {partition: gpu, time: '02:00:00', memory: 32GB, cores: 8, gpus_per_run: 1, "
+             "jobs: 4, setup: ['module load cuda']}\n")
+    path = write_study(tmp_path, cifar10_head, extra=slurm)
+    result = subprocess.run(CLI + ["sweep", str(path), "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout[result.stdout.index("#!/usr/bin/env bash"):]
+    for line in ("#SBATCH -p gpu", "#SBATCH -t 02:00:00", "#SBATCH --cpus-per-task=8", "#SBATCH --gres=gpu:1",
+                 "module load cuda"):
+        assert line in script.splitlines(), line
+    worker = script.strip().splitlines()[-1]
+    assert worker.startswith(f"{sys.executable} -m distributed.cli.dask_worker tcp://")
+    assert "--nthreads 1" in worker and "--resources GPU=1" in worker and "--nanny" in worker
+    assert slurm_job_script({"partition": "cpu", "cores": 2}).count("--gres") == 0
+    with pytest.raises(ConfigError, match="unknown slurm key 'gpus'"):
+        slurm_job_script({"gpus": 2})
+
+
+def test_executor_mistakes_are_one_line(tmp_path, cifar10_head):
+    path = write_study(tmp_path, cifar10_head)
+    result = subprocess.run(CLI + ["sweep", str(path), "--executor", "ray"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown executor 'ray' (choose from: local, dask, slurm)" in result.stderr
+    result = subprocess.run(CLI + ["sweep", str(path), "--address", "tcp://127.0.0.1:1", "--executor", "local"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "need --executor dask" in result.stderr
+    path.write_text(path.read_text() + "executor: {name: dask, nodes: 3}\n")
+    result = subprocess.run(CLI + ["sweep", str(path), "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 2 and "executor is a name" in result.stderr
+
+
+def test_a_run_locked_by_another_process_is_not_started(cifar10_head, tmp_path):
+    run = load_study(write_study(tmp_path, cifar10_head)).runs[0]
+    out = tmp_path / "out"
+    (out / run.id).mkdir(parents=True)
+    lock = runs.RunLock(out / run.id).acquire()
+    try:
+        job = Job(run.id, out / run.id, tmp_path / "x.yaml", out / "logs" / "x.log")
+        assert run_job(job, lock_wait_s=0.3) == IN_USE
+        assert not (out / "logs" / "x.log").exists()  # nothing started
+    finally:
+        lock.release()
