@@ -33,7 +33,7 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: config: train.epochz: unknown key (allowed: epochs, batch_size, eval_batch_size, log_every, "
-        "out_dir, device, channels_last, compile, threads, label_smoothing, tta, precision, evaluate, max_time_s, "
+        "out_dir, device, channels_last, compile, threads, devices, label_smoothing, tta, precision, evaluate, max_time_s, "
         "early_stopping, divergence, target, loggers, histogram_every, mlflow_uri, wandb_mode)"]
     assert not out.exists()
     missing = cifarlab("train", "data.dataset=cifar10", f"data.root={tmp_path / 'nope'}", f"train.out_dir={out}")

@@ -181,7 +181,7 @@ def wait_for(predicate, what: str, timeout: float = 120.0):
 
 @pytest.mark.parametrize("kill", ["worker", "worker-group"])
 def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_head, tmp_path):
-    path = write_study(tmp_path, cifar10_head, limit=900, epochs=4, repeats=2)
+    path = write_study(tmp_path, cifar10_head, limit=600, epochs=4, repeats=2)
     study = load_study(path)
     out = tmp_path / "out"
     scheduler_file, cluster = start_cli_cluster(tmp_path)
@@ -191,10 +191,14 @@ def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_
                                  start_new_session=True)
         cluster.append(sweep)
 
-        def training_with_an_epoch_done():  # a run past its first epoch (it has a last.pt to resume from)
+        def training_with_an_epoch_done():  # once a run is finished: a run past its first epoch (with a last.pt)
+            if not any((out / r.id / runs.SUMMARY).is_file() for r in study.runs):
+                return None
             for run in study.runs:
                 holder = runs.lock_holder(out / run.id) if (out / run.id).is_dir() else None
-                if holder and (out / run.id / runs.CHECKPOINTS / "last.pt").is_file():
+                metrics = out / run.id / runs.METRICS
+                epochs = [r for r in runs.read_jsonl(metrics) if r["kind"] == "epoch"] if metrics.is_file() else []
+                if holder and 1 <= len(epochs) <= 2 and (out / run.id / runs.CHECKPOINTS / "last.pt").is_file():
                     return run.id, int(holder)
             return None
 
@@ -203,6 +207,7 @@ def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_
         assert parent_of(worker_pid) in {p.pid for p in cluster[1:3]}  # a worker process of a `dask worker`
         finished_before = {r.id: (out / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs
                            if (out / r.id / runs.SUMMARY).is_file()}
+        assert finished_before
         if kill == "worker":  # the worker process alone: its nanny starts a new one
             os.kill(worker_pid, signal.SIGKILL)
         else:  # the `dask worker` command with its nanny and worker: the other worker takes over
@@ -277,3 +282,20 @@ def test_a_run_locked_by_another_process_is_not_started(cifar10_head, tmp_path):
         assert not (out / "logs" / "x.log").exists()  # nothing started
     finally:
         lock.release()
+
+
+def test_a_run_killed_between_its_last_epoch_and_its_summary_is_finished_not_refused(cifar10_head, tmp_path):
+    import cifarlab
+
+    run = cifarlab.fit({"data": {"root": str(cifar10_head), "train_limit": 500, "test_limit": 200},
+                        "model": {"preset": "lab-m1"}, "train": {"epochs": 2}, "analysis": {"report": False}},
+                       run_dir=tmp_path / "run", progress=False)
+    before = run.summary
+    (run.path / runs.SUMMARY).unlink()  # what a SIGKILL after the last epoch's last.pt leaves
+    job = Job("run", run.path, tmp_path / "unused.yaml", tmp_path / "run.log")
+    assert job.command()[-2:] == ["--resume", str(run.path)]
+    assert run_job(job) == 0
+    after = runs.read_summary(run.path)
+    assert after["status"] == "completed" and after["epochs_run"] == 2 and after["test_acc"] == before["test_acc"]
+    with pytest.raises(ConfigError, match="already trained 2 of train.epochs=2"):  # a finished run still needs more epochs
+        cifarlab.resume(run, progress=False)

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "fit": "api", "resume": "api", "load_run": "api", "Run": "api", "evaluate_run": "api", "predict_files": "api",
-    "run_study": "api", "StudyResult": "api", "default_callbacks": "api",
+    "run_study": "api", "StudyResult": "api", "default_callbacks": "api", "tune": "tuning", "TuneResult": "tuning",
     "load_study": "sweep", "Study": "sweep",
     "Config": "config", "load_config": "config",
     "Callback": "train.callbacks", "Monitor": "train.monitor", "EarlyStopping": "train.callbacks",
@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
     from .train.callbacks import Callback, EarlyStopping  # noqa: F401
     from .train.monitor import Monitor  # noqa: F401
     from .train.trainer import Trainer  # noqa: F401
+    from .tuning import TuneResult, tune  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -31,10 +31,10 @@ from .config import Config, ConfigSource, Overrides, load_config
 from .data.images import read_image
 from .data.local import arrays_dataset, content_checksum, save_npz
 from .data.sources import Dataset, cache_dir, check_dataset
-from .errors import DataError, WriteError
+from .errors import ConfigError, DataError, WriteError
 from .evaluation import evaluate, predict_logits
 from .sweep import Study, load_study, run_study as run_study_jobs, study_executor, summarize_study
-from .train import trainer
+from .train import distributed, trainer
 from .train.callbacks import (BestCheckpoint, Callback, DivergenceStop, EarlyStopping, LastCheckpoint, MetricsLog,
                               NaNGuard, TargetStop, TimeLimit)
 from .train.progress import default_progress
@@ -82,10 +82,15 @@ def fit(config: ConfigSource = None, *, overrides: Overrides = None, callbacks: 
     train.out_dir/NAME-TIMESTAMP); `data`: arrays instead of data.dataset, as (x_train, y_train,
     x_test, y_test[, class names]) with uint8 images NHWC or NCHW, or a cifarlab Dataset. Raises
     TrainingFailed when the loss becomes NaN, Interrupted on SIGINT / SIGTERM (state saved in
-    last.pt; `resume` continues exactly)."""
+    last.pt; `resume` continues exactly). With train.devices=N > 1 the N ranks run as processes
+    (`cifarlab train`), which take no callbacks of yours."""
     resolved = load_config(config, overrides)
     if data is not None:
         resolved = load_config(resolved, {"data.dataset": "npz", "data.root": str(stored_arrays(data))})
+    if distributed.launches(resolved):
+        refuse_callbacks(callbacks, progress)
+        return Run(distributed.launch_checked(resolved, run_dir=Path(run_dir) if run_dir is not None else None,
+                                              quiet=progress is False))
     bar = progress if isinstance(progress, Callback) else default_progress(progress)
     with closing_progress(bar):
         path = trainer.fit(resolved, default_callbacks(resolved, callbacks, bar),
@@ -115,9 +120,19 @@ def resume(run: Union["Run", PathLike], overrides: Overrides = None, *, callback
     an interrupt). Overrides such as train.epochs=30 train a finished run further."""
     path = runs.resolve_run(run.path if isinstance(run, Run) else run)
     config = load_config(path / runs.CONFIG, overrides)
+    if distributed.launches(config):
+        refuse_callbacks(callbacks, progress)
+        return Run(distributed.launch_checked(config, resume=path, overrides=overrides, quiet=progress is False))
     bar = progress if isinstance(progress, Callback) else default_progress(progress)
     with closing_progress(bar):
         return Run(trainer.resume(path, config, default_callbacks(config, callbacks, bar)))
+
+
+def refuse_callbacks(callbacks: Sequence[Any], progress: Progress) -> None:
+    """Callbacks (and a progress callback) cannot cross into the ranks' processes."""
+    if list(callbacks) or isinstance(progress, Callback):
+        raise ConfigError("user callbacks need train.devices=1, or start the ranks yourself with torchrun "
+                          "(then rank 0 runs them)")
 
 
 @contextmanager

@@ -39,7 +39,10 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except Interrupted as e:
-            err.print(f"{one_line(str(e))}; state saved, resume with: cifarlab train --resume {e.run_dir}")
+            from .train.distributed import main_process
+
+            if main_process():  # data-parallel ranks stop together: rank 0 says so
+                err.print(f"{one_line(str(e))}; state saved, resume with: cifarlab train --resume {e.run_dir}")
             raise typer.Exit(e.exit_code) from None
         except CifarlabError as e:
             if state["debug"]:
@@ -72,6 +75,7 @@ def setup_logging() -> None:
 def train_and_report(config, resume_run: Optional[Path] = None, overrides: Optional[list[str]] = None,
                      run_dir: Optional[Path] = None) -> Path:
     from . import api
+    from .train.distributed import launches, main_process
     from .train.progress import LogProgress, TerminalProgress
 
     progress = LogProgress() if state.get("quiet") or not sys.stderr.isatty() else TerminalProgress(err)
@@ -79,7 +83,8 @@ def train_and_report(config, resume_run: Optional[Path] = None, overrides: Optio
         run = api.resume(resume_run, overrides, progress=progress)
     else:
         run = api.fit(config, run_dir=run_dir, progress=progress)
-    print_summary(run.path)
+    if main_process() and not (config is not None and launches(config)):  # the ranks' rank 0 printed it
+        print_summary(run.path)
     return run.path
 
 
@@ -111,9 +116,11 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config (YAML) and exit."),
 ) -> None:
-    """Train a model; writes a run directory (config, metrics, summary, checkpoints)."""
+    """Train a model; writes a run directory (config, metrics, summary, checkpoints). With
+    train.devices=N > 1, starts N data-parallel ranks on this machine and exits with their worst exit code."""
     from .config import config_yaml, load_config
     from .runs import read_run_config, resolve_run
+    from .train.distributed import launch, launches
 
     state["quiet"] = quiet
     if resume_run is not None and config_file is not None:
@@ -123,10 +130,14 @@ def train(
         out.print(config_yaml(config), end="")
         return
     setup_logging()
+    config = read_run_config(resolve_run(resume_run), overrides) if resume_run else load_config(config_file, overrides or [])
+    if launches(config):  # the ranks print the progress, the summary and their errors
+        code, _ = launch(config, run_dir=run_dir, resume=resume_run, overrides=overrides or [], quiet=quiet)
+        raise typer.Exit(code)
     if resume_run is not None:
         train_and_report(None, resume_run, overrides or [])
         return
-    train_and_report(load_config(config_file, overrides or []), run_dir=run_dir)
+    train_and_report(config, run_dir=run_dir)
 
 
 @app.command()
@@ -362,6 +373,45 @@ def sweep(
     for run_id, what in result.outcome.items():
         out.print(f"  {run_id}: {what}")
     out.print(result.table)
+    out.print(f"report: {out_path / 'report.html'}")
+
+
+@app.command()
+@user_errors
+def tune(
+    study_file: Path = typer.Argument(..., help="A study YAML with a search block (see configs/tune/)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value applied to every trial, e.g. train.epochs=5"),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", min=1, help="Trials in all (default: tune.trials)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=0, help="Start no trial after this many seconds."),
+    storage: Optional[str] = typer.Option(None, "--storage",
+                                          help="Optuna storage URL (default: sqlite in the study folder); "
+                                               "e.g. postgresql://user@host/db to share one search between machines."),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Processes on this machine (CPU threads are split)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Study directory (default: train.out_dir/NAME)."),
+    worker_index: int = typer.Option(0, "--worker-index", hidden=True),
+) -> None:
+    """Hyperparameter search on Optuna: trials of the study's search block, pruned on each epoch's
+    validation metric; writes results.csv, results.md, best.yaml, plots/ and report.html."""
+    from .api import study_folder
+    from .sweep import load_study
+    from .tuning import run_tune, work
+
+    study = load_study(study_file, overrides or [])
+    out_path = study_folder(study, out_dir)
+    if worker_index:  # one of the processes that `--workers N` started: trials only
+        setup_logging()
+        work(study, out_path, trials=trials or 1, timeout=timeout, storage=storage, worker=worker_index,
+             overrides=overrides or [])
+        return
+    setup_logging()
+    result = run_tune(study, out_path, trials=trials, timeout=timeout, storage=storage, workers=workers,
+                      overrides=overrides or [])
+    out.print(result.table)
+    out.print(", ".join(f"{n} {state}" for state, n in sorted(result.counts.items())))
+    if result.best_config is not None:
+        out.print(f"best: trial {result.best_trial}, {result.best_value:.4f} with "
+                  + ", ".join(f"{k}={v}" for k, v in result.best_params.items()))
+        out.print(f"best config: {result.best_config}  (cifarlab train -c {result.best_config})")
     out.print(f"report: {out_path / 'report.html'}")
 
 

@@ -280,7 +280,9 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = True
     compile: bool = False
-    threads: Optional[int] = Field(None, gt=0)  # CPU threads; default: every core
+    threads: Optional[int] = Field(None, gt=0)  # CPU threads; default: every core (shared by the local ranks)
+    # data-parallel processes (DDP): batch_size stays the global batch, each rank takes a 1/N slice of it
+    devices: int = Field(1, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     tta: Literal["none", "flip"] = "none"  # test-time augmentation of val/test scoring: flip averages mirrored logits
     # autocast: auto = bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs (T4, V100), float32 on CPU

@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -93,17 +94,25 @@ def run_job(job: Job, gpu: Optional[str] = None, cancelled: Callable[[], bool] =
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}"
                   f"{f' GPU {gpu}' if gpu is not None else ''}: {' '.join(command)}\n")
         log.flush()
+        started = time.perf_counter()
         process = processes.start(command, env, log)
         try:
-            while True:
-                try:
-                    return process.wait(timeout=0.5)
-                except Exception:  # TimeoutExpired: still training
-                    if cancelled():
-                        return processes.stop(process)
+            code = watch(process, cancelled)
         except BaseException:
             processes.stop(process)
             raise
+        log.write(f"# exit {code} after {time.perf_counter() - started:.3f} s\n")
+        return code
+
+
+def watch(process, cancelled: Callable[[], bool]) -> int:
+    """Wait for `process`; stop it (and return its code) as soon as `cancelled()` says so."""
+    while True:
+        try:
+            return process.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if cancelled():
+                return processes.stop(process)
 
 
 class Executor(Protocol):

@@ -310,7 +310,8 @@ def study_figures(study: Study, out: Path) -> list[Path]:
     return figures
 
 
-def write_report(study: Study, out: Path, rows: list[dict[str, Any]], figures: list[Path]) -> Path:
+def write_report(study: Study, out: Path, rows: list[dict[str, Any]], figures: list[Path],
+                 counts: Optional[str] = None) -> Path:
     from .analysis.report import inline, render_html
 
     settings = setting_keys(rows)
@@ -331,7 +332,8 @@ def write_report(study: Study, out: Path, rows: list[dict[str, Any]], figures: l
         table.append({"cells": cells, "ok": row["status"] == "completed"})
     reference = study.reference
     return render_html(
-        "study.html", out / "report.html", study=study, rows=rows, columns=columns, table=table,
+        "study.html", out / "report.html", study=study, columns=columns, table=table,
+        counts=counts or f"{len(rows)} variants, {len(study.runs)} runs",
         reference=json.dumps(reference, indent=2) if isinstance(reference, (dict, list)) else reference,
         figures=[{"title": p.stem.replace("_", " "), "data": inline(p)} for p in figures])
 

@@ -1,5 +1,9 @@
 """Device-resident batches: the uint8 images live on the device once; each epoch is a permutation
-and each step a slice, augmented as a batch and normalized in one fused multiply-add."""
+and each step a slice, augmented as a batch and normalized in one fused multiply-add.
+
+Data-parallel ranks share the permutation (the same generator state on every rank) and each takes
+its contiguous part of every global batch (`shard`); a trailing global batch smaller than the
+number of ranks is dropped, so that every rank has at least one image in every step."""
 
 from __future__ import annotations
 
@@ -11,11 +15,24 @@ import torch
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
+def shard(length: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of part `rank` of `length` items cut into `world` contiguous parts, as
+    np.array_split cuts them (the first length % world parts are one longer)."""
+    size, extra = divmod(length, world)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (rank < extra)
+
+
 class DeviceLoader:
+    """Batches of a split on its device. `batch_size` is the global batch; with `world` > 1 this
+    loader yields part `rank` of each global batch (`shard`). The permutation is drawn from
+    `generator`, the augmentation from `augment_generator` (default: the same generator)."""
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: list[float],
                  std: list[float], shuffle: bool = False, generator: Optional[torch.Generator] = None,
                  augment: Optional[Augment] = None, channels_last: bool = True,
-                 whiten: Optional[torch.Tensor] = None):
+                 whiten: Optional[torch.Tensor] = None, augment_generator: Optional[torch.Generator] = None,
+                 rank: int = 0, world: int = 1):
         if shuffle and generator is None:
             raise ValueError("a shuffling loader needs a torch.Generator")
         self.images = images  # uint8 (N, C, H, W) on the device
@@ -23,7 +40,9 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
+        self.augment_generator = augment_generator or generator
         self.augment = augment
+        self.rank, self.world = rank, world
         self.channels_last = channels_last
         self.whiten = whiten.to(images.device) if whiten is not None else None  # (D, D) ZCA matrix
         device = images.device
@@ -34,7 +53,14 @@ class DeviceLoader:
         self.shift = -mean_t / std_t
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        """Steps per epoch: global batches, less a trailing one smaller than the number of ranks."""
+        n = len(self.labels)
+        steps = -(-n // self.batch_size)
+        return steps - 1 if self.world > 1 and 0 < n % self.batch_size < self.world else steps
+
+    def global_size(self, step: int) -> int:
+        """Images in global batch `step` (0-based), over all ranks."""
+        return min(self.batch_size, len(self.labels) - step * self.batch_size)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 pixels, or floats in [0, 1] from an augmentation, to normalized floats."""
@@ -51,13 +77,18 @@ class DeviceLoader:
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator, device=self.generator.device)
             order = order.to(self.images.device)
-        for start in range(0, n, self.batch_size):
+        for step in range(len(self)):
+            start = step * self.batch_size
+            stop = start + self.global_size(step)
+            if self.world > 1:
+                first, last = shard(stop - start, self.rank, self.world)
+                start, stop = start + first, start + last
             if self.shuffle:
-                index = order[start:start + self.batch_size]
+                index = order[start:stop]
                 images, labels = self.images[index], self.labels[index]
             else:
-                images = self.images[start:start + self.batch_size]
-                labels = self.labels[start:start + self.batch_size]
+                images = self.images[start:stop]
+                labels = self.labels[start:stop]
             if self.augment is not None:
-                images = self.augment(images, self.generator)
+                images = self.augment(images, self.augment_generator)
             yield self.normalize(images), labels

@@ -1,0 +1,386 @@
+"""Hyperparameter search on Optuna: a study file's `search` block (ranges and choices over any
+config key) and `tune` block (metric, sampler, pruner, trials), run as ordinary runs.
+
+    search:
+      optim.lr: {float: [1.0e-4, 1.0e-1], log: true}
+      model.dropout: {float: [0.0, 0.5], step: 0.1}
+      train.batch_size: {choice: [32, 64, 128]}
+      train.epochs: {int: [5, 20]}
+    tune: {metric: val_acc, sampler: tpe, pruner: median, trials: 20}
+
+Every trial is a run folder trial-NNNN in the study folder; the pruner sees each epoch's value of the
+metric (a validation metric: the test split never chooses). The Optuna study lives in a storage
+(SQLite inside the study folder by default, or any SQLAlchemy URL such as PostgreSQL), so that
+several processes, on one machine or many, run the same command and share one search.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from . import processes, runs
+from .config import Config, apply_override, load_config, write_config
+from .errors import ConfigError
+from .sweep import COLUMNS, Study, _value_text, load_study, write_report, write_results
+
+log = logging.getLogger(__name__)
+TUNE_KEYS = {"metric", "direction", "sampler", "pruner", "trials", "timeout", "startup_trials", "warmup_epochs",
+             "enqueue", "seed"}
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "halving", "none")
+KINDS = ("float", "int", "choice")
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("cifarlab tune needs the cluster extra: pip install 'cifarlab[cluster]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+@dataclass
+class Settings:
+    """The `tune` block with its defaults."""
+
+    metric: str = "val_acc"
+    direction: str = "maximize"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    trials: int = 20
+    timeout: Optional[float] = None
+    startup_trials: int = 5  # trials before the pruner (and TPE) start judging
+    warmup_epochs: int = 0  # epochs of a trial the pruner never stops
+    enqueue: tuple = ()  # settings of the first trials, e.g. the recipe's own
+    seed: Optional[int] = None
+
+
+def tune_settings(study: Study) -> Settings:
+    spec, where = study.tune, study.path
+    unknown = set(spec) - TUNE_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown tune key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(TUNE_KEYS))})")
+    metric = spec.get("metric", "val_acc")
+    if not metric.startswith(("val_", "train_")):
+        raise ConfigError(f"{where}: tune.metric must be a validation or training metric (val_acc, val_loss, ...), "
+                          f"not {metric!r}: the test split never chooses")
+    settings = Settings(metric=metric, direction=spec.get("direction", "minimize" if metric.endswith("loss") else "maximize"),
+                        **{k: spec[k] for k in ("sampler", "pruner", "trials", "timeout", "startup_trials",
+                                                "warmup_epochs", "seed") if k in spec},
+                        enqueue=tuple(spec.get("enqueue") or ()))
+    for key, allowed in (("direction", ("maximize", "minimize")), ("sampler", SAMPLERS), ("pruner", PRUNERS)):
+        if getattr(settings, key) not in allowed:
+            raise ConfigError(f"{where}: tune.{key} is {getattr(settings, key)!r}; choose from: {', '.join(allowed)}")
+    if not isinstance(settings.trials, int) or settings.trials < 1:
+        raise ConfigError(f"{where}: tune.trials must be an integer >= 1")
+    return settings
+
+
+def check_search(study: Study) -> dict[str, dict[str, Any]]:
+    """The `search` block, each key checked: one of float / int / choice, a valid range, and a key
+    that the config accepts (its low end and every choice are validated as settings)."""
+    where = study.path
+    if not study.search:
+        raise ConfigError(f"{where}: a tune study needs a search block (key.path: {{float|int|choice: ...}})")
+    for key, spec in study.search.items():
+        if not isinstance(spec, dict) or len(set(spec) & set(KINDS)) != 1 or set(spec) - {*KINDS, "log", "step"}:
+            raise ConfigError(f"{where}: search.{key} must be {{float: [low, high]}}, {{int: [low, high]}} or "
+                              "{choice: [a, b, ...]} (with optional log: true, step: s)")
+        kind = next(k for k in KINDS if k in spec)
+        values = spec[kind]
+        if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
+            shape = "of choices" if kind == "choice" else "[low, high]"
+            raise ConfigError(f"{where}: search.{key}.{kind} must be a list {shape}")
+        if kind != "choice" and not values[0] < values[1]:
+            raise ConfigError(f"{where}: search.{key}.{kind} must be [low, high] with low < high, got {values}")
+        if spec.get("log") and kind != "choice" and values[0] <= 0:
+            raise ConfigError(f"{where}: search.{key} is log-scaled, so its low end must be > 0, got {values[0]}")
+        for value in (values if kind == "choice" else values[:1]):
+            trial_config(study, {key: value})
+    return study.search
+
+
+def trial_config(study: Study, values: dict[str, Any], overrides: Optional[list[str]] = None) -> Config:
+    """The study's base config with a trial's `values` (validated: a bad key or value is named)."""
+    tree = json.loads(json.dumps(study.base))
+    for key, value in values.items():
+        apply_override(tree, key.split("."), value)
+    return load_config(tree, overrides, source=f"{study.path} (search values {values})")
+
+
+def suggest(trial, search: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    values = {}
+    for key, spec in search.items():
+        if "choice" in spec:
+            values[key] = trial.suggest_categorical(key, spec["choice"])
+        elif "int" in spec:
+            low, high = spec["int"]
+            values[key] = trial.suggest_int(key, low, high, step=spec.get("step", 1), log=bool(spec.get("log")))
+        else:
+            low, high = spec["float"]
+            values[key] = trial.suggest_float(key, float(low), float(high), step=spec.get("step"), log=bool(spec.get("log")))
+    return values
+
+
+class Pruning:
+    """A callback that reports each epoch's metric to the Optuna trial and stops the run when the
+    pruner says so."""
+
+    def __init__(self, trial, metric: str):
+        self.trial, self.metric = trial, metric
+        self.pruned_at: Optional[int] = None
+
+    def on_epoch_end(self, trainer, record: dict[str, Any]) -> None:
+        if self.metric not in record:
+            raise ConfigError(f"tune.metric {self.metric!r} is not measured (the epoch has: "
+                              f"{', '.join(k for k in record if k.startswith(('train_', 'val_')))})")
+        self.trial.report(record[self.metric], record["epoch"])
+        if self.trial.should_prune():
+            self.pruned_at = record["epoch"]
+            trainer.stop(f"pruned by optuna at epoch {record['epoch']}")
+
+
+def storage_url(out: Path, storage: Optional[str]) -> str:
+    return storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
+
+
+def open_study(study: Study, settings: Settings, out: Path, storage: Optional[str], worker: int = 0):
+    """The Optuna study (created by the first process, joined by the others)."""
+    optuna = _optuna()
+    url = storage_url(out, storage)
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        backend = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except Exception as e:  # noqa: BLE001 - a wrong URL, an unreachable server, a missing driver
+        raise ConfigError(f"--storage {url}: cannot open the Optuna storage ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    seed = settings.seed if settings.seed is not None else study.runs[0].config.seed
+    sampler = (optuna.samplers.TPESampler(seed=seed + worker, n_startup_trials=settings.startup_trials)
+               if settings.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed + worker))
+    pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials,
+                                                            n_warmup_steps=settings.warmup_epochs),
+              "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
+              "none": lambda: optuna.pruners.NopPruner()}[settings.pruner]()
+    opened = optuna.create_study(study_name=study.name, storage=backend, direction=settings.direction,
+                                 sampler=sampler, pruner=pruner, load_if_exists=True)
+    if worker == 0 and settings.enqueue and not opened.trials:
+        for values in settings.enqueue:
+            opened.enqueue_trial(values, skip_if_exists=True)
+    return opened
+
+
+def trial_folder(out: Path, number: int) -> Path:
+    return out / f"trial-{number:04d}"
+
+
+def work(study: Study, out: Path, *, trials: int, timeout: Optional[float], storage: Optional[str], worker: int = 0,
+         overrides: Optional[list[str]] = None) -> int:
+    """One worker's loop: ask for a trial, train it, tell the result, until the study has `trials`
+    trials or `timeout` seconds have passed. Returns how many trials this worker ran."""
+    optuna = _optuna()
+    from .api import fit
+    from .errors import CifarlabError
+
+    settings = tune_settings(study)
+    search = check_search(study)
+    opened = open_study(study, settings, out, storage, worker)
+    deadline = time.monotonic() + timeout if timeout else None
+    ran = 0
+    started = tuple(s for s in optuna.trial.TrialState if s != optuna.trial.TrialState.WAITING)  # enqueued ones wait
+    while len(opened.get_trials(deepcopy=False, states=started)) < trials and \
+            (deadline is None or time.monotonic() < deadline):
+        trial = opened.ask()
+        values = suggest(trial, search)
+        folder = trial_folder(out, trial.number)
+        trial.set_user_attr("run", folder.name)
+        trial.set_user_attr("worker", worker)
+        pruning = Pruning(trial, settings.metric)
+        try:
+            run = fit(trial_config(study, values, overrides), run_dir=folder, callbacks=[pruning], progress=False)
+        except CifarlabError as e:  # diverged, a bad value combination: this trial failed, the search goes on
+            log.warning("trial %d failed: %s", trial.number, e)
+            trial.set_user_attr("error", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            opened.tell(trial, state=optuna.trial.TrialState.FAIL)
+            ran += 1
+            continue
+        summary = run.summary
+        if pruning.pruned_at is not None:
+            opened.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            opened.tell(trial, summary[settings.metric])
+        ran += 1
+    return ran
+
+
+@dataclass
+class TuneResult:
+    """What `cifarlab tune` leaves: the study folder, the best trial, its settings and config."""
+
+    path: Path
+    best_trial: Optional[int]
+    best_value: Optional[float]
+    best_params: dict[str, Any]
+    best_config: Optional[Path]  # best.yaml: the base config with the best settings, ready to train
+    counts: dict[str, int]  # trial state -> count
+
+    @property
+    def table(self) -> str:
+        return (self.path / "results.md").read_text()
+
+
+def tune(study: Union[Study, str, os.PathLike], *, overrides: Optional[list[str]] = None,
+         out: Optional[Union[str, os.PathLike]] = None, trials: Optional[int] = None, timeout: Optional[float] = None,
+         storage: Optional[str] = None, workers: int = 1) -> TuneResult:
+    """Hyperparameter search on Optuna over a study file's `search` block: `trials` in all (default
+    tune.trials), no new trial after `timeout` seconds, `workers` processes on this machine, the
+    Optuna study in `storage` (default: SQLite in the study folder; a PostgreSQL URL lets processes on
+    other machines join). Each trial is a run folder; returns the best trial, its settings and
+    best.yaml, with results.md and report.html in the study folder (default train.out_dir/NAME)."""
+    from .api import study_folder
+
+    if not isinstance(study, Study):
+        study = load_study(Path(study), overrides)
+    return run_tune(study, study_folder(study, out), trials=trials, timeout=timeout, storage=storage, workers=workers,
+                    overrides=overrides)
+
+
+def run_tune(study: Study, out: Path, *, trials: Optional[int] = None, timeout: Optional[float] = None,
+             storage: Optional[str] = None, workers: int = 1, overrides: Optional[list[str]] = None) -> TuneResult:
+    """Run the search with `workers` processes on this machine (this one and workers - 1 more), then
+    write results.csv, results.md, best.yaml, plots/ and report.html."""
+    settings = tune_settings(study)
+    check_search(study)
+    trials = trials or settings.trials
+    timeout = timeout if timeout is not None else settings.timeout
+    out.mkdir(parents=True, exist_ok=True)
+    url = storage_url(out, storage)
+    open_study(study, settings, out, url)  # created (and its first trials enqueued) before any worker joins
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    given = [] if any(o.startswith("train.threads=") for o in overrides or []) or study.runs[0].config.train.threads \
+        else [f"train.threads={threads}"]
+    helpers = []
+    for index in range(1, workers):
+        command = [sys.executable, "-m", "cifarlab.cli", "tune", str(study.path), *(overrides or []), *given,
+                   "--trials", str(trials), "--storage", url, "--out", str(out), "--worker-index", str(index)]
+        if timeout:
+            command += ["--timeout", str(timeout)]
+        (out / "logs").mkdir(exist_ok=True)
+        helpers.append(processes.start(command, dict(os.environ), open(out / "logs" / f"worker-{index}.log", "a")))
+    try:
+        work(study, out, trials=trials, timeout=timeout, storage=url, overrides=[*(overrides or []), *given])
+        for helper in helpers:
+            helper.wait()
+    except BaseException:
+        for helper in helpers:
+            processes.stop(helper)
+        raise
+    return summarize_tune(study, out, url)
+
+
+def summarize_tune(study: Study, out: Path, storage: Optional[str] = None) -> TuneResult:
+    """results.csv, results.md, best.yaml, plots/ and report.html from the study's trials so far."""
+    optuna = _optuna()
+    settings = tune_settings(study)
+    opened = optuna.load_study(study_name=study.name, storage=storage_url(out, storage))
+    finished = opened.get_trials(deepcopy=False)
+    rows = [trial_row(t, out) for t in finished]
+    counts: dict[str, int] = {}
+    for t in finished:
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+    best = opened.best_trial if complete else None
+    best_config = None
+    if best is not None:  # the best trial's own config (overrides included), without the workers' thread split
+        best_config = out / "best.yaml"
+        config = runs.read_run_config(trial_folder(out, best.number))
+        config.train.threads = study.runs[0].config.train.threads
+        write_config(config, best_config)
+    description = (f"{study.description.strip()} Optuna search: {settings.sampler} sampler, {settings.pruner} pruner, "
+                   f"{settings.direction} {settings.metric}; "
+                   + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+                   + (f". Best: trial {best.number}, {settings.metric} {best.value:.4f} (best.yaml)." if best else "."))
+    shown = Study(study.name, description, study.runs, list(study.search), study.reference, study.path)
+    write_results(shown, out, rows)
+    figures = tune_figures(opened, settings, out) if rows else []
+    write_report(shown, out, rows, figures, counts=f"{len(rows)} trials")
+    return TuneResult(out, best.number if best else None, best.value if best else None, dict(best.params) if best else {},
+                      best_config, counts)
+
+
+def trial_row(trial, out: Path) -> dict[str, Any]:
+    """A trial as a row of the study table: its settings, state and the run's figures."""
+    folder = trial_folder(out, trial.number)
+    summary = json.loads((folder / runs.SUMMARY).read_text()) if (folder / runs.SUMMARY).is_file() else {}
+    state = trial.state.name.lower()
+    if state == "pruned":
+        status = f"pruned at epoch {summary.get('epochs_run', '?')}"
+    elif state == "fail":
+        status = f"failed: {trial.user_attrs.get('error') or summary.get('stop_reason', 'no summary')}"
+    else:
+        status = "completed" if state == "complete" else state
+    row: dict[str, Any] = {"variant": f"trial {trial.number}",
+                           **{k: f"{v:.4g}" if isinstance(v, float) else _value_text(v) for k, v in trial.params.items()},
+                           "runs": 1, "completed": int(state == "complete"), "status": status}
+    for key in COLUMNS:
+        row[key] = summary.get(key) if summary.get("status") == "completed" else None
+    row["stop_reason"] = (summary.get("stop_reason") or "").split(":")[0]
+    params = summary.get("params")
+    row["params"] = params["trainable"] + params["non_trainable"] if params else None
+    row["ids"] = [folder.name]
+    return row
+
+
+def tune_figures(opened, settings: Settings, out: Path) -> list[Path]:
+    """Optuna's optimization history (each trial's value, the best so far, pruned trials at their
+    last reported value) and parameter importances."""
+    optuna = _optuna()
+    from .analysis.plots import save, subplots
+
+    paths = []
+    fig, ax = subplots(figsize=(7, 4))
+    done = [t for t in opened.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in opened.trials if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values]
+    scale = 100 if settings.metric.endswith("acc") else 1
+    if done:
+        ax.scatter([t.number for t in done], [scale * t.value for t in done], s=22, label="complete", zorder=3)
+        better = max if settings.direction == "maximize" else min
+        best, so_far = None, []
+        for t in done:
+            best = t.value if best is None else better(best, t.value)
+            so_far.append(scale * best)
+        ax.step([t.number for t in done], so_far, where="post", color="C3", label="best so far")
+    if pruned:
+        ax.scatter([t.number for t in pruned], [scale * t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+                   s=22, marker="x", color="0.5", label="pruned (last epoch reported)", zorder=3)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(settings.metric + (" (%)" if scale == 100 else ""))
+    ax.set_title(f"optimization history: {settings.metric}", fontsize=10)
+    ax.grid(alpha=0.3)
+    if done or pruned:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(save(fig, out / "plots" / "optimization_history.png"))
+    if len(done) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(opened)
+        except (RuntimeError, ValueError) as e:  # e.g. every trial had the same settings
+            log.warning("no parameter importances: %s", e)
+            importances = {}
+        if importances:
+            fig, ax = subplots(figsize=(7, 0.5 + 0.45 * len(importances)))
+            names = list(importances)[::-1]
+            ax.barh(names, [importances[n] for n in names], color="C0")
+            ax.set_xlabel(f"importance for {settings.metric} (Optuna, {len(done)} complete trials)")
+            ax.set_title("hyperparameter importances", fontsize=10)
+            ax.grid(alpha=0.3, axis="x")
+            fig.tight_layout()
+            paths.append(save(fig, out / "plots" / "param_importances.png"))
+    return paths

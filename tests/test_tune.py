@@ -1,0 +1,171 @@
+"""Hyperparameter search on Optuna: two worker processes on one SQLite file, a real PostgreSQL
+server started from Debian's package on 127.0.0.1, pruning, the results and best.yaml."""
+
+import csv
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import cifarlab
+from cifarlab import runs
+from cifarlab.errors import ConfigError
+from cifarlab.sweep import load_study
+from cifarlab.tuning import check_search, tune_settings
+
+optuna = pytest.importorskip("optuna")
+
+SEARCH = """
+name: search
+base:
+  data: {{root: {root}, train_limit: 600, test_limit: 200}}
+  model: {{preset: lab-m1}}
+  optim: {{name: adam}}
+  train: {{epochs: {epochs}, log_every: 5}}
+  analysis: {{report: false}}
+search:
+  optim.lr: {{float: [3.0e-4, 3.0e-3], log: true}}
+  train.batch_size: {{choice: [32, 64]}}
+tune: {tune}
+"""
+CLI = [sys.executable, "-m", "cifarlab.cli"]
+
+
+def write_search(folder: Path, root: Path, epochs: int = 1, tune: str = "{sampler: random}") -> Path:
+    path = folder / "search.yaml"
+    path.write_text(SEARCH.format(root=root, epochs=epochs, tune=tune))
+    return path
+
+
+def rows(folder: Path) -> list[dict]:
+    with open(folder / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def check_trials(out: Path, storage: str, count: int) -> list:
+    trials = optuna.load_study(study_name="search", storage=storage).trials
+    assert len(trials) == count
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    for t in trials:  # each trial is an ordinary completed run with the sampled settings
+        config = runs.read_run_config(out / f"trial-{t.number:04d}")
+        assert runs.read_summary(out / f"trial-{t.number:04d}")["val_acc"] == t.value
+        assert config.optim.lr == t.params["optim.lr"] and config.train.batch_size == t.params["train.batch_size"]
+    assert len(rows(out)) == count
+    return trials
+
+
+def test_two_workers_share_one_sqlite_study(cifar10_head, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(CLI + ["tune", str(write_search(tmp_path, cifar10_head)), "--trials", "4", "--workers", "2",
+                                   "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    trials = check_trials(out, f"sqlite:///{out / 'optuna.db'}", 4)
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both processes ran trials
+    best = max(trials, key=lambda t: t.value)
+    assert f"best: trial {best.number}, {best.value:.4f}" in result.stdout
+    config = cifarlab.load_config(out / "best.yaml")
+    assert config.optim.lr == best.params["optim.lr"] and config.data.train_limit == 600 and config.train.threads is None
+    html = (out / "report.html").read_text()
+    assert "4 trials" in html and html.count("data:image/png;base64,") == 2  # history and importances
+
+
+def test_pruning_stops_a_bad_trial_early(cifar10_head, tmp_path):
+    # two good trials first, then one that cannot learn (lr 1e-9): the median rule stops it after epoch 1
+    tune = ("{sampler: random, pruner: median, startup_trials: 2, warmup_epochs: 0, trials: 3, enqueue: ["
+            "{optim.lr: 0.002, train.batch_size: 32}, {optim.lr: 0.003, train.batch_size: 32}, "
+            "{optim.lr: 1.0e-9, train.batch_size: 32}]}")
+    path = write_search(tmp_path, cifar10_head, epochs=3, tune=tune)
+    text = path.read_text().replace("[3.0e-4, 3.0e-3]", "[1.0e-9, 3.0e-3]")
+    path.write_text(text)
+    result = cifarlab.tune(path, out=tmp_path / "out")
+    assert result.counts == {"complete": 2, "pruned": 1}
+    bad = runs.read_summary(tmp_path / "out" / "trial-0002")
+    assert bad["epochs_run"] == 1 and bad["stop_reason"] == "pruned by optuna at epoch 1"
+    good = runs.read_summary(tmp_path / "out" / "trial-0000")
+    assert good["epochs_run"] == 3
+    table = {r["variant"]: r for r in rows(tmp_path / "out")}
+    assert table["trial 2"]["status"] == "pruned at epoch 1" and table["trial 0"]["status"] == "completed"
+    assert result.best_trial in (0, 1) and result.best_params["optim.lr"] in (0.002, 0.003)
+
+
+def test_search_mistakes_name_the_key(cifar10_head, tmp_path):
+    path = write_search(tmp_path, cifar10_head)
+    for old, new, message in [
+        ("optim.lr: {float:", "optim.lrr: {float:", "lrr"),
+        ("{choice: [32, 64]}", "{choices: [32, 64]}", "search.train.batch_size must be"),
+        ("[3.0e-4, 3.0e-3]", "[3.0e-3, 3.0e-4]", "low < high"),
+        ("{sampler: random}", "{metric: test_acc}", "the test split never chooses"),
+        ("{sampler: random}", "{sampler: grid}", "tune.sampler is 'grid'"),
+    ]:
+        path.write_text(SEARCH.format(root=cifar10_head, epochs=1, tune="{sampler: random}").replace(old, new))
+        study = load_study(path)
+        with pytest.raises(ConfigError, match=message):
+            tune_settings(study)
+            check_search(study)
+        result = subprocess.run(CLI + ["tune", str(path), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "x" / "trial-0000").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server from Debian's package, listening on 127.0.0.1 only, stopped afterwards."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    bin_dir = Path(found[-1]).parent
+    as_root = os.geteuid() == 0
+    user = "postgres" if as_root else pwd.getpwuid(os.geteuid()).pw_name
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    home = Path(tempfile.mkdtemp(prefix="cifarlab-pg-"))
+    data = home / "data"
+    if as_root:
+        os.chmod(home, 0o755)
+        shutil.chown(home, "postgres")
+    port = free_port()
+    run = lambda *args: subprocess.run(prefix + [str(bin_dir / args[0]), *args[1:]], check=True,  # noqa: E731
+                                       capture_output=True, text=True)
+    try:
+        run("initdb", "-D", str(data), "-U", user, "--auth=trust", "--no-sync")
+        run("pg_ctl", "-D", str(data), "-w", "-t", "60", "-l", str(home / "log"), "start", "-o",
+            f"-h 127.0.0.1 -p {port} -k {home} -F")
+        yield f"postgresql://{user}@127.0.0.1:{port}/postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_two_workers_share_a_study_on_postgresql(postgres, cifar10_head, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(CLI + ["tune", str(write_search(tmp_path, cifar10_head)), "--trials", "3", "--workers", "2",
+                                   "--storage", postgres, "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not (out / "optuna.db").exists()  # nothing went to SQLite
+    trials = check_trials(out, postgres, 3)
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1}
+    # a third process joins the same search later and adds trials to it
+    more = subprocess.run(CLI + ["tune", str(tmp_path / "search.yaml"), "--trials", "4", "--storage", postgres,
+                                 "--out", str(out)], capture_output=True, text=True)
+    assert more.returncode == 0, more.stderr
+    check_trials(out, postgres, 4)
+
+
+def test_an_unreachable_storage_is_one_line(cifar10_head, tmp_path):
+    url = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    result = subprocess.run(CLI + ["tune", str(write_search(tmp_path, cifar10_head)), "--storage", url,
+                                   "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2 and "cannot open the Optuna storage" in result.stderr and url in result.stderr
