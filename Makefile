@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/time_to_accuracy.py
 	$(BIN)/python benchmarks/augment_overhead.py
 	$(BIN)/python benchmarks/tsne.py --sklearn
+	$(BIN)/python benchmarks/study_overhead.py
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,lint]'
