@@ -88,10 +88,15 @@ def join(devices: int, device: torch.device) -> torch.device:
     return device
 
 
-def leave() -> None:
-    """Destroy the process group (if this process joined one)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def leave(together: bool = False) -> None:
+    """Destroy the process group (if this process joined one). `together`: first wait until every
+    rank got here (a rank that tears its connections down while another still uses them can abort it)."""
+    if not dist.is_initialized():
+        return
+    if together:
+        with contextlib.suppress(RuntimeError):  # a rank that ended: nothing left to wait for
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def rank() -> int:

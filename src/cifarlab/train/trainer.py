@@ -440,9 +440,12 @@ class Trainer:
     def fit(self) -> Path:
         """Train until train.epochs or a callback's stop, score the test split once, write summary.json.
         A NaN loss ends with status "diverged" (TrainingFailed), any other error with "failed"."""
+        completed = False
         try:
             with distributed.peer_errors():
-                return self._fit()
+                run_dir = self._fit()
+            completed = True
+            return run_dir
         except TrainingFailed as e:
             self.record_failure("diverged", str(e))
             raise
@@ -457,7 +460,7 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
             if self.world > 1:
-                distributed.leave()
+                distributed.leave(together=completed)
 
     def record_failure(self, status: str, reason: str) -> None:
         """summary.json with the failure, if it can still be written (not when the disk is full)."""
