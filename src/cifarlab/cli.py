@@ -347,7 +347,8 @@ def sweep(
     """Run a study (grid and/or variants x seeds) as separate processes, here or on a Dask cluster;
     skips finished runs, resumes interrupted ones; writes results.csv, results.md, plots/ and report.html."""
     from .api import run_study, study_folder
-    from .sweep import load_study, run_state, study_executor
+    from .executors import run_state
+    from .sweep import load_study, study_executor
 
     study = load_study(study_file, overrides or [])
     out_path = study_folder(study, out_dir)

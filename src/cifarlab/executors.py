@@ -11,7 +11,6 @@ the run lock keeps two processes from ever writing one run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -36,9 +35,8 @@ SLURM_KEYS = {"partition", "time", "memory", "cores", "gpus_per_run", "jobs", "a
 
 def run_state(run_dir: Path) -> str:
     """completed | resumable | fresh: what a rerun of the study does with this folder."""
-    summary = run_dir / runs.SUMMARY
-    if summary.is_file():
-        status = json.loads(summary.read_text()).get("status")
+    if (run_dir / runs.SUMMARY).is_file():
+        status = runs.read_summary(run_dir).get("status")
         if status == "completed":
             return "completed"
         if status == "diverged":
@@ -134,7 +132,7 @@ class LocalExecutor:
     @property
     def run_threads(self) -> Optional[int]:
         """CPU threads per training process: this machine's cores split between the workers."""
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return processes.cores_per(self.workers)
 
     def run(self, jobs: list[Job]) -> dict[str, Any]:
         free: "queue.Queue[str]" = queue.Queue()
@@ -196,7 +194,7 @@ class DaskExecutor:
         """CPU threads per training process: the cores split between local workers, `threads` on a cluster."""
         if self.address or self.scheduler_file or self.make_cluster:
             return self.threads
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return processes.cores_per(self.workers)
 
     def connect(self):
         distributed = _dask()

@@ -19,6 +19,11 @@ PARENT_ENV = "CIFARLAB_PARENT_PID"  # set for a child: the pid it must not outli
 PR_SET_PDEATHSIG = 1
 
 
+def cores_per(processes: int) -> int:
+    """CPU threads for each of `processes` processes sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
+
+
 def die_with_parent() -> None:
     """Called first thing in a cifarlab process: if a cifarlab parent started it (PARENT_ENV), be
     killed when that parent dies, and exit now if it already has."""

@@ -26,7 +26,7 @@ from typing import Any, Optional
 from . import runs
 from .config import Config, apply_override, load_config, read_yaml, write_config
 from .errors import ConfigError
-from .executors import IN_USE, Executor, Job, make_executor, run_state  # noqa: F401 - run_state: for the CLI
+from .executors import IN_USE, Executor, Job, make_executor, run_state
 from .files import atomic_write
 
 STUDY_KEYS = {"name", "description", "config", "base", "axes", "variants", "repeats", "reference", "executor", "slurm",
@@ -121,14 +121,20 @@ def load_study(path: Path, overrides: Optional[list[str]] = None) -> Study:
                  spec.get("tune") or {}, base)
 
 
+def config_with(base: dict[str, Any], values: dict[str, Any], overrides: Optional[list[str]], source: str) -> Config:
+    """The validated config of a study's `base` tree with `values` ({key.path: value}) set and then
+    `overrides`; a bad key or value is a ConfigError naming `source`."""
+    tree = json.loads(json.dumps(base))  # a deep copy of plain YAML data
+    for key, value in values.items():
+        apply_override(tree, key.split("."), value)
+    return load_config(tree, overrides, source=source)
+
+
 def _make_run(path: Path, base: dict, variant: Optional[str], settings: dict[str, Any], point: dict[str, Any],
               repeat: int, overrides: list[str]) -> Run:
-    tree = json.loads(json.dumps(base))  # a deep copy of plain YAML data
-    for key, value in {**settings, **point}.items():
-        apply_override(tree, key.split("."), value)
     parts = ([variant] if variant else []) + [f"{k}={_value_text(v)}" for k, v in point.items()]
     label = _slug("_".join(parts) or "base")
-    config = load_config(tree, overrides, source=f"{path} ({label})")
+    config = config_with(base, {**settings, **point}, overrides, f"{path} ({label})")
     seed = config.seed + repeat
     config.seed = seed
     return Run(f"{label}_seed{seed}", variant or "base", {**settings, **point}, seed, config)

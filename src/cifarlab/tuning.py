@@ -16,7 +16,6 @@ several processes, on one machine or many, run the same command and share one se
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -26,9 +25,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from . import processes, runs
-from .config import Config, apply_override, load_config, write_config
+from .config import Config, write_config
 from .errors import ConfigError
-from .sweep import COLUMNS, Study, _value_text, load_study, write_report, write_results
+from .sweep import COLUMNS, Study, _value_text, config_with, load_study, write_report, write_results
 
 log = logging.getLogger(__name__)
 TUNE_KEYS = {"metric", "direction", "sampler", "pruner", "trials", "timeout", "startup_trials", "warmup_epochs",
@@ -110,10 +109,7 @@ def check_search(study: Study) -> dict[str, dict[str, Any]]:
 
 def trial_config(study: Study, values: dict[str, Any], overrides: Optional[list[str]] = None) -> Config:
     """The study's base config with a trial's `values` (validated: a bad key or value is named)."""
-    tree = json.loads(json.dumps(study.base))
-    for key, value in values.items():
-        apply_override(tree, key.split("."), value)
-    return load_config(tree, overrides, source=f"{study.path} (search values {values})")
+    return config_with(study.base, values, overrides, f"{study.path} (search values {values})")
 
 
 def suggest(trial, search: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -263,9 +259,8 @@ def run_tune(study: Study, out: Path, *, trials: Optional[int] = None, timeout: 
     out.mkdir(parents=True, exist_ok=True)
     url = storage_url(out, storage)
     open_study(study, settings, out, url)  # created (and its first trials enqueued) before any worker joins
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    given = [] if any(o.startswith("train.threads=") for o in overrides or []) or study.runs[0].config.train.threads \
-        else [f"train.threads={threads}"]
+    # the study's runs carry the overrides: a train.threads given there is kept
+    given = [] if study.runs[0].config.train.threads else [f"train.threads={processes.cores_per(workers)}"]
     helpers = []
     for index in range(1, workers):
         command = [sys.executable, "-m", "cifarlab.cli", "tune", str(study.path), *(overrides or []), *given,
@@ -318,7 +313,7 @@ def summarize_tune(study: Study, out: Path, storage: Optional[str] = None) -> Tu
 def trial_row(trial, out: Path) -> dict[str, Any]:
     """A trial as a row of the study table: its settings, state and the run's figures."""
     folder = trial_folder(out, trial.number)
-    summary = json.loads((folder / runs.SUMMARY).read_text()) if (folder / runs.SUMMARY).is_file() else {}
+    summary = runs.read_summary(folder) if (folder / runs.SUMMARY).is_file() else {}
     state = trial.state.name.lower()
     if state == "pruned":
         status = f"pruned at epoch {summary.get('epochs_run', '?')}"

@@ -116,7 +116,7 @@ def is_main() -> bool:
 
 def default_threads() -> int:
     """CPU threads of one process: the cores shared by the ranks on this machine."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return processes.cores_per(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def rank_seed(seed: int, rank: int) -> int:
