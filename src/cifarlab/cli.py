@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -582,7 +583,23 @@ def main() -> None:
     from .processes import die_with_parent
 
     die_with_parent()
-    app()
+    if "WORLD_SIZE" not in os.environ:
+        app()
+        return
+    # One rank of a data-parallel run: leave without Python's teardown. Freeing the gloo process group
+    # while the interpreter shuts down can abort the process ("terminate called without an active
+    # exception") after the run was written in full.
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
