@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Real CIFAR-10 images used by `make demo` when the full set is not in the cache.
 CIFAR10_HEAD ?= ../shared/data/cifar10-head
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-peers lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,17 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/time_to_accuracy.py
 	$(BIN)/python benchmarks/augment_overhead.py
 	$(BIN)/python benchmarks/tsne.py --sklearn
+	$(BIN)/python benchmarks/compile_start.py
 	$(BIN)/python benchmarks/study_overhead.py
+	$(BIN)/python benchmarks/peers.py
+
+# cifarlab against the reports' tf.keras pipeline; makes .venv-peers (tensorflow-cpu, tf-keras) on first use
+bench-peers: $(STAMP)
+	$(BIN)/python benchmarks/peers.py
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,lint]'
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-peers runs

@@ -3,11 +3,14 @@
 against a reference pipeline written the way the seed reports train (a torch DataLoader over a
 Dataset that crops and flips each sample in numpy, NCHW float tensors, Adam), both in this process
 on the same data. Also measures this machine's float32 matmul peak and prints model FLOP
-utilization (model FLOPs x images/s / peak; training counted as 3x the forward FLOPs), and
-cifarlab's rate with train.compile=true at the first batch size (with the compile warm-up).
+utilization (model FLOPs x images/s / peak; training counted as 3x the forward FLOPs), cifarlab's
+rate with bf16 autocast against the bf16 matmul peak, and cifarlab's rate with train.compile=true at
+the first batch size (with the compile warm-up). Every rate is measured --repeats times, each round
+with its own peak (this machine drifts by 15 % and more); min / median / max are reported.
 Prints one JSON object.
 
-    python benchmarks/throughput.py [--root ../shared/data/cifar10-head] [--batches 64 128 256] [--no-compile]
+    python benchmarks/throughput.py [--root ../shared/data/cifar10-head] [--batches 64 128 256] [--repeats 3]
+                                    [--no-compile]
 """
 
 from __future__ import annotations
@@ -54,9 +57,9 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     return total
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """float32 GFLOP/s of a square matmul, best of `repeats`."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of a square `dtype` matmul, best of `repeats`."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -64,6 +67,11 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best / 1e9
+
+
+def spread(values: list[float], digits: int = 1) -> dict:
+    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
+            "max": round(max(values), digits)}
 
 
 def reference_rate(trainer: Trainer, batch: int, epochs: int) -> float:
@@ -109,6 +117,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cnn3-avg")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--epochs", type=int, default=2, help="measured epochs per setting, after one warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per setting (this machine drifts)")
     parser.add_argument("--no-compile", action="store_true", help="skip the train.compile=true measurement")
     args = parser.parse_args()
     data = [f"data.root={args.root}"] if Path(args.root).exists() else ["data.dataset=synthetic"]
@@ -117,31 +126,47 @@ def main() -> None:
         return Trainer(load_config(overrides=[*data, f"model.preset={args.preset}", "augment.preset=crop-flip",
                                               f"train.batch_size={batch}", "analysis.report=false", *extra]))
 
-    peak = matmul_peak()
     results = []
+    peaks: dict[str, list[float]] = {"float32": [], "bf16": []}
     for batch in args.batches:
         trainer = trainer_for(batch)
         flops = forward_flops(build_model(trainer.config.model, trainer.input_shape, 10), trainer.input_shape)
-        ours, _ = cifarlab_rate(trainer, args.epochs)
-        theirs = reference_rate(trainer, batch, args.epochs)
+        rounds: dict[str, list[float]] = {key: [] for key in ("ours", "theirs", "mfu", "ref_mfu", "bf16", "bf16_mfu")}
+        bf16 = trainer_for(batch, "train.precision=bf16")
+        for _ in range(args.repeats):  # each round: its own peak, so drift moves rate and peak alike
+            peak, peak_bf16 = matmul_peak(), matmul_peak(dtype=torch.bfloat16)
+            peaks["float32"].append(peak)
+            peaks["bf16"].append(peak_bf16)
+            ours, _ = cifarlab_rate(trainer, args.epochs)
+            theirs = reference_rate(trainer, batch, args.epochs)
+            ours_bf16, _ = cifarlab_rate(bf16, args.epochs)
+            rounds["ours"].append(ours)
+            rounds["theirs"].append(theirs)
+            rounds["bf16"].append(ours_bf16)
+            rounds["mfu"].append(3 * flops * ours / (peak * 1e9))
+            rounds["ref_mfu"].append(3 * flops * theirs / (peak * 1e9))
+            rounds["bf16_mfu"].append(3 * flops * ours_bf16 / (peak_bf16 * 1e9))
         results.append({
-            "batch_size": batch, "cifarlab_train_img_per_s": round(ours, 1),
-            "reference_train_img_per_s": round(theirs, 1), "speedup": round(ours / theirs, 2),
+            "batch_size": batch, "cifarlab_train_img_per_s": spread(rounds["ours"]),
+            "reference_train_img_per_s": spread(rounds["theirs"]),
+            "speedup": round(statistics.median(rounds["ours"]) / statistics.median(rounds["theirs"]), 2),
+            "cifarlab_train_mfu": spread(rounds["mfu"], 3), "reference_train_mfu": spread(rounds["ref_mfu"], 3),
+            "cifarlab_bf16_train_img_per_s": spread(rounds["bf16"]),
+            "cifarlab_bf16_train_mfu_of_bf16_peak": spread(rounds["bf16_mfu"], 3),
             "cifarlab_eval_img_per_s": round(eval_rate(trainer), 1),
-            "model_gflop_per_image_forward": round(flops / 1e9, 4),
-            "cifarlab_train_mfu": round(3 * flops * ours / (peak * 1e9), 3),
-            "reference_train_mfu": round(3 * flops * theirs / (peak * 1e9), 3)})
+            "model_gflop_per_image_forward": round(flops / 1e9, 4)})
     compiled = None
     if not args.no_compile:
         batch = args.batches[0]
         rate, warmup = cifarlab_rate(trainer_for(batch, "train.compile=true"), args.epochs)
         compiled = {"batch_size": batch, "train_img_per_s": round(rate, 1), "warmup_s": round(warmup, 1),
-                    "train_mfu": round(3 * flops * rate / (peak * 1e9), 3)}
+                    "train_mfu": round(3 * flops * rate / (statistics.median(peaks["float32"]) * 1e9), 3)}
     print(json.dumps({
         "benchmark": "throughput", "model": args.preset, "data": data[0].split("=")[-1].split("/")[-1],
         "augment": "crop-flip", "device": str(trainer.device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "matmul_peak_gflop_per_s": round(peak, 1), "results": results,
-        "cifarlab_compiled": compiled,
+        "torch": torch.__version__, "repeats": args.repeats, "mfu_target_batch_64": 0.75,
+        "matmul_peak_gflop_per_s": {name: spread(values) for name, values in peaks.items()},
+        "results": results, "cifarlab_compiled": compiled,
     }, indent=2))
 
 

@@ -13,6 +13,7 @@ import yaml
 
 import cifarlab
 from cifarlab.errors import ConfigError, DataError
+from cifarlab.evaluation import predict_logits
 from cifarlab.export import export_run, load_safetensors, load_torch, read_safetensors, read_source
 
 CLI = [sys.executable, "-m", "cifarlab.cli"]
@@ -140,6 +141,28 @@ def test_onnx_with_flip_tta_matches_predict(runs, tmp_path):
     with torch.no_grad():
         reference = torch.softmax((plain.model()(x) + plain.model()(x.flip(3))) / 2, dim=1).numpy()
     np.testing.assert_allclose(flipped.run(None, {"images": nhwc(run_images(plain))})[0], reference, rtol=0, atol=ATOL)
+
+
+def test_onnx_with_flip_shift_tta_averages_six_views(runs, tmp_path):
+    needs_onnx()
+    plain = runs["plain"]
+    images = run_images(plain)
+    x = plain.loaded.normalize(torch.from_numpy(images))
+    # the six views written out here: the image and its mirror, each also moved 2 pixels down-right
+    # and 2 up-left with the edges reflected
+    mirrored = x.flip(3)
+    padded = [torch.nn.functional.pad(v, (2, 2, 2, 2), mode="reflect") for v in (x, mirrored)]
+    views = [x, mirrored, *[p[:, :, :32, :32] for p in padded], *[p[:, :, 4:, 4:] for p in padded]]
+    assert torch.equal(views[2][:, :, 2:, 2:], x[:, :, :-2, :-2]) and torch.equal(views[4][:, :, :-2, :-2], x[:, :, 2:, 2:])
+    with torch.no_grad():
+        reference = torch.softmax(sum(plain.model()(v) for v in views) / 6, dim=1).numpy()
+    baked = session(export_run(plain.path, "onnx", tmp_path / "shift.onnx", tta="flip-shift"))
+    np.testing.assert_allclose(baked.run(None, {"images": nhwc(images)})[0], reference, rtol=0, atol=ATOL)
+    # and what the run itself predicts with train.tta=flip-shift (eval, predict and training's scores)
+    settings = plain.loaded.config.train.model_copy(update={"tta": "flip-shift"})
+    with torch.no_grad():
+        ours = torch.softmax(predict_logits(plain.model(), x, settings), dim=1).numpy()
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5)
 
 
 def test_onnx_with_zca_matches_predict(runs, tmp_path):

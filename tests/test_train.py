@@ -6,7 +6,7 @@ import torch
 
 from cifarlab import runs
 from cifarlab.config import TrainConfig, load_config
-from cifarlab.errors import TrainingFailed
+from cifarlab.errors import ConfigError, TrainingFailed
 from cifarlab.train.callbacks import EarlyStopping
 from cifarlab.models.build import build_model
 from cifarlab.api import evaluate_run, fit
@@ -120,3 +120,26 @@ def test_no_validation_split_with_early_stopping_off_tests_the_last_epoch(tmp_pa
     summary = runs.read_summary(fit(config))
     assert summary["sizes"]["val"] == 0 and summary["val_acc"] is None
     assert summary["best_epoch"] == 2 and 0 <= summary["test_acc"] <= 1
+
+
+def test_compile_auto_compiles_long_gpu_runs_only_and_keeps_graphs_in_the_cifarlab_cache(tmp_path, monkeypatch):
+    from cifarlab.train.trainer import COMPILE_AUTO_STEPS, Trainer, compile_cache, compile_pays
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only the device type is read: no GPU needed
+    steps = COMPILE_AUTO_STEPS["cuda"]
+    assert compile_pays("auto", cuda, steps) and not compile_pays("auto", cuda, steps - 1)
+    assert not compile_pays("auto", cpu, 10**9)  # compiled training is slower on our CPU
+    assert compile_pays(True, cpu, 1) and not compile_pays(False, cuda, 10**9)
+    assert load_config(overrides=["train.compile=auto"]).train.compile == "auto"
+    assert load_config(overrides=["train.compile=true"]).train.compile is True
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(overrides=["train.compile=sometimes"])
+    monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert compile_cache() == tmp_path / "cache" / "compile" and compile_cache().is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a user's own choice wins
+    assert compile_cache() == tmp_path / "mine"
+    overrides = ["data.dataset=synthetic", "data.train_limit=200", "data.val_size=0", "train.batch_size=64",
+                 "train.early_stopping.enabled=false", "train.epochs=2"]
+    assert not Trainer(load_config(overrides=[*overrides, "train.compile=auto"])).compiling
+    assert Trainer(load_config(overrides=[*overrides, "train.compile=true"])).compiling

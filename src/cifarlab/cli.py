@@ -568,7 +568,7 @@ def export(
     run: Path = typer.Argument(..., help="A run directory."),
     fmt: str = typer.Option(..., "--format", "-f", help="onnx | safetensors | torch"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="File path (default RUN/export/model.<ext>)."),
-    tta: Optional[str] = typer.Option(None, "--tta", help="flip | none: bake the flip average into the ONNX graph "
+    tta: Optional[str] = typer.Option(None, "--tta", help="flip-shift | flip | none: bake that average into the ONNX graph "
                                       "(default: the run's train.tta)."),
     input_dtype: str = typer.Option("uint8", "--input", help="onnx input: uint8 (0..255) or float (float32 in [0, 1]), "
                                     "NHWC either way."),

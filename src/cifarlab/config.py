@@ -279,12 +279,16 @@ class TrainConfig(Section):
     out_dir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = True
-    compile: bool = False
+    # torch.compile of the training forward; auto: when the run is long enough for compiling to pay
+    # (train/trainer.py compile_pays). Compiled graphs are kept in the cache folder's compile/ for later runs.
+    compile: Union[bool, Literal["auto"]] = False
     threads: Optional[int] = Field(None, gt=0)  # CPU threads; default: every core (shared by the local ranks)
     # data-parallel processes (DDP): batch_size stays the global batch, each rank takes a 1/N slice of it
     devices: int = Field(1, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    tta: Literal["none", "flip"] = "none"  # test-time augmentation of val/test scoring: flip averages mirrored logits
+    # test-time augmentation of val/test scoring (evaluation.py tta_views): flip averages the mirrored
+    # logits in; flip-shift also those of both views shifted 2 pixels down-right and up-left
+    tta: Literal["none", "flip", "flip-shift"] = "none"
     # autocast: auto = bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs (T4, V100), float32 on CPU
     precision: Literal["auto", "float32", "bf16", "fp16"] = "auto"
     evaluate: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val"])  # splits scored every epoch

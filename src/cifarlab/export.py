@@ -1,8 +1,8 @@
 """Export a run's best weights for use outside cifarlab.
 
 - onnx: one graph from NHWC images (uint8 in [0, 255], or float32 in [0, 1] with `input_dtype="float"`)
-  to softmax probabilities, with the run's normalization, ZCA and (optionally) flip test-time
-  augmentation inside; dynamic batch; class names, the resolved config, the input layout and the
+  to softmax probabilities, with the run's normalization, ZCA and (optionally) test-time
+  augmentation (flip, flip-shift) inside; dynamic batch; class names, the resolved config, the input layout and the
   normalization in the model's metadata_props.
 - safetensors: the model's state_dict, the ZCA matrix (if any) as one more tensor, and a JSON
   string in the file's metadata with everything `load_safetensors` needs to rebuild the model.
@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import Config, ModelConfig
 from .errors import ConfigError, DataError
+from .evaluation import tta_logits
 from .files import atomic_write
 from .models.build import build_model
 from .optional import optional_modules
@@ -39,7 +40,7 @@ from .runs import load_checkpoint, load_run, load_weights
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torch": ".pt"}
 INPUT_DTYPES = ("uint8", "float")
-TTA_CHOICES = ("flip", "none")
+TTA_CHOICES = ("flip-shift", "flip", "none")
 EXPORT_DIR = "export"
 # The JSON in a safetensors file's metadata, and the "format" key of a torch export.
 METADATA_KEY = "cifarlab"
@@ -81,7 +82,7 @@ NORMALIZATION_FORMULA = ("x = (pixels / 255 - mean) / std per channel, on (N, C,
 
 def read_source(run_dir: PathLike, tta: Optional[str] = None) -> ExportSource:
     """A run's config and best.pt, the model on the CPU (runs.load_run reads no data for this: the
-    checkpoint holds the normalization). `tta`: "flip" / "none", or None for
+    checkpoint holds the normalization). `tta`: "flip-shift" / "flip" / "none", or None for
     the run's own train.tta."""
     if tta is not None and tta not in TTA_CHOICES:
         raise ConfigError(f"--tta={tta}: use {' or '.join(TTA_CHOICES)}")
@@ -106,7 +107,8 @@ def export_run(run_dir: PathLike, format: str, output: Optional[PathLike] = None
     (default RUN/export/model.<ext>); returns the path written.
 
     `tta`: "flip" bakes the average of the logits of each image and its mirror into the ONNX graph,
-    "none" leaves it out; None follows the run's train.tta (recorded in the metadata of every format).
+    "flip-shift" that of its six views (evaluation.tta_views), "none" leaves it out; None follows
+    the run's train.tta (recorded in the metadata of every format).
     `input_dtype` (onnx only): "uint8" (pixels 0..255) or "float" (float32 in [0, 1]), NHWC either way.
     """
     if format not in FORMATS:
@@ -141,13 +143,13 @@ def export_run(run_dir: PathLike, format: str, output: Optional[PathLike] = None
 
 class ExportedModel(nn.Module):
     """NHWC images -> softmax probabilities (N, classes): the run's normalization and ZCA, the
-    model, and optionally the flip average of the logits, computed as `Run.predict` computes them."""
+    model, and the test-time augmentation `tta` (evaluation.tta_views), computed as `Run.predict` computes them."""
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float], zca: Optional[torch.Tensor],
-                 flip: bool, input_dtype: str = "uint8"):
+                 tta: str, input_dtype: str = "uint8"):
         super().__init__()
         self.model = model
-        self.flip = flip
+        self.tta = tta
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         # As DeviceLoader.normalize: x * scale + shift, scale = 1 / (255 std) for pixels, 1 / std for [0, 1].
@@ -160,16 +162,13 @@ class ExportedModel(nn.Module):
         x = images.permute(0, 3, 1, 2).float() * self.scale + self.shift
         if self.zca is not None:
             x = (x.reshape(x.shape[0], -1) @ self.zca).reshape(x.shape)
-        logits = self.model(x)
-        if self.flip:
-            logits = (logits + self.model(x.flip(3))) / 2
-        return torch.softmax(logits, dim=1)
+        return torch.softmax(tta_logits(self.model, x, self.tta), dim=1)
 
 
 def export_module(source: ExportSource, input_dtype: str = "uint8") -> ExportedModel:
     """The wrapper the ONNX graph is traced from (a copy of the model; the run's is left alone)."""
     model = copy.deepcopy(source.model).float().to(memory_format=torch.contiguous_format).eval()
-    return ExportedModel(model, source.mean, source.std, source.zca, source.tta == "flip", input_dtype).eval()
+    return ExportedModel(model, source.mean, source.std, source.zca, source.tta, input_dtype).eval()
 
 
 def onnx_metadata(source: ExportSource, input_dtype: str) -> dict[str, str]:

@@ -33,6 +33,7 @@ from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader, shard
 from ..data.local import content_checksum
 from ..data.prepare import eval_loader, prepare_data, select_device, to_device
+from ..data.sources import cache_dir
 from ..errors import CifarlabError, ConfigError, Interrupted, TrainingFailed
 from ..evaluation import Evaluation, autocast, autocast_dtype, evaluate
 from ..models.build import build_model
@@ -45,11 +46,34 @@ log = logging.getLogger(__name__)
 HOOKS = ("on_fit_start", "on_step_end", "on_epoch_end", "on_train_end", "on_fit_end", "on_interrupt")
 
 
+# train.compile=auto compiles runs of at least this many steps on these devices. On our 2-core CPU
+# a compiled cnn3 trains slower than eager (bf16 -17 %, float32 -4 %, benchmarks/compile_start.py),
+# so auto never compiles on a CPU. On a GPU a cold compile costs tens of seconds (a few with the
+# cache warm) and commonly saves a third of a step: 5000 steps repay it (an estimate; no GPU here).
+COMPILE_AUTO_STEPS = {"cuda": 5000}
+
+
+def compile_pays(setting, device: torch.device, steps: int) -> bool:
+    """Whether train.compile=`setting` compiles a run of `steps` training steps on `device`."""
+    if setting != "auto":
+        return bool(setting)
+    return device.type in COMPILE_AUTO_STEPS and steps >= COMPILE_AUTO_STEPS[device.type]
+
+
+def compile_cache() -> Path:
+    """The folder inductor keeps compiled graphs and kernels in, shared by runs (and processes): the
+    TORCHINDUCTOR_CACHE_DIR a user set, else compile/ in cifarlab's cache folder."""
+    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "compile")))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 class _CompiledOrEager:
     """torch.compile with a fallback: if compiling fails on the first call, warn and run eagerly."""
 
     def __init__(self, model: nn.Module):
         self.model = model
+        compile_cache()
         self.compiled = torch.compile(model)
         self.checked = False
 
@@ -117,7 +141,9 @@ class Trainer:
         np.random.seed(config.seed % 2**32)
         model = build_model(config.model, self.input_shape, len(self.classes)).to(device)
         self.model = model.to(memory_format=torch.channels_last) if config.train.channels_last else model
-        self.forward = _CompiledOrEager(self.model) if config.train.compile else self.model
+        steps = config.train.epochs * -(-len(splits.train[1]) // config.train.batch_size)
+        self.compiling = compile_pays(config.train.compile, device, steps)
+        self.forward = _CompiledOrEager(self.model) if self.compiling else self.model
         self.optimizer = make_optimizer(config.optim, self.model)
         # fp16 gradients underflow without loss scaling; bf16 and float32 need none
         fp16 = autocast_dtype(device, config.train.precision) == torch.float16
@@ -132,7 +158,7 @@ class Trainer:
             self.augment_generator = torch.Generator(device=device).manual_seed(seed)
             torch.manual_seed(seed)  # dropout draws differ per rank (the weights are built and DDP syncs them)
             ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            self.forward = _CompiledOrEager(ddp) if config.train.compile else ddp  # training forward only
+            self.forward = _CompiledOrEager(ddp) if self.compiling else ddp  # training forward only
         augment = build_augment(config.augment, splits.mean)
         self.train_loader = DeviceLoader(*to_device(splits.train, device), config.train.batch_size, splits.mean,
                                          splits.std, shuffle=True, generator=self.generator, augment=augment,
