@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spread import spread
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10-head"
 
@@ -36,11 +38,6 @@ def one_process(args: argparse.Namespace, out: Path, cache: Path, compile_: bool
     epochs = [e for e in epochs if e.get("kind") == "epoch"]
     return {"wall_s": wall, "first_epoch_s": epochs[0]["time"]["epoch_s"],
             "later_img_per_s": statistics.median(e["time"]["img_per_s"] for e in epochs[1:])}
-
-
-def spread(values: list[float], digits: int = 1) -> dict:
-    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
-            "max": round(max(values), digits)}
 
 
 def main() -> None:

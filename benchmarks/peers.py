@@ -27,6 +27,8 @@ import cifarlab
 from cifarlab.config import load_config
 from cifarlab.data.prepare import prepare_data
 
+from spread import spread
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10-head"
 VENV = REPO / ".venv-peers"
@@ -68,11 +70,6 @@ def cifarlab_round(args: argparse.Namespace, augment: str, precision: str, out_d
     epochs = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     rates = [e["time"]["img_per_s"] for e in epochs if e.get("kind") == "epoch"][1:]
     return {"img_per_s": statistics.median(rates), "test_acc": run.summary["test_acc"]}
-
-
-def spread(values: list[float], digits: int) -> dict:
-    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
-            "max": round(max(values), digits)}
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ from cifarlab.models.build import build_model
 from cifarlab.evaluation import evaluate
 from cifarlab.train.trainer import Trainer
 
+from spread import spread
+
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-head"
 
 
@@ -67,11 +69,6 @@ def matmul_peak(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best / 1e9
-
-
-def spread(values: list[float], digits: int = 1) -> dict:
-    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
-            "max": round(max(values), digits)}
 
 
 def reference_rate(trainer: Trainer, batch: int, epochs: int) -> float:

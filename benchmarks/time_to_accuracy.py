@@ -72,7 +72,7 @@ def cifarlab_run(recipe: str, path: Path, overrides: list[str], out_dir: str) ->
     summary = cifarlab.fit(path, overrides=[*overrides, f"train.out_dir={out_dir}", "analysis.report=false",
                                             "analysis.tsne.layers=[]"], progress=False).summary
     return {"recipe": recipe, "pipeline": "cifarlab", "config": str(path.relative_to(REPO)),
-            "test_acc": round(summary["test_acc"], 4), "best_val_acc": round(summary["best_value"], 4),
+            "test_acc": round(summary["test_acc"], 4), "best_val_acc": summary["best_value"] and round(summary["best_value"], 4),
             "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
             "train_s": summary["train_time_s"], "wall_s": round(time.perf_counter() - start, 1)}
 
