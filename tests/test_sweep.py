@@ -154,3 +154,24 @@ def test_study_errors_name_the_problem(tmp_path):
         load_study(write_study(tmp_path, "name: x\naxes: {optim.name: [adam, adamx]}\n"))
     with pytest.raises(ConfigError, match="axes must map each key.path to a non-empty list"):
         load_study(write_study(tmp_path, "name: x\naxes: {optim.name: adam}\n"))
+
+
+def test_a_study_with_runs_without_validation_plots_training_accuracy(tmp_path):
+    path = write_study(tmp_path, """
+name: no-val
+base:
+  data: {dataset: synthetic, train_limit: 120, test_limit: 40, val_size: 0}
+  model: {preset: lab-m1}
+  train: {epochs: 2, early_stopping: {enabled: false}}
+  analysis: {report: false}
+variants:
+  - {name: all-images, set: {}}
+  - {name: val-split, set: {data.val_size: 0.25}}
+""")
+    study = load_study(path)
+    out = tmp_path / "out"
+    assert set(run_study(study, out).values()) == {"completed"}
+    summarize_study(study, out)
+    # one run has no validation curve: every run is drawn by its training accuracy, none is left out
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["train_acc_by_variant.png"]
+    assert "train acc by variant" in (out / "report.html").read_text()

@@ -300,19 +300,22 @@ def curves_of(run_dir: Path, metric: str = "val_acc") -> tuple[list[int], list[f
 
 def study_figures(study: Study, out: Path) -> list[Path]:
     """Overlaid validation curves: one figure per axis (lines colored by that axis' value), and one
-    of the named variants when there are several."""
+    of the named variants when there are several. When some runs have no validation split (an
+    ablation that trains on every image), all runs are drawn by their training accuracy instead."""
     from .analysis.plots import overlay_curves
 
+    no_val = any(curves_of(out / r.id, "train_acc")[0] and not curves_of(out / r.id)[0] for r in study.runs)
+    metric, words = ("train_acc", "training accuracy") if no_val else ("val_acc", "validation accuracy")
     figures = []
     groupings = [(axis, lambda r, a=axis: f"{a}={_value_text(r.values[a])}") for axis in study.axes]
     if len({r.variant for r in study.runs}) > 1:
         groupings.insert(0, ("variant", lambda r: r.variant))
     for axis, label_of in groupings:
-        series = [(label_of(run), *curves_of(out / run.id)) for run in study.runs]
+        series = [(label_of(run), *curves_of(out / run.id, metric)) for run in study.runs]
         series = [s for s in series if s[1]]
         if series:
-            figures.append(overlay_curves(series, out / "plots" / f"val_acc_by_{_slug(axis)}.png",
-                                          f"{study.name}: validation accuracy by {axis}"))
+            figures.append(overlay_curves(series, out / "plots" / f"{metric}_by_{_slug(axis)}.png",
+                                          f"{study.name}: {words} by {axis}", ylabel=f"{words} (%)"))
     return figures
 
 
