@@ -11,33 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from spread import spread
+from measure import later_rate, spread, train_process
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10-head"
 
 
 def one_process(args: argparse.Namespace, out: Path, cache: Path, compile_: bool) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    command = [sys.executable, "-m", "cifarlab.cli", "train", "-q", "-c", str(REPO / "configs" / "cnn3-fast.yaml"),
-               f"data.root={args.root}", f"train.epochs={args.epochs}", f"train.compile={str(compile_).lower()}",
-               f"train.out_dir={out}", "analysis.report=false", "analysis.tsne.layers=[]", *args.overrides]
-    start = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    (run,) = [p for p in out.iterdir() if p.is_dir()]
-    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    epochs = [e for e in epochs if e.get("kind") == "epoch"]
-    return {"wall_s": wall, "first_epoch_s": epochs[0]["time"]["epoch_s"],
-            "later_img_per_s": statistics.median(e["time"]["img_per_s"] for e in epochs[1:])}
+    run, wall = train_process(REPO / "configs" / "cnn3-fast.yaml",
+                              [f"data.root={args.root}", f"train.epochs={args.epochs}",
+                               f"train.compile={str(compile_).lower()}", *args.overrides],
+                              out, env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    return {"wall_s": wall, "first_epoch_s": run.history[0]["time"]["epoch_s"], "later_img_per_s": later_rate(run)}
 
 
 def main() -> None:
@@ -53,6 +41,7 @@ def main() -> None:
             cache = Path(folder) / f"cache-{round_}"
             for name, compile_ in (("eager", False), ("compile_cold", True), ("compile_warm", True)):
                 out = Path(folder) / f"{name}-{round_}"
+                out.mkdir()
                 rows[name].append(one_process(args, out, cache, compile_))
     result = {name: {key: spread([r[key] for r in runs]) for key in runs[0]} for name, runs in rows.items()}
     eager_wall = result["eager"]["wall_s"]["median"]

@@ -27,7 +27,7 @@ import cifarlab
 from cifarlab.config import load_config
 from cifarlab.data.prepare import prepare_data
 
-from spread import spread
+from measure import later_rate, spread
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10-head"
@@ -67,9 +67,7 @@ def cifarlab_round(args: argparse.Namespace, augment: str, precision: str, out_d
     config = settings(args, augment)
     config["train"].update(precision=precision, out_dir=out_dir)
     run = cifarlab.fit(config, progress=False)
-    epochs = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    rates = [e["time"]["img_per_s"] for e in epochs if e.get("kind") == "epoch"][1:]
-    return {"img_per_s": statistics.median(rates), "test_acc": run.summary["test_acc"]}
+    return {"img_per_s": later_rate(run), "test_acc": run.summary["test_acc"]}
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from cifarlab.models.build import build_model
 from cifarlab.evaluation import evaluate
 from cifarlab.train.trainer import Trainer
 
-from spread import spread
+from measure import spread
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-head"
 

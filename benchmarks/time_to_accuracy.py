@@ -22,13 +22,12 @@ import argparse
 import copy
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import reference
+from measure import train_process
 import torch
 
 import cifarlab
@@ -79,13 +78,10 @@ def cifarlab_run(recipe: str, path: Path, overrides: list[str], out_dir: str) ->
 
 def fashion_mnist_run(seed: int, out_dir: str) -> dict:
     """configs/fmnist-fast.yaml as a user starts it: one `cifarlab train` process, timed whole."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "cifarlab.cli", "train", "-q", "-c", str(REPO / "configs" / "fmnist-fast.yaml"),
-                    f"seed={seed}", f"train.out_dir={out_dir}/fmnist-{seed}", "analysis.report=false",
-                    "analysis.tsne.layers=[]"], check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    (run,) = Path(out_dir, f"fmnist-{seed}").iterdir()
-    summary = json.loads((run / "summary.json").read_text())
+    out = Path(out_dir, f"fmnist-{seed}")
+    out.mkdir()
+    run, wall = train_process(REPO / "configs" / "fmnist-fast.yaml", [f"seed={seed}"], out)
+    summary = run.summary
     return {"seed": seed, "test_acc": round(summary["test_acc"], 4), "epochs_run": summary["epochs_run"],
             "train_s": summary["train_time_s"], "wall_s": round(wall, 1)}
 

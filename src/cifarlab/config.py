@@ -21,6 +21,9 @@ from .settings import flat_settings
 
 DATASETS = tuple(sources.DATASETS)  # the data.dataset names, from the registry in data/sources.py
 
+# train.tta: the test-time augmentations evaluation.tta_views knows (export offers the same)
+TTA_MODES = ("none", "flip", "flip-shift")
+
 AUGMENT_PRESETS = {
     "none": {},
     # report 001: RandomCrop(32, padding=4) + RandomHorizontalFlip()
@@ -288,7 +291,7 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # test-time augmentation of val/test scoring (evaluation.py tta_views): flip averages the mirrored
     # logits in; flip-shift also those of both views shifted 2 pixels down-right and up-left
-    tta: Literal["none", "flip", "flip-shift"] = "none"
+    tta: Literal[TTA_MODES] = "none"
     # autocast: auto = bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs (T4, V100), float32 on CPU
     precision: Literal["auto", "float32", "bf16", "fp16"] = "auto"
     evaluate: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val"])  # splits scored every epoch

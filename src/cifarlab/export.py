@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch import nn
 
-from .config import Config, ModelConfig
+from .config import TTA_MODES, Config, ModelConfig
 from .errors import ConfigError, DataError
 from .evaluation import tta_logits
 from .files import atomic_write
@@ -40,7 +40,6 @@ from .runs import load_checkpoint, load_run, load_weights
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torch": ".pt"}
 INPUT_DTYPES = ("uint8", "float")
-TTA_CHOICES = ("flip-shift", "flip", "none")
 EXPORT_DIR = "export"
 # The JSON in a safetensors file's metadata, and the "format" key of a torch export.
 METADATA_KEY = "cifarlab"
@@ -84,8 +83,8 @@ def read_source(run_dir: PathLike, tta: Optional[str] = None) -> ExportSource:
     """A run's config and best.pt, the model on the CPU (runs.load_run reads no data for this: the
     checkpoint holds the normalization). `tta`: "flip-shift" / "flip" / "none", or None for
     the run's own train.tta."""
-    if tta is not None and tta not in TTA_CHOICES:
-        raise ConfigError(f"--tta={tta}: use {' or '.join(TTA_CHOICES)}")
+    if tta is not None and tta not in TTA_MODES:
+        raise ConfigError(f"--tta={tta}: use {' or '.join(TTA_MODES)}")
     loaded = load_run(run_dir, device="cpu")
     stored = loaded.checkpoint["normalization"]
     zca = stored.get("zca")

@@ -292,9 +292,14 @@ def _num(value: Any) -> str:
     return f"{value:.1f}" if isinstance(value, float) and not float(value).is_integer() else f"{int(value)}"
 
 
-def curves_of(run_dir: Path, metric: str = "val_acc") -> tuple[list[int], list[float]]:
+def epoch_records(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's per-epoch records (none for a run that has not started)."""
     path = run_dir / runs.METRICS
-    rows = [r for r in runs.read_jsonl(path) if r["kind"] == "epoch" and metric in r] if path.is_file() else []
+    return [r for r in runs.read_jsonl(path) if r["kind"] == "epoch"] if path.is_file() else []
+
+
+def curve(records: list[dict[str, Any]], metric: str) -> tuple[list[int], list[float]]:
+    rows = [r for r in records if metric in r]
     return [r["epoch"] for r in rows], [100 * r[metric] for r in rows]
 
 
@@ -304,14 +309,15 @@ def study_figures(study: Study, out: Path) -> list[Path]:
     ablation that trains on every image), all runs are drawn by their training accuracy instead."""
     from .analysis.plots import overlay_curves
 
-    no_val = any(curves_of(out / r.id, "train_acc")[0] and not curves_of(out / r.id)[0] for r in study.runs)
+    records = {run.id: epoch_records(out / run.id) for run in study.runs}
+    no_val = any(r and not any("val_acc" in e for e in r) for r in records.values())
     metric, words = ("train_acc", "training accuracy") if no_val else ("val_acc", "validation accuracy")
     figures = []
     groupings = [(axis, lambda r, a=axis: f"{a}={_value_text(r.values[a])}") for axis in study.axes]
     if len({r.variant for r in study.runs}) > 1:
         groupings.insert(0, ("variant", lambda r: r.variant))
     for axis, label_of in groupings:
-        series = [(label_of(run), *curves_of(out / run.id, metric)) for run in study.runs]
+        series = [(label_of(run), *curve(records[run.id], metric)) for run in study.runs]
         series = [s for s in series if s[1]]
         if series:
             figures.append(overlay_curves(series, out / "plots" / f"{metric}_by_{_slug(axis)}.png",

@@ -141,9 +141,6 @@ class Trainer:
         np.random.seed(config.seed % 2**32)
         model = build_model(config.model, self.input_shape, len(self.classes)).to(device)
         self.model = model.to(memory_format=torch.channels_last) if config.train.channels_last else model
-        steps = config.train.epochs * -(-len(splits.train[1]) // config.train.batch_size)
-        self.compiling = compile_pays(config.train.compile, device, steps)
-        self.forward = _CompiledOrEager(self.model) if self.compiling else self.model
         self.optimizer = make_optimizer(config.optim, self.model)
         # fp16 gradients underflow without loss scaling; bf16 and float32 need none
         fp16 = autocast_dtype(device, config.train.precision) == torch.float16
@@ -153,18 +150,20 @@ class Trainer:
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.augment_generator = self.generator
         self.rank_states: list[dict[str, Any]] = []  # every rank's RNG states at the last epoch end (for last.pt)
+        trained: nn.Module = self.model  # what the training forward calls: the model, or its DDP wrapper
         if self.world > 1:
             seed = distributed.rank_seed(config.seed, self.rank)
             self.augment_generator = torch.Generator(device=device).manual_seed(seed)
             torch.manual_seed(seed)  # dropout draws differ per rank (the weights are built and DDP syncs them)
-            ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            self.forward = _CompiledOrEager(ddp) if self.compiling else ddp  # training forward only
+            trained = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         augment = build_augment(config.augment, splits.mean)
         self.train_loader = DeviceLoader(*to_device(splits.train, device), config.train.batch_size, splits.mean,
                                          splits.std, shuffle=True, generator=self.generator, augment=augment,
                                          channels_last=config.train.channels_last, whiten=splits.whiten,
                                          augment_generator=self.augment_generator, rank=self.rank, world=self.world)
         self.schedule = LRSchedule(config.schedule, config.optim.lr, config.train.epochs, len(self.train_loader))
+        self.compiling = compile_pays(config.train.compile, device, config.train.epochs * len(self.train_loader))
+        self.forward = _CompiledOrEager(trained) if self.compiling else trained  # training forward only
         self.eval_loaders = {split: self.eval_part(split) for split in config.train.evaluate}
         self.l2_weights = kernels(self.model, config.optim.l2_layers) if config.optim.l2 else []
         # progress; a resumed run overwrites these from last.pt
