@@ -1,21 +1,27 @@
-# Every target sets up .venv itself: torch 2.13.0 (a CPU build on our machines), then cifarlab
-# in editable mode with its test extras.
+# Every target sets up .venv itself: torch 2.13.0 (a CPU build on our machines), then cifarlab in
+# editable mode. `make demo` installs only what the demo needs (cifarlab's own dependencies); `make
+# test` and the others add the test extras (keras, onnx, loggers, dask, optuna, ...).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CORE := $(VENV)/.core
 STAMP := $(VENV)/.installed
 # Real CIFAR-10 images used by `make demo` when the full set is not in the cache.
 CIFAR10_HEAD ?= ../shared/data/cifar10-head
 
 .PHONY: demo test bench bench-peers lint clean
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	$(BIN)/pip install --quiet -e '.[test,export,loggers,cluster]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(BIN)/cifarlab demo -c configs/quickstart.yaml --cifar10-root $(CIFAR10_HEAD)
 
 test: $(STAMP)

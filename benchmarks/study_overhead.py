@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from cifarlab import runs
-from cifarlab.executors import make_executor
-from cifarlab.sweep import load_study, run_study
+from cifarlab.studies.executors import make_executor, run_jobs
+from cifarlab.studies.spec import load_study
 
 STUDY = """
 name: overhead
@@ -50,7 +50,7 @@ def one_study(folder: Path, runs_count: int, executor: str, workers: int) -> dic
     study = load_study(path)
     out = folder / f"{executor}-{workers}"
     started = time.perf_counter()
-    outcome = run_study(study, out, make_executor(executor, workers=workers))
+    outcome = run_jobs(study, out, make_executor(executor, workers=workers))
     wall = time.perf_counter() - started
     if set(outcome.values()) != {"completed"}:
         raise SystemExit(f"{executor} x{workers}: not every run completed: {outcome}")

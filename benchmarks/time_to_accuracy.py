@@ -34,7 +34,8 @@ import cifarlab
 from cifarlab.config import load_config
 from cifarlab.data.prepare import prepare_data
 from cifarlab.models.build import build_model
-from cifarlab.sweep import collect, load_study
+from cifarlab.studies.results import collect
+from cifarlab.studies.spec import load_study
 from cifarlab.train.callbacks import EarlyStopping
 
 REPO = Path(__file__).resolve().parent.parent

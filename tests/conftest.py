@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,56 @@ def fashion_mnist() -> Path:
 def private_cache(tmp_path, monkeypatch):
     """Each test gets an empty dataset cache, so nothing depends on what this machine downloaded."""
     monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------- runs shared by the tests that read them
+# Each is trained once per session, on real data, with an empty dataset cache of its own. A test that
+# writes into a run (eval_*.json, plots/, export/, a resume) works on its own copy: copy_run.
+
+
+def train_once(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    from cifarlab.api import fit
+    from cifarlab.config import load_config
+
+    out = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CIFARLAB_DATA", str(out / "cache"))
+        return fit(load_config(overrides=[*overrides, f"train.out_dir={out / 'runs'}"]), progress=False).path
+
+
+def copy_run(run: Path, folder: Path) -> Path:
+    """A copy of `run` in `folder` (same name), for a test that writes into it."""
+    target = Path(folder) / Path(run).name
+    shutil.copytree(run, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def trained_run(cifar10_head, tmp_path_factory) -> Path:
+    """cnn3-avg trained 4 epochs on the whole CIFAR-10 head (4653 train, 517 validation, 1017 test
+    images), with the features of flatten and fc1 of 300 test images captured at the first, middle and
+    last epoch (1, 2, 4) and embedded, and its report.html."""
+    return train_once(tmp_path_factory, "trained", [
+        f"data.root={cifar10_head}", "train.epochs=4", "model.preset=cnn3-avg",
+        "analysis.tsne.layers=[flatten,fc1]", "analysis.tsne.samples=300", "analysis.tsne.split=test"])
+
+
+# cnn3 on a few real images: quick epochs, for the tests that damage, resume or stop a run
+SMALL_RUN = ["data.train_limit=300", "data.test_limit=100", "model.preset=cnn3", "train.log_every=2",
+             "analysis.report=false"]
+
+
+@pytest.fixture(scope="session")
+def small_run(cifar10_head, tmp_path_factory) -> Path:
+    """cnn3 (Adam, lr 0.001, batch 64, no test-time augmentation) trained 2 epochs on 300 real
+    CIFAR-10 images (270 train, 30 validation) and tested on 100."""
+    return train_once(tmp_path_factory, "small", [f"data.root={cifar10_head}", "train.epochs=2", *SMALL_RUN])
+
+
+@pytest.fixture(scope="session")
+def zca_run(cifar10_head, tmp_path_factory) -> Path:
+    """cnn3 trained 1 epoch on 300 real CIFAR-10 images whitened with ZCA (data.zca_epsilon=0.1), flip
+    test-time augmentation, 64 test images."""
+    return train_once(tmp_path_factory, "zca", [
+        f"data.root={cifar10_head}", "data.train_limit=300", "data.test_limit=64", "model.preset=cnn3",
+        "train.epochs=1", "data.zca=true", "data.zca_epsilon=0.1", "train.tta=flip", "analysis.report=false"])

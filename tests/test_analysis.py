@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from cifarlab import runs
 from cifarlab.analysis.embed import separation, tsne
 from cifarlab.analysis.metrics import confusion_matrix, top_k_accuracy
-from cifarlab.cli import app
-from cifarlab.config import load_config
-from cifarlab.api import evaluate_run, fit, predict_files
+from cifarlab.api import evaluate_run, predict_files
 from cifarlab.evaluation import evaluate
-from cifarlab.runs import load_run
+from cifarlab.runs import LoadedRun
+from conftest import copy_run
+from helpers import invoke
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -43,26 +42,20 @@ def test_tsne_scores_separate_clusters_and_not_noise():
     assert shuffled["knn_acc"] < 0.2 and abs(shuffled["silhouette"]) < 0.1
 
 
-@pytest.fixture(scope="module")
-def trained_run(cifar10_head, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    config = load_config(overrides=[
-        f"data.root={cifar10_head}", "data.train_limit=1500", "data.test_limit=400", "train.epochs=3",
-        "model.preset=cnn3-avg", f"train.out_dir={out}", "analysis.tsne.layers=[flatten,fc1]",
-        "analysis.tsne.samples=300", "analysis.tsne.split=test"])
-    return fit(config).path
+# trained_run (conftest.py): cnn3-avg, 4 epochs on the CIFAR-10 head, flatten and fc1 of 300 test images captured
 
 
 def test_training_captures_features_and_writes_the_report(trained_run):
     features = trained_run / "features"
+    # the default epochs of a 4-epoch run: the first, the middle and the last, not every one
     assert sorted(p.name for p in features.glob("*-epoch*[0-9].npy")) == [
-        "fc1-epoch001.npy", "fc1-epoch002.npy", "fc1-epoch003.npy",
-        "flatten-epoch001.npy", "flatten-epoch002.npy", "flatten-epoch003.npy"]
-    flat = np.load(features / "flatten-epoch003.npy")
+        "fc1-epoch001.npy", "fc1-epoch002.npy", "fc1-epoch004.npy",
+        "flatten-epoch001.npy", "flatten-epoch002.npy", "flatten-epoch004.npy"]
+    flat = np.load(features / "flatten-epoch004.npy")
     assert flat.shape == (300, 2048) and flat.dtype == np.float16
     assert np.load(features / "labels.npy").shape == (300,)
     scores = json.loads((features / "tsne.json").read_text())
-    assert {(r["layer"], r["epoch"]) for r in scores} == {(layer, e) for layer in ("flatten", "fc1") for e in (1, 2, 3)}
+    assert {(r["layer"], r["epoch"]) for r in scores} == {(layer, e) for layer in ("flatten", "fc1") for e in (1, 2, 4)}
     assert all(0 <= r["knn_acc"] <= 1 and -1 <= r["silhouette"] <= 1 for r in scores)
     html = (trained_run / "report.html").read_text()
     assert "k-NN accuracy" in html and html.count("data:image/png;base64,") >= 8
@@ -70,17 +63,18 @@ def test_training_captures_features_and_writes_the_report(trained_run):
     assert not re.search(r'(src|href)\s*=\s*"(?!data:)', html)
 
 
-def test_eval_reports_confusion_and_top_k(trained_run):
-    report = evaluate_run(trained_run, "test", top_k=3)
+def test_eval_reports_confusion_and_top_k(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)  # eval writes eval_test.json
+    report = evaluate_run(run, "test", top_k=3)
     matrix = np.array(report["confusion"])
-    assert matrix.sum() == report["images"] == 400
+    assert matrix.sum() == report["images"] == 1017
     assert np.trace(matrix) / matrix.sum() == pytest.approx(report["acc"])
     assert report["top3_acc"] >= report["acc"]
-    assert report["acc"] == pytest.approx(runs.read_summary(trained_run)["test_acc"])
+    assert report["acc"] == pytest.approx(runs.read_summary(run)["test_acc"])
 
 
 def test_predict_matches_eval_for_the_same_image(trained_run, tmp_path):
-    run = load_run(trained_run)
+    run = LoadedRun(trained_run)
     images, labels = run.split("test")
     result = evaluate(run.model, run.loader("test"))
     paths = []
@@ -103,9 +97,9 @@ def test_predict_matches_eval_for_the_same_image(trained_run, tmp_path):
 def test_predict_refuses_a_file_that_is_not_an_image(trained_run, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    result = CliRunner().invoke(app, ["predict", str(trained_run), str(bad)])
-    assert result.exit_code == 2
-    assert f"{bad}: not a readable image" in result.output
+    result = invoke("predict", trained_run, bad)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {bad}: not a readable image"
 
 
 @pytest.mark.parametrize("command, png, min_size", [
@@ -118,11 +112,12 @@ def test_predict_refuses_a_file_that_is_not_an_image(trained_run, tmp_path):
     (["viz", "tsne"], "tsne_fc1.png", (1200, 400)),
     (["viz", "augment"], "augment.png", (800, 500)),
 ])
-def test_every_figure_command_writes_a_png(trained_run, command, png, min_size):
-    path = trained_run / "plots" / png
+def test_every_figure_command_writes_a_png(trained_run, tmp_path, command, png, min_size):
+    run = copy_run(trained_run, tmp_path)
+    path = run / "plots" / png
     path.unlink(missing_ok=True)
-    result = CliRunner().invoke(app, [*command, str(trained_run)])
-    assert result.exit_code == 0, result.output
+    result = invoke(*command, run)
+    assert result.returncode == 0, result.stderr
     with Image.open(path) as image:
         assert image.format == "PNG"
         assert image.width >= min_size[0] and image.height >= min_size[1]
@@ -130,8 +125,8 @@ def test_every_figure_command_writes_a_png(trained_run, command, png, min_size):
 
 
 def test_report_comparison_of_two_runs(trained_run, tmp_path):
-    result = CliRunner().invoke(app, ["report", str(trained_run), str(trained_run), "-o", str(tmp_path / "c.html")])
-    assert result.exit_code == 0, result.output
+    result = invoke("report", trained_run, trained_run, "-o", tmp_path / "c.html")
+    assert result.returncode == 0, result.stderr
     html = (tmp_path / "c.html").read_text()
     assert html.count(trained_run.name) >= 2 and html.count("data:image/png;base64,") == 2
 

@@ -1,23 +1,15 @@
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from PIL import Image
 
 from cifarlab.demo import choose_demo_data
-
-CLI = [sys.executable, "-m", "cifarlab.cli"]
-
-
-def cifarlab(*args, cwd=None):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=os.environ.copy(),
-                          timeout=600)
+from helpers import CONSOLE_SCRIPT, invoke
 
 
 def test_summary_prints_report_000_shapes_and_counts():
-    result = cifarlab("summary", "cnn3")
+    result = invoke("summary", "cnn3")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for name, shape in [("conv1", "32x32x32"), ("pool3", "4x4x128"), ("flatten", "2048"), ("fc1", "512"),
@@ -29,22 +21,25 @@ def test_summary_prints_report_000_shapes_and_counts():
 
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
     out = tmp_path / "runs"
-    result = cifarlab("train", "train.epochz=3", f"train.out_dir={out}")
+    result = invoke("train", "train.epochz=3", f"train.out_dir={out}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: config: train.epochz: unknown key (allowed: epochs, batch_size, eval_batch_size, log_every, "
         "out_dir, device, channels_last, compile, threads, devices, label_smoothing, tta, precision, evaluate, max_time_s, "
         "early_stopping, divergence, target, loggers, histogram_every, mlflow_uri, wandb_mode)"]
     assert not out.exists()
-    missing = cifarlab("train", "data.dataset=cifar10", f"data.root={tmp_path / 'nope'}", f"train.out_dir={out}")
+    missing = invoke("train", "data.dataset=cifar10", f"data.root={tmp_path / 'nope'}", f"train.out_dir={out}")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert f"data.root={tmp_path / 'nope'}: no such file or directory" in missing.stderr
     assert not out.exists()
 
 
-def test_train_then_eval_from_the_command_line(tmp_path):
-    result = cifarlab("train", "data.dataset=synthetic", "data.train_limit=600", "train.epochs=2",
-                      "model.preset=lab-m1-bn", f"train.out_dir={tmp_path}", "--quiet")
+def test_train_with_the_console_script_then_eval(tmp_path):
+    # the `cifarlab` script that pip installs, in a process of its own, as a user types it
+    assert CONSOLE_SCRIPT.is_file(), f"{CONSOLE_SCRIPT}: the venv lacks the console script (pip install -e .)"
+    result = subprocess.run([str(CONSOLE_SCRIPT), "train", "data.dataset=synthetic", "data.train_limit=600",
+                             "train.epochs=2", "model.preset=lab-m1-bn", f"train.out_dir={tmp_path}", "--quiet"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     (run,) = tmp_path.iterdir()
     assert f"run directory: {run}" in result.stdout
@@ -53,29 +48,29 @@ def test_train_then_eval_from_the_command_line(tmp_path):
                  "checkpoints/last.pt"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
-    evaluated = cifarlab("eval", run)
+    evaluated = invoke("eval", run)
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"test accuracy {100 * summary['test_acc']:.2f}%" in evaluated.stdout
     assert "class9" in evaluated.stdout
-    assert cifarlab("eval", tmp_path / "nothing").returncode == 2
+    assert invoke("eval", tmp_path / "nothing").returncode == 2
 
 
 def test_diverging_training_exits_1(tmp_path):
-    result = cifarlab("train", "data.dataset=synthetic", "data.train_limit=256", "model.preset=lab-m2",
-                      "optim.name=sgd", "optim.lr=1e6", f"train.out_dir={tmp_path}", "-q")
+    result = invoke("train", "data.dataset=synthetic", "data.train_limit=256", "model.preset=lab-m2",
+                    "optim.name=sgd", "optim.lr=1e6", f"train.out_dir={tmp_path}", "-q")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: diverged: training loss became nan in epoch 1"
 
 
 def test_data_show_writes_a_png_grid(cifar10_head, tmp_path):
     png = tmp_path / "grid.png"
-    result = cifarlab("data", "show", "cifar10", "--root", cifar10_head, "-o", png, "-n", "16")
+    result = invoke("data", "show", "cifar10", "--root", cifar10_head, "-o", png, "-n", "16")
     assert result.returncode == 0, result.stderr
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 600 and image.height > 300
-    info = cifarlab("data", "info", "cifar10", "--root", cifar10_head)
+    info = invoke("data", "info", "cifar10", "--root", cifar10_head)
     assert "train 5170, test 1017" in info.stdout
-    stats = cifarlab("data", "stats", "cifar10", "--root", cifar10_head)
+    stats = invoke("data", "stats", "cifar10", "--root", cifar10_head)
     assert "mean: 0.4938, 0.4849, 0.4484" in stats.stdout
 
 

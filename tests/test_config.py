@@ -1,6 +1,7 @@
 import pytest
 
-from cifarlab.config import config_from_dict, load_config, read_yaml, write_config
+from cifarlab.config import config_from_dict, load_config, write_config
+from cifarlab.yamlfiles import read_yaml
 from cifarlab.errors import ConfigError
 
 

@@ -1,4 +1,3 @@
-import gzip
 import hashlib
 import http.server
 import os
@@ -6,15 +5,16 @@ import pickle
 import tarfile
 import threading
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cifarlab.data import sources
-from cifarlab.data.sources import (DataError, extract_archive, fetch, load_dataset, read_cifar10_binary,
+from cifarlab.data.downloads import download, extract_archive, fetch
+from cifarlab.data.sources import (DataError, load_dataset, read_cifar10_binary,
                                    read_cifar10_python, read_idx, read_pickle)
 from cifarlab.data.splits import channel_stats, split_indices
+from helpers import write_idx
 
 # From shared/data/cifar10-head/README.md: images per class (airplane..truck) of each batch.
 HEAD_COUNTS = {
@@ -93,13 +93,6 @@ def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
         load_dataset("cifar10", str(tmp_path))
     with pytest.raises(DataError, match="not found in .*data.download=true"):
         load_dataset("cifar10")
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_idx_reader_raw_and_gzip(tmp_path):
@@ -183,7 +176,7 @@ def test_checksum_mismatch_is_an_error_and_caches_nothing(cifar10_head, file_ser
     www, base = file_server
     (www / "cifar-10-python.tar.gz").write_bytes(b"not the official archive")
     with pytest.raises(DataError, match="checksum mismatch, expected md5 c58f30108f718f92721af3b95e74349a"):
-        sources.download("cifar10", url=f"{base}/cifar-10-python.tar.gz")
+        download("cifar10", url=f"{base}/cifar-10-python.tar.gz")
     cache = tmp_path / "cache"
     assert not [p for p in cache.rglob("*") if p.is_file()]
     with pytest.raises(DataError, match="download failed"):

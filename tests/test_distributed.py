@@ -21,8 +21,10 @@ from cifarlab.config import load_config
 from cifarlab.data.loader import DeviceLoader, shard
 from cifarlab.errors import ConfigError
 from cifarlab.evaluation import evaluate
-from cifarlab.train.distributed import INIT_METHOD_ENV, override_strings
-from cifarlab.train.trainer import check_resumable
+from cifarlab.train.checkpoint import check_resumable
+from cifarlab.train.distributed import INIT_METHOD_ENV
+from cifarlab.train.launch import override_strings
+from helpers import cli_command, wait_for
 
 # 279 images - 50 validation = 229 training images: 3 global batches of 64, then 37 (19 + 18)
 SMALL = {"data.train_limit": 279, "data.val_size": 50, "data.test_limit": 101, "model.preset": "cnn3",
@@ -84,14 +86,7 @@ def listening_addresses(pids: list[int]) -> set[str]:
 
 
 def train_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cifarlab.cli", "train", *args, "-q"]
-
-
-def wait_for(predicate, timeout: float = 300) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out waiting"
-        time.sleep(0.05)
+    return cli_command("train", *args, "-q")
 
 
 def epochs_logged(out: Path) -> int:
@@ -233,7 +228,7 @@ def test_ranks_started_like_torchrun_run_user_callbacks_on_rank_0_and_score_each
     run = cifarlab.load_run(next((tmp_path / "runs").iterdir()))
     assert run.summary["best_epoch"] == 1 and run.summary["epochs_run"] == 2
     loaded = run.loaded
-    single = evaluate(loaded.model, loaded.loader("test"), loaded.config.train)
+    single = evaluate(loaded.model, loaded.loader("test"), loaded.config.train.precision, loaded.config.train.tta)
     assert recorded["logits"].shape == (101, 10)  # every test image once, in order
     torch.testing.assert_close(recorded["logits"], single.logits, rtol=1e-4, atol=1e-5)
     assert run.summary["test_acc"] == single.acc
@@ -247,7 +242,7 @@ def start_forever(cifar10_head, out: Path) -> tuple[subprocess.Popen, list[int]]
     launcher = subprocess.Popen(train_command(*as_args({**FOREVER, "data.root": str(cifar10_head)}),
                                               f"train.out_dir={out}"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: epochs_logged(out) >= 2 or launcher.poll() is not None)
+    wait_for(lambda: epochs_logged(out) >= 2 or launcher.poll() is not None, "2 epochs")
     ranks = children(launcher.pid)
     assert launcher.poll() is None and len(ranks) == 2
     return launcher, ranks

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from cifarlab import runs
-from cifarlab.executors import IN_USE, DaskExecutor, Job, LocalExecutor, local_cluster, run_job, slurm_job_script
 from cifarlab.errors import ConfigError
-from cifarlab.sweep import load_study, run_study, summarize_study
+from cifarlab.studies.executors import (IN_USE, DaskExecutor, Job, LocalExecutor, local_cluster, run_job, run_jobs,
+                                        slurm_job_script)
+from cifarlab.studies.results import summarize_study
+from cifarlab.studies.spec import load_study
+from helpers import cli_command, invoke, wait_for
 
 pytest.importorskip("distributed")
 
@@ -30,7 +33,6 @@ axes:
 repeats: {repeats}
 """
 TIMING = {"train_time_s", "train_img_per_s", "train_time_s_std", "train_img_per_s_std"}
-CLI = [sys.executable, "-m", "cifarlab.cli"]
 
 
 def write_study(folder: Path, root: Path, limit: int = 600, epochs: int = 2, repeats: int = 1, extra: str = "") -> Path:
@@ -81,16 +83,15 @@ def descendants(pid: int) -> set[int]:
 
 def test_dask_local_cluster_gives_the_local_results_and_a_rerun_starts_nothing(cifar10_head, tmp_path):
     study = load_study(write_study(tmp_path, cifar10_head))
-    run_study(study, tmp_path / "local", workers=2)
+    run_jobs(study, tmp_path / "local", workers=2)
     summarize_study(study, tmp_path / "local")
-    outcome = run_study(study, tmp_path / "dask", executor=DaskExecutor(workers=2))
+    outcome = run_jobs(study, tmp_path / "dask", executor=DaskExecutor(workers=2))
     assert set(outcome.values()) == {"completed"}
     summarize_study(study, tmp_path / "dask")
     assert table(tmp_path / "dask") == table(tmp_path / "local")  # same accuracies, epochs, stops
     assert float(table(tmp_path / "dask")[0]["test_acc"]) > 0.15
     mtimes = {r.id: (tmp_path / "dask" / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs}
-    again = subprocess.run(CLI + ["sweep", str(study.path), "--executor", "dask", "--workers", "2",
-                                  "--out", str(tmp_path / "dask")], capture_output=True, text=True)
+    again = invoke("sweep", study.path, "--executor", "dask", "--workers", "2", "--out", tmp_path / "dask")
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skipped (completed before)") == 2 and "on Dask" in again.stdout
     assert {r.id: (tmp_path / "dask" / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs} == mtimes
@@ -169,16 +170,6 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def wait_for(predicate, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("kill", ["worker", "worker-group"])
 def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_head, tmp_path):
     path = write_study(tmp_path, cifar10_head, limit=600, epochs=4, repeats=2)
@@ -186,8 +177,8 @@ def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_
     out = tmp_path / "out"
     scheduler_file, cluster = start_cli_cluster(tmp_path)
     try:
-        sweep = subprocess.Popen(CLI + ["sweep", str(path), "--executor", "dask", "--scheduler-file", str(scheduler_file),
-                                        "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        sweep = subprocess.Popen(cli_command("sweep", path, "--executor", "dask", "--scheduler-file", scheduler_file,
+                                             "--out", out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  start_new_session=True)
         cluster.append(sweep)
 
@@ -202,7 +193,7 @@ def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_
                     return run.id, int(holder)
             return None
 
-        victim, trainer_pid = wait_for(training_with_an_epoch_done, "a run to finish an epoch")
+        victim, trainer_pid = wait_for(training_with_an_epoch_done, "a run to finish an epoch", timeout=120)
         worker_pid = parent_of(trainer_pid)
         assert parent_of(worker_pid) in {p.pid for p in cluster[1:3]}  # a worker process of a `dask worker`
         finished_before = {r.id: (out / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs
@@ -245,7 +236,7 @@ def test_slurm_job_script_of_a_study(tmp_path, cifar10_head):
     slurm = ("executor: slurm\nslurm: {partition: gpu, time: '02:00:00', memory: 32GB, cores: 8, gpus_per_run: 1, "
              "jobs: 4, setup: ['module load cuda']}\n")
     path = write_study(tmp_path, cifar10_head, extra=slurm)
-    result = subprocess.run(CLI + ["sweep", str(path), "--dry-run"], capture_output=True, text=True)
+    result = invoke("sweep", path, "--dry-run")
     assert result.returncode == 0, result.stderr
     script = result.stdout[result.stdout.index("#!/usr/bin/env bash"):]
     for line in ("#SBATCH -p gpu", "#SBATCH -t 02:00:00", "#SBATCH --cpus-per-task=8", "#SBATCH --gres=gpu:1",
@@ -261,13 +252,12 @@ def test_slurm_job_script_of_a_study(tmp_path, cifar10_head):
 
 def test_executor_mistakes_are_one_line(tmp_path, cifar10_head):
     path = write_study(tmp_path, cifar10_head)
-    result = subprocess.run(CLI + ["sweep", str(path), "--executor", "ray"], capture_output=True, text=True)
+    result = invoke("sweep", path, "--executor", "ray")
     assert result.returncode == 2 and "unknown executor 'ray' (choose from: local, dask, slurm)" in result.stderr
-    result = subprocess.run(CLI + ["sweep", str(path), "--address", "tcp://127.0.0.1:1", "--executor", "local"],
-                            capture_output=True, text=True)
+    result = invoke("sweep", path, "--address", "tcp://127.0.0.1:1", "--executor", "local")
     assert result.returncode == 2 and "need --executor dask" in result.stderr
     path.write_text(path.read_text() + "executor: {name: dask, nodes: 3}\n")
-    result = subprocess.run(CLI + ["sweep", str(path), "--dry-run"], capture_output=True, text=True)
+    result = invoke("sweep", path, "--dry-run")
     assert result.returncode == 2 and "executor is a name" in result.stderr
 
 

@@ -2,8 +2,6 @@
 safetensors and torch exports rebuild the same model."""
 
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,13 +13,10 @@ import cifarlab
 from cifarlab.errors import ConfigError, DataError
 from cifarlab.evaluation import predict_logits
 from cifarlab.export import export_run, load_safetensors, load_torch, read_safetensors, read_source
+from conftest import copy_run
+from helpers import invoke
 
-CLI = [sys.executable, "-m", "cifarlab.cli"]
 ATOL = 1e-5
-
-
-def cli(*args):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=os.environ.copy(), timeout=600)
 
 
 def train(root, out, name, **settings):
@@ -34,12 +29,13 @@ def train(root, out, name, **settings):
 
 
 @pytest.fixture(scope="module")
-def runs(cifar10_head, tmp_path_factory):
-    """Three tiny real runs: plain, flip test-time augmentation, and ZCA whitening (with flip)."""
+def runs(cifar10_head, small_run, zca_run, tmp_path_factory):
+    """Three tiny real runs: plain (a copy of conftest's small_run), flip test-time augmentation, and
+    ZCA whitening with flip (a copy of conftest's zca_run). Exports without -o write into the run."""
     out = tmp_path_factory.mktemp("runs")
-    return {"plain": train(cifar10_head, out, "plain"),
-            "flip": train(cifar10_head, out, "flip", train__tta="flip"),
-            "zca": train(cifar10_head, out, "zca", data__zca=True, train__tta="flip")}
+    return {"plain": cifarlab.load_run(copy_run(small_run, out / "plain")),
+            "flip": train(cifar10_head, out / "flip", "flip", train__tta="flip"),
+            "zca": cifarlab.load_run(copy_run(zca_run, out / "zca"))}
 
 
 def run_images(run, count=64):
@@ -68,7 +64,7 @@ def plain_onnx(runs, tmp_path_factory):
     """The plain run exported through the command line."""
     needs_onnx()
     path = tmp_path_factory.mktemp("export") / "plain.onnx"
-    result = cli("export", runs["plain"].path, "--format", "onnx", "-o", path)
+    result = invoke("export", runs["plain"].path, "--format", "onnx", "-o", path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote {path}"
     return path
@@ -159,9 +155,9 @@ def test_onnx_with_flip_shift_tta_averages_six_views(runs, tmp_path):
     baked = session(export_run(plain.path, "onnx", tmp_path / "shift.onnx", tta="flip-shift"))
     np.testing.assert_allclose(baked.run(None, {"images": nhwc(images)})[0], reference, rtol=0, atol=ATOL)
     # and what the run itself predicts with train.tta=flip-shift (eval, predict and training's scores)
-    settings = plain.loaded.config.train.model_copy(update={"tta": "flip-shift"})
     with torch.no_grad():
-        ours = torch.softmax(predict_logits(plain.model(), x, settings), dim=1).numpy()
+        ours = torch.softmax(predict_logits(plain.model(), x, plain.loaded.config.train.precision, "flip-shift"),
+                             dim=1).numpy()
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5)
 
 
@@ -193,7 +189,7 @@ def test_safetensors_round_trip_gives_identical_outputs(runs, tmp_path):
     pytest.importorskip("safetensors")
     for name in ("plain", "zca"):
         run = runs[name]
-        result = cli("export", run.path, "--format", "safetensors")
+        result = invoke("export", run.path, "--format", "safetensors")
         assert result.returncode == 0, result.stderr
         path = run.path / "export" / "model.safetensors"
         assert result.stdout.strip() == f"wrote {path}"
@@ -252,11 +248,11 @@ def test_missing_packages_name_the_extra(runs, tmp_path, monkeypatch):
 
 
 def test_bad_arguments_are_one_line_errors(runs, tmp_path):
-    result = cli("export", runs["plain"].path, "--format", "tflite")
+    result = invoke("export", runs["plain"].path, "--format", "tflite")
     assert result.returncode == 2 and result.stderr.strip() == "error: --format=tflite: use one of onnx, safetensors, torch"
-    result = cli("export", runs["plain"].path, "--format", "onnx", "--tta", "rotate")
+    result = invoke("export", runs["plain"].path, "--format", "onnx", "--tta", "rotate")
     assert result.returncode == 2 and "--tta=rotate" in result.stderr and "Traceback" not in result.stderr
-    result = cli("export", tmp_path, "--format", "torch")
+    result = invoke("export", tmp_path, "--format", "torch")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     with pytest.raises(DataError):
         load_torch(tmp_path / "missing.pt")

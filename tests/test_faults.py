@@ -1,7 +1,8 @@
 """A corpus of hostile and damaged inputs, faults during a run and concurrent writers (issue:
-reliability). Each case runs the real command line in its own process and checks the exit code,
-the one-line message, that no traceback was printed, and what is on disk afterwards. Damaged
-inputs are made at test time from the real data."""
+reliability). Each case runs the real command line and checks the exit code, the one-line message,
+that no traceback was printed, and what is on disk afterwards: in this process (helpers.invoke), or
+in a process of its own where the process is the point (a file size limit, signals, SIGKILL, a lock
+held by another process). Damaged inputs are made at test time from the real data."""
 
 import os
 import pickle
@@ -11,27 +12,22 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from cifarlab import runs
 from cifarlab.data.sources import read_idx
+from conftest import copy_run
+from helpers import cli_command, invoke, run_cli, wait_for, write_idx
 
 # a resumed run that goes on until the test stops it
 FOREVER = ["train.epochs=100000", "train.early_stopping.enabled=false", "-q"]
 SMALL = ["data.train_limit=300", "data.test_limit=100", "model.preset=cnn3", "train.log_every=2",
          "analysis.report=false"]
-
-
-def cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "cifarlab.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, **kwargs)
 
 
 def assert_error(result, code, *fragments):
@@ -67,7 +63,7 @@ def rewrite_batch(path: Path, change) -> None:
 
 
 def train_refused(folder: Path, out: Path, code: int, *fragments, extra=()):
-    result = cli("train", f"data.root={folder}", f"train.out_dir={out}", *SMALL, *extra)
+    result = invoke("train", f"data.root={folder}", f"train.out_dir={out}", *SMALL, *extra)
     assert_error(result, code, *fragments)
     assert not out.exists() or not any(out.iterdir())  # no run folder was made
 
@@ -140,11 +136,6 @@ def test_binary_file_that_is_not_whole_records(cifar10_head, tmp_path):
     train_refused(folder, tmp_path / "runs", 2, "test_batch.bin", "not a whole number")
 
 
-def write_idx(path: Path, array: np.ndarray, magic: bytes = b"\0\0\x08") -> None:
-    header = magic + bytes([array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def small_fashion(fashion_mnist, tmp_path):
     """A Fashion-MNIST folder of the first 300 / 100 real images, to damage."""
@@ -188,7 +179,7 @@ def test_idx_label_out_of_range(small_fashion, tmp_path):
 
 def test_a_run_name_that_is_a_path(cifar10_head, tmp_path):
     out = tmp_path / "deep" / "runs"
-    result = cli("train", f"data.root={cifar10_head}", f"train.out_dir={out}", "name=../../escaped", *SMALL)
+    result = invoke("train", f"data.root={cifar10_head}", f"train.out_dir={out}", "name=../../escaped", *SMALL)
     assert_error(result, 2, "name", "plain name", "../../escaped")
     assert not list(tmp_path.rglob("escaped*"))
 
@@ -204,7 +195,7 @@ def test_hostile_yaml_is_refused(tmp_path, text, fragment):
     marker = tmp_path / "pwned"
     path = tmp_path / "config.yaml"
     path.write_text(text.replace("{marker}", str(marker)), errors="surrogateescape")
-    result = cli("train", "-c", path, f"train.out_dir={tmp_path / 'runs'}")
+    result = invoke("train", "-c", path, f"train.out_dir={tmp_path / 'runs'}")
     assert_error(result, 2, str(path), fragment)
     assert not marker.exists() and not (tmp_path / "runs").exists()
 
@@ -212,18 +203,10 @@ def test_hostile_yaml_is_refused(tmp_path, text, fragment):
 # ---------------------------------------------------------------- checkpoints
 
 
-@pytest.fixture(scope="module")
-def finished_run(cifar10_head, tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished")
-    result = cli("train", f"data.root={cifar10_head}", f"train.out_dir={out}", "train.epochs=2", *SMALL, "-q")
-    assert result.returncode == 0, result.stderr
-    return next(out.iterdir())
-
-
-def copy_run(run: Path, tmp_path: Path) -> Path:
-    target = tmp_path / run.name
-    shutil.copytree(run, target)
-    return target
+@pytest.fixture
+def finished_run(small_run):
+    """conftest.small_run: cnn3 trained 2 epochs (train.log_every=2, Adam at lr 0.001) on 300 images."""
+    return small_run
 
 
 def test_eval_of_a_checkpoint_from_another_architecture(finished_run, tmp_path):
@@ -231,7 +214,7 @@ def test_eval_of_a_checkpoint_from_another_architecture(finished_run, tmp_path):
     state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     state["model"]["conv1.weight"] = torch.zeros(16, 3, 3, 3)
     torch.save(state, run / "checkpoints" / "best.pt")
-    last = assert_error(cli("eval", run), 2, "best.pt", "conv1.weight", "(16, 3, 3, 3) in the checkpoint",
+    last = assert_error(invoke("eval", run), 2, "best.pt", "conv1.weight", "(16, 3, 3, 3) in the checkpoint",
                         "(32, 3, 3, 3) in the model")
     assert "does not fit" in last
 
@@ -240,7 +223,7 @@ def test_eval_of_a_truncated_checkpoint(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
     best = run / "checkpoints" / "best.pt"
     best.write_bytes(best.read_bytes()[:5000])
-    assert_error(cli("eval", run), 2, "best.pt", "not a cifarlab checkpoint")
+    assert_error(invoke("eval", run), 2, "best.pt", "not a cifarlab checkpoint")
 
 
 @pytest.mark.parametrize("override, key", [("model.preset=cnn3-avg", "model.preset"),
@@ -252,7 +235,7 @@ def test_resume_refuses_overrides_that_cannot_apply(finished_run, tmp_path, over
     run = copy_run(finished_run, tmp_path)
     before = (run / "metrics.jsonl").read_text()
     summary = (run / "summary.json").read_text()
-    result = cli("train", "--resume", run, "train.epochs=3", override)
+    result = invoke("train", "--resume", run, "train.epochs=3", override)
     assert_error(result, 2, key, "cannot change when resuming")
     assert (run / "metrics.jsonl").read_text() == before and (run / "summary.json").read_text() == summary
     assert not (run / ".lock").exists()
@@ -271,7 +254,7 @@ def test_predict_refuses_a_decompression_bomb(finished_run, tmp_path, cifar10_he
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(bytes(raw))
     assert bomb.stat().st_size < 1000
-    assert_error(cli("predict", finished_run, bomb), 2, "bomb.png", "too large")
+    assert_error(invoke("predict", finished_run, bomb), 2, "bomb.png", "too large")
 
 
 def test_predict_refuses_a_truncated_image(finished_run, tmp_path, cifar10_head):
@@ -279,7 +262,7 @@ def test_predict_refuses_a_truncated_image(finished_run, tmp_path, cifar10_head)
     photo = tmp_path / "photo.png"
     Image.fromarray(images[0].reshape(3, 32, 32).transpose(1, 2, 0)).resize((300, 300)).save(photo)
     photo.write_bytes(photo.read_bytes()[:2000])
-    assert_error(cli("predict", finished_run, photo), 2, "photo.png", "not a readable image")
+    assert_error(invoke("predict", finished_run, photo), 2, "photo.png", "not a readable image")
 
 
 # ---------------------------------------------------------------- faults during a run
@@ -295,8 +278,8 @@ def test_a_write_that_fails_mid_run_ends_in_one_line_and_keeps_the_last_good_sta
     # cnn3's checkpoints are ~4.6 MB (best.pt) and ~9 MB (last.pt, with Adam's moments): a 6 MB file
     # size limit lets best.pt through and stops the first last.pt
     out = tmp_path / "runs"
-    result = cli("train", f"data.root={cifar10_head}", f"train.out_dir={out}", "train.epochs=2", *SMALL, "-q",
-                 preexec_fn=limited_file_size(6_000_000))
+    result = run_cli("train", f"data.root={cifar10_head}", f"train.out_dir={out}", "train.epochs=2", *SMALL, "-q",
+                     preexec_fn=limited_file_size(6_000_000))
     last = assert_error(result, 1, "last.pt", "cannot write", "File too large")
     run = next(out.iterdir())
     assert no_temporary_files(run)
@@ -310,11 +293,11 @@ def test_a_write_that_fails_mid_run_ends_in_one_line_and_keeps_the_last_good_sta
 def test_a_later_failed_write_leaves_the_previous_last_pt_to_resume_from(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
     previous = (run / "checkpoints" / "last.pt").read_bytes()
-    result = cli("train", "--resume", run, "train.epochs=3", "-q", preexec_fn=limited_file_size(6_000_000))
+    result = run_cli("train", "--resume", run, "train.epochs=3", "-q", preexec_fn=limited_file_size(6_000_000))
     assert_error(result, 1, "cannot write")
     assert no_temporary_files(run) and (run / "checkpoints" / "last.pt").read_bytes() == previous
     assert runs.read_summary(run)["status"] == "failed"
-    resumed = cli("train", "--resume", run, "train.epochs=3", "-q")
+    resumed = invoke("train", "--resume", run, "train.epochs=3", "-q")
     assert resumed.returncode == 0, resumed.stderr
     epochs = [r["epoch"] for r in runs.read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
     assert epochs == [1, 2, 3] and runs.read_summary(run)["status"] == "completed"
@@ -333,7 +316,7 @@ def test_a_metrics_line_that_does_not_fit_is_cut_back(tmp_path):
 
 def test_a_resumed_run_takes_the_new_optimizer_settings(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
-    result = cli("train", "--resume", run, "train.epochs=3", "optim.lr=0.0005", "optim.weight_decay=0.001", "-q")
+    result = invoke("train", "--resume", run, "train.epochs=3", "optim.lr=0.0005", "optim.weight_decay=0.001", "-q")
     assert result.returncode == 0, result.stderr
     epochs = [r for r in runs.read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
     assert [r["lr"] for r in epochs] == [0.001, 0.001, 0.0005]
@@ -344,7 +327,7 @@ def test_a_resumed_run_takes_the_new_optimizer_settings(finished_run, tmp_path):
 def test_an_output_folder_that_cannot_be_made(cifar10_head, tmp_path):
     blocker = tmp_path / "runs"
     blocker.write_text("a file where the run folder should go")
-    result = cli("train", f"data.root={cifar10_head}", f"train.out_dir={blocker / 'sub'}", *SMALL)
+    result = invoke("train", f"data.root={cifar10_head}", f"train.out_dir={blocker / 'sub'}", *SMALL)
     assert_error(result, 2, "cannot create the run directory")
 
 
@@ -354,22 +337,13 @@ def test_a_read_only_output_folder(cifar10_head, tmp_path):
     out.mkdir()
     out.chmod(0o555)
     try:
-        assert_error(cli("train", f"data.root={cifar10_head}", f"train.out_dir={out}", *SMALL), 2,
+        assert_error(invoke("train", f"data.root={cifar10_head}", f"train.out_dir={out}", *SMALL), 2,
                      "cannot create the run directory", "Permission denied")
     finally:
         out.chmod(0o755)
 
 
 # ---------------------------------------------------------------- concurrent writers and signals
-
-
-def wait_for(predicate, timeout=300):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting")
 
 
 def epochs_logged(run: Path) -> list[int]:
@@ -379,13 +353,14 @@ def epochs_logged(run: Path) -> list[int]:
 
 def test_two_resumes_of_one_run_one_writes_the_other_exits_2(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
-    command = [sys.executable, "-m", "cifarlab.cli", "train", "--resume", str(run), *FOREVER]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(cli_command("train", "--resume", run, *FOREVER), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: (run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(first.pid))
-        second = cli("train", "--resume", run, *FOREVER)
+        wait_for(lambda: (run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(first.pid),
+                 "the first process to lock the run")
+        second = run_cli("train", "--resume", run, *FOREVER)  # a process of its own: a hang would time out
         assert_error(second, 2, f"process {first.pid} is writing this run")
-        wait_for(lambda: len(epochs_logged(run)) >= 3)
+        wait_for(lambda: len(epochs_logged(run)) >= 3, "3 epochs")
     finally:
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=300)
@@ -397,15 +372,15 @@ def test_two_resumes_of_one_run_one_writes_the_other_exits_2(finished_run, tmp_p
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "cifarlab.cli", "train", "--resume", str(run), *FOREVER],
+    proc = subprocess.Popen(cli_command("train", "--resume", run, *FOREVER),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: len(epochs_logged(run)) >= 3)
+        wait_for(lambda: len(epochs_logged(run)) >= 3, "3 epochs")
     finally:
         proc.kill()
         proc.wait()
     assert (run / ".lock").read_text().strip() == str(proc.pid)  # left behind by SIGKILL
-    result = cli("train", "--resume", run, f"train.epochs={len(epochs_logged(run)) + 1}", "-q")
+    result = invoke("train", "--resume", run, f"train.epochs={len(epochs_logged(run)) + 1}", "-q")
     assert result.returncode == 0, result.stderr
     epochs = epochs_logged(run)
     assert epochs == list(range(1, len(epochs) + 1)) and not (run / ".lock").exists()
@@ -413,9 +388,9 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(finished_run, tmp_path):
 
 def test_sigint_twice_stops_at_once_and_leaves_no_running_status(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "cifarlab.cli", "train", "--resume", str(run), *FOREVER],
+    proc = subprocess.Popen(cli_command("train", "--resume", run, *FOREVER),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len(epochs_logged(run)) >= 3)
+    wait_for(lambda: len(epochs_logged(run)) >= 3, "3 epochs")
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)

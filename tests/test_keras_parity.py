@@ -25,8 +25,8 @@ from scipy import stats  # noqa: E402
 from cifarlab.config import load_config  # noqa: E402
 from cifarlab.data.augment import affine_matrices, draw_affine, warp  # noqa: E402
 from cifarlab.data.splits import zca_matrix  # noqa: E402
-from cifarlab.models.build import (BiasedBatchNorm1d, BiasedBatchNorm2d, build_layers, build_model, parse_layer,  # noqa: E402
-                                   preset_names, resolve_layers)
+from cifarlab.models.build import build_layers, build_model, preset_names, resolve_layers  # noqa: E402
+from cifarlab.models.layers import BiasedBatchNorm1d, BiasedBatchNorm2d, parse_layer  # noqa: E402
 from cifarlab.models.summary import count_params  # noqa: E402
 from cifarlab.train.optim import make_optimizer  # noqa: E402
 
@@ -53,7 +53,7 @@ class KerasTwin:
 
     def _apply(self, items, x, shape, prefix, order):
         counts = {}
-        from cifarlab.models.build import LAYER_KINDS
+        from cifarlab.models.layers import LAYER_KINDS
 
         for index, item in enumerate(items):
             kind, a = parse_layer(item, f"item {index}")

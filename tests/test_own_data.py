@@ -11,17 +11,16 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
 
 import cifarlab
 from cifarlab import runs
-from cifarlab.cli import app
 from cifarlab.config import load_config
 from cifarlab.data import local
 from cifarlab.data.local import content_checksum, read_image_folder, read_npz
 from cifarlab.data.sources import load_dataset
 from cifarlab.errors import DataError
 from cifarlab.evaluation import autocast_dtype
+from helpers import invoke
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 QUICK = {"model": {"preset": "cnn3"}, "analysis": {"report": False}}
@@ -102,10 +101,8 @@ def test_a_broken_file_in_a_folder_is_named(cifar10_head, tmp_path):
 def test_training_on_a_folder_from_the_command_line(cifar10_head, tmp_path):
     images, labels = real_images(cifar10_head, 300)
     write_tree(tmp_path / "data", images, labels)
-    result = subprocess.run([sys.executable, "-m", "cifarlab", "train", "data.dataset=folder",
-                             f"data.root={tmp_path / 'data'}", "train.epochs=1", "model.preset=cnn3",
-                             "analysis.report=false", f"train.out_dir={tmp_path / 'runs'}", "-q"],
-                            capture_output=True, text=True)
+    result = invoke("train", "data.dataset=folder", f"data.root={tmp_path / 'data'}", "train.epochs=1",
+                    "model.preset=cnn3", "analysis.report=false", f"train.out_dir={tmp_path / 'runs'}", "-q")
     assert result.returncode == 0, result.stderr
     run = next((tmp_path / "runs").iterdir())
     summary = runs.read_summary(run)
@@ -180,20 +177,21 @@ def test_fp16_training_scales_the_loss_and_resumes_exactly(cifar10_head, tmp_pat
 
 
 def test_print_config_and_config_show_and_diff(cifar10_head, tmp_path):
-    printed = CliRunner().invoke(app, ["train", "model.preset=cnn3", "train.epochs=3", "--print-config"])
-    assert printed.exit_code == 0, printed.output
-    assert load_config(yaml.safe_load(printed.output)) == load_config(None, ["model.preset=cnn3", "train.epochs=3"])
+    printed = invoke("train", "model.preset=cnn3", "train.epochs=3", "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    assert load_config(yaml.safe_load(printed.stdout)) == load_config(None, ["model.preset=cnn3", "train.epochs=3"])
     config = {**QUICK, "data": {"root": str(cifar10_head), "train_limit": 200, "test_limit": 50},
               "train": {"epochs": 1, "out_dir": str(tmp_path)}}
     a = cifarlab.fit(config, progress=False)
     b = cifarlab.fit(config, overrides={"optim.lr": 0.01, "seed": 1}, progress=False)
-    shown = CliRunner().invoke(app, ["config", "show", str(a.path)])
-    assert shown.exit_code == 0 and yaml.safe_load(shown.output) == a.config.to_dict()
-    diff = CliRunner().invoke(app, ["config", "diff", str(a.path), str(b.path)])
-    assert diff.exit_code == 0 and "2 setting(s) differ" in diff.output
-    assert "optim.lr" in diff.output and "seed" in diff.output and "train.epochs" not in diff.output
+    shown = invoke("config", "show", a.path)
+    assert shown.returncode == 0 and yaml.safe_load(shown.stdout) == a.config.to_dict()
+    diff = invoke("config", "diff", a.path, b.path)
+    assert diff.returncode == 0 and "2 setting(s) differ" in diff.stdout
+    assert "optim.lr" in diff.stdout and "seed" in diff.stdout and "train.epochs" not in diff.stdout
 
 
 def test_python_dash_m_cifarlab_is_the_command():
-    result = subprocess.run([sys.executable, "-m", "cifarlab", "--help"], capture_output=True, text=True)
+    # `python -m cifarlab` in a process of its own (cifarlab/__main__.py); the console script: test_cli.py
+    result = subprocess.run([sys.executable, "-m", "cifarlab", "--help"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "Train and study small CNNs" in result.stdout

@@ -5,8 +5,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,12 @@ from cifarlab import runs
 from cifarlab.config import load_config
 from cifarlab.errors import ConfigError
 from cifarlab.train.callbacks import DivergenceStop, EarlyStopping, TargetStop
-from cifarlab.train.optim import LRSchedule, ProximalAdagrad, kernels, make_optimizer
+from cifarlab.train.formulas import ProximalAdagrad
+from cifarlab.train.optim import kernels, make_optimizer
+from cifarlab.train.schedules import LRSchedule
 from cifarlab.api import evaluate_run, fit, resume
+from conftest import copy_run
+from helpers import cli_command, invoke, wait_for
 
 
 def tiny_model():
@@ -221,19 +223,6 @@ def test_four_epochs_equal_two_plus_resumed_two(cifar10_head, tmp_path):
         resume(resumed)
 
 
-def cli(*args):
-    return [sys.executable, "-m", "cifarlab.cli", *map(str, args)]
-
-
-def wait_for(predicate, timeout=300):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    raise AssertionError("timed out")
-
-
 def logged_step(folder, condition):
     """Whether the one run under `folder` has logged a step line that meets `condition`."""
     for metrics in folder.glob("*/metrics.jsonl"):
@@ -252,30 +241,41 @@ def only_run(folder):
 def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(cifar10_head, tmp_path):
     extra = ["train.epochs=3", "optim.lr=0.002"]
     straight = fit(load_config(overrides=base_overrides(cifar10_head, tmp_path / "a", *extra)))
-    proc = subprocess.Popen(cli("train", *base_overrides(cifar10_head, tmp_path / "b", *extra), "-q"),
+    proc = subprocess.Popen(cli_command("train", *base_overrides(cifar10_head, tmp_path / "b", *extra), "-q"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # let it get into epoch 2 (so last.pt holds epoch 1), then kill it without warning
-        wait_for(lambda: logged_step(tmp_path / "b", lambda r: r["epoch"] == 2))
+        wait_for(lambda: logged_step(tmp_path / "b", lambda r: r["epoch"] == 2), "a step of epoch 2")
         run = only_run(tmp_path / "b")
         proc.kill()
     finally:
         proc.wait()
     assert not (run / "summary.json").exists()
-    result = subprocess.run(cli("train", "--resume", run, "-q"), capture_output=True, text=True)
+    result = invoke("train", "--resume", run, "-q")
     assert result.returncode == 0, result.stderr
     assert runs.read_summary(run)["status"] == "completed"
     assert without_time(straight) == without_time(run)
     assert same_weights(weights(straight), weights(run))
 
 
+SIGNALLED = ["train.epochs=2", "model.dropout=0.3"]
+
+
+@pytest.fixture(scope="module")
+def signalled_straight(cifar10_head, tmp_path_factory):
+    """The run without a signal that each signalled run equals once resumed (one for both signals)."""
+    out = tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CIFARLAB_DATA", str(out / "cache"))
+        return fit(load_config(overrides=base_overrides(cifar10_head, out / "a", *SIGNALLED)))
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signals_save_state_mid_epoch_and_resume_exactly(cifar10_head, tmp_path, signum, code):
-    extra = ["train.epochs=2", "model.dropout=0.3"]
-    straight = fit(load_config(overrides=base_overrides(cifar10_head, tmp_path / "a", *extra)))
-    proc = subprocess.Popen(cli("train", *base_overrides(cifar10_head, tmp_path / "b", *extra), "-q"),
+def test_signals_save_state_mid_epoch_and_resume_exactly(cifar10_head, tmp_path, signalled_straight, signum, code):
+    straight = signalled_straight
+    proc = subprocess.Popen(cli_command("train", *base_overrides(cifar10_head, tmp_path / "b", *SIGNALLED), "-q"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: logged_step(tmp_path / "b", lambda r: r["step"] >= 4))
+    wait_for(lambda: logged_step(tmp_path / "b", lambda r: r["step"] >= 4), "step 4")
     os.kill(proc.pid, signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
@@ -285,7 +285,7 @@ def test_signals_save_state_mid_epoch_and_resume_exactly(cifar10_head, tmp_path,
     assert "resume with: cifarlab train --resume" in err
     position = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["position"]
     assert position is not None and position["batch"] >= 4  # saved in the middle of an epoch
-    result = subprocess.run(cli("train", "--resume", run, "-q"), capture_output=True, text=True)
+    result = invoke("train", "--resume", run, "-q")
     assert result.returncode == 0, result.stderr
     assert without_time(straight) == without_time(run)
     assert same_weights(weights(straight), weights(run))
@@ -318,10 +318,11 @@ def test_test_split_every_epoch_and_per_step_learning_rates(cifar10_head, tmp_pa
     assert strip(runs.read_jsonl(plain / "metrics.jsonl")) == strip(runs.read_jsonl(run / "metrics.jsonl"))
 
 
-def test_zca_run_stores_its_matrix_and_eval_uses_it(cifar10_head, tmp_path):
-
-    run = fit(load_config(overrides=base_overrides(cifar10_head, tmp_path, "train.epochs=1", "data.zca=true",
-                                                   "data.zca_epsilon=0.1")))
+def test_zca_run_stores_its_matrix_and_eval_uses_it(zca_run, tmp_path):
+    # zca_run (conftest.py): cnn3 trained on real images with data.zca=true, data.zca_epsilon=0.1 (and flip TTA)
+    config = runs.read_run_config(zca_run)
+    assert config.data.zca and config.data.zca_epsilon == 0.1
+    run = copy_run(zca_run, tmp_path)  # eval writes eval_test.json
     stored = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["normalization"]["zca"]
     assert stored.shape == (3072, 3072)
     summary = runs.read_summary(run)

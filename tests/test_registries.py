@@ -14,9 +14,12 @@ from cifarlab import config as config_module
 from cifarlab.config import load_config
 from cifarlab.data import sources
 from cifarlab.data.augment import AUGMENTATIONS, build_augment
+from cifarlab.data.downloads import ARCHIVES
 from cifarlab.errors import ConfigError, DataError
-from cifarlab.models.build import LAYER_KINDS, build_layers, parse_layer
-from cifarlab.train.optim import OPTIMIZERS, SCHEDULES, LRSchedule, make_optimizer
+from cifarlab.models.build import build_layers
+from cifarlab.models.layers import LAYER_KINDS, parse_layer
+from cifarlab.train.optim import OPTIMIZERS, make_optimizer
+from cifarlab.train.schedules import SCHEDULES, LRSchedule
 
 IMAGE = (3, 8, 8)
 
@@ -197,7 +200,7 @@ def test_every_dataset_is_readable_from_a_folder_or_generated(name):
     assert (entry.generate is None) == (entry.read is not None)
     assert (entry.has_data is not None) == (entry.read is not None and not entry.needs_root)  # nothing to search for
     for key in (entry.archive, entry.binary_archive):
-        assert key is None or key in sources.ARCHIVES
+        assert key is None or key in ARCHIVES
 
 
 def test_unknown_dataset_lists_the_registry():

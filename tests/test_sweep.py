@@ -2,16 +2,17 @@ import csv
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cifarlab import runs
 from cifarlab.errors import ConfigError
-from cifarlab.sweep import load_study, run_study, summarize_study
+from cifarlab.studies.executors import run_jobs
+from cifarlab.studies.results import summarize_study
+from cifarlab.studies.spec import load_study
 from cifarlab.api import fit
+from helpers import cli_command, wait_for
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "configs" / "studies").glob("*.yaml"))
 TIMING = {"train_time_s", "train_img_per_s", "train_time_s_std", "train_img_per_s_std"}
@@ -47,9 +48,9 @@ def test_grid_study_end_to_end_and_repeatable(cifar10_head, tmp_path):
         "optim.name-adam_model.batchnorm-true_seed0", "optim.name-adam_model.batchnorm-false_seed0",
         "optim.name-sgd_model.batchnorm-true_seed0", "optim.name-sgd_model.batchnorm-false_seed0"]
     first, second = tmp_path / "one", tmp_path / "two"
-    outcome = run_study(study, first, workers=2)
+    outcome = run_jobs(study, first, workers=2)
     assert set(outcome.values()) == {"completed"}
-    run_study(study, second, workers=2)
+    run_jobs(study, second, workers=2)
     rows = summarize_study(study, first)
     assert [(r["optim.name"], r["model.batchnorm"]) for r in rows] == [
         ("adam", "true"), ("adam", "false"), ("sgd", "true"), ("sgd", "false")]
@@ -87,7 +88,7 @@ repeats: 2
 """
     study = load_study(write_study(tmp_path, text))
     assert len(study.runs) == 4 and {r.seed for r in study.runs} == {0, 1}
-    outcome = run_study(study, tmp_path / "out")
+    outcome = run_jobs(study, tmp_path / "out")
     assert outcome["fine_seed0"] == outcome["fine_seed1"] == "completed"
     assert outcome["explodes_seed0"].startswith("failed (exit 1")
     rows = {r["variant"]: r for r in summarize_study(study, tmp_path / "out")}
@@ -99,27 +100,22 @@ repeats: 2
 
 def wait_until_unlocked(run_dirs, timeout: float = 60) -> None:
     """A killed process lets go of its run's lock as it exits, a moment after the kill."""
-    deadline = time.monotonic() + timeout
-    while any(runs.lock_holder(d) for d in run_dirs if d.is_dir()):
-        assert time.monotonic() < deadline, "a run is still locked"
-        time.sleep(0.05)
+    wait_for(lambda: not any(runs.lock_holder(d) for d in run_dirs if d.is_dir()), "every run to be unlocked", timeout)
 
 
 def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_head, tmp_path):
     text = GRID.format(root=cifar10_head)
     path = write_study(tmp_path, text)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "cifarlab.cli", "sweep", str(path), "--out", str(out)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cli_command("sweep", path, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     study = load_study(path)
     first, second = out / study.runs[0].id, out / study.runs[1].id
     try:
         # kill it once the second run has begun (runs go one at a time): whatever this machine's speed,
         # the first run is done and the last two have not started
-        deadline = time.monotonic() + 300
-        while not ((first / "summary.json").is_file() and (second / "config.yaml").is_file()) \
-                and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: (first / "summary.json").is_file() and (second / "config.yaml").is_file(),
+                 "the first run to finish and the second to begin")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -127,7 +123,7 @@ def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_he
     done_before = {r.id: (out / r.id / "summary.json").stat().st_mtime_ns for r in study.runs
                    if (out / r.id / "summary.json").is_file()}
     assert study.runs[0].id in done_before and len(done_before) < 4
-    outcome = run_study(study, out)
+    outcome = run_jobs(study, out)
     assert all(outcome[i] == "skipped (completed before)" for i in done_before)
     assert sum(v == "completed" for v in outcome.values()) == 4 - len(done_before)
     for run_id, mtime in done_before.items():
@@ -170,7 +166,7 @@ variants:
 """)
     study = load_study(path)
     out = tmp_path / "out"
-    assert set(run_study(study, out).values()) == {"completed"}
+    assert set(run_jobs(study, out).values()) == {"completed"}
     summarize_study(study, out)
     # one run has no validation curve: every run is drawn by its training accuracy, none is left out
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["train_acc_by_variant.png"]

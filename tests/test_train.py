@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from cifarlab import runs
-from cifarlab.config import TrainConfig, load_config
+from cifarlab.config import load_config
 from cifarlab.errors import ConfigError, TrainingFailed
 from cifarlab.train.callbacks import EarlyStopping
 from cifarlab.models.build import build_model
 from cifarlab.api import evaluate_run, fit
 from cifarlab.evaluation import predict_logits
+from conftest import copy_run
 
 
 def without_time(path):
@@ -34,10 +35,10 @@ def test_early_stopping_fires_after_patience_epochs_and_keeps_the_best():
     assert not loss.update(3, {"val_loss": math.nan}) and "val_loss did not improve" in loss.stop_reason()
 
 
-def test_cnn3_avg_learns_cifar10_head(cifar10_head, tmp_path):
-    config = load_config(overrides=[f"data.root={cifar10_head}", "train.epochs=4", f"train.out_dir={tmp_path}",
-                                    "model.preset=cnn3-avg"])
-    run = fit(config)
+def test_cnn3_avg_learns_cifar10_head(trained_run, tmp_path):
+    # trained_run (conftest.py): cnn3-avg, train.epochs=4 on the whole CIFAR-10 head, otherwise the defaults
+    assert runs.read_run_config(trained_run).model.preset == "cnn3-avg"
+    run = copy_run(trained_run, tmp_path)  # eval writes eval_test.json
     summary = runs.read_summary(run)
     assert summary["status"] == "completed"
     assert summary["sizes"] == {"train": 4653, "val": 517, "test": 1017}
@@ -92,10 +93,10 @@ def test_flip_tta_and_bf16_precision_of_predict_logits():
     with torch.no_grad():
         plain, mirrored = model(x), model(x.flip(3))
         assert torch.equal(predict_logits(model, x), plain)  # default: float32, no TTA
-        assert torch.equal(predict_logits(model, x, TrainConfig(precision="auto")), plain)  # auto: float32 on CPU
-        assert torch.allclose(predict_logits(model, x, TrainConfig(tta="flip")), (plain + mirrored) / 2, atol=1e-6)
+        assert torch.equal(predict_logits(model, x, "auto"), plain)  # auto: float32 on CPU
+        assert torch.allclose(predict_logits(model, x, tta="flip"), (plain + mirrored) / 2, atol=1e-6)
         assert not torch.allclose(plain, mirrored, atol=1e-3)  # so the average is not the plain logits
-        bf16 = predict_logits(model, x, TrainConfig(precision="bf16"))
+        bf16 = predict_logits(model, x, "bf16")
     assert bf16.dtype == torch.float32
     error = (bf16 - plain).abs().max().item()
     assert 0 < error < 0.1 * plain.abs().max().item()  # rounded to bf16, but the same logits
@@ -123,7 +124,8 @@ def test_no_validation_split_with_early_stopping_off_tests_the_last_epoch(tmp_pa
 
 
 def test_compile_auto_compiles_long_gpu_runs_only_and_keeps_graphs_in_the_cifarlab_cache(tmp_path, monkeypatch):
-    from cifarlab.train.trainer import COMPILE_AUTO_STEPS, Trainer, compile_cache, compile_pays
+    from cifarlab.train.compiling import COMPILE_AUTO_STEPS, compile_cache, compile_pays
+    from cifarlab.train.trainer import Trainer
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only the device type is read: no GPU needed
     steps = COMPILE_AUTO_STEPS["cuda"]

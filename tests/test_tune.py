@@ -8,7 +8,6 @@ import pwd
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import pytest
 import cifarlab
 from cifarlab import runs
 from cifarlab.errors import ConfigError
-from cifarlab.sweep import load_study
-from cifarlab.tuning import check_search, tune_settings
+from cifarlab.studies.spec import load_study
+from cifarlab.studies.tune import check_search, tune_settings
+from helpers import invoke, run_cli
 
 optuna = pytest.importorskip("optuna")
 
@@ -35,7 +35,6 @@ search:
   train.batch_size: {{choice: [32, 64]}}
 tune: {tune}
 """
-CLI = [sys.executable, "-m", "cifarlab.cli"]
 
 
 def write_search(folder: Path, root: Path, epochs: int = 1, tune: str = "{sampler: random}") -> Path:
@@ -63,8 +62,8 @@ def check_trials(out: Path, storage: str, count: int) -> list:
 
 def test_two_workers_share_one_sqlite_study(cifar10_head, tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run(CLI + ["tune", str(write_search(tmp_path, cifar10_head)), "--trials", "4", "--workers", "2",
-                                   "--out", str(out)], capture_output=True, text=True)
+    # worker 0 in this process, worker 1 in a process of its own
+    result = invoke("tune", write_search(tmp_path, cifar10_head), "--trials", "4", "--workers", "2", "--out", out)
     assert result.returncode == 0, result.stderr
     trials = check_trials(out, f"sqlite:///{out / 'optuna.db'}", 4)
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both processes ran trials
@@ -109,7 +108,7 @@ def test_search_mistakes_name_the_key(cifar10_head, tmp_path):
         with pytest.raises(ConfigError, match=message):
             tune_settings(study)
             check_search(study)
-        result = subprocess.run(CLI + ["tune", str(path), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+        result = invoke("tune", path, "--out", tmp_path / "x")
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
         assert not (tmp_path / "x" / "trial-0000").exists()
 
@@ -151,21 +150,19 @@ def postgres():
 
 def test_two_workers_share_a_study_on_postgresql(postgres, cifar10_head, tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run(CLI + ["tune", str(write_search(tmp_path, cifar10_head)), "--trials", "3", "--workers", "2",
-                                   "--storage", postgres, "--out", str(out)], capture_output=True, text=True)
+    result = invoke("tune", write_search(tmp_path, cifar10_head), "--trials", "3", "--workers", "2",
+                    "--storage", postgres, "--out", out)
     assert result.returncode == 0, result.stderr
     assert not (out / "optuna.db").exists()  # nothing went to SQLite
     trials = check_trials(out, postgres, 3)
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}
     # a third process joins the same search later and adds trials to it
-    more = subprocess.run(CLI + ["tune", str(tmp_path / "search.yaml"), "--trials", "4", "--storage", postgres,
-                                 "--out", str(out)], capture_output=True, text=True)
+    more = run_cli("tune", tmp_path / "search.yaml", "--trials", "4", "--storage", postgres, "--out", out)
     assert more.returncode == 0, more.stderr
     check_trials(out, postgres, 4)
 
 
 def test_an_unreachable_storage_is_one_line(cifar10_head, tmp_path):
     url = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
-    result = subprocess.run(CLI + ["tune", str(write_search(tmp_path, cifar10_head)), "--storage", url,
-                                   "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    result = invoke("tune", write_search(tmp_path, cifar10_head), "--storage", url, "--out", tmp_path / "out")
     assert result.returncode == 2 and "cannot open the Optuna storage" in result.stderr and url in result.stderr

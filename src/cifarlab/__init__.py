@@ -16,10 +16,15 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "fit": "api", "resume": "api", "load_run": "api", "Run": "api", "evaluate_run": "api", "predict_files": "api",
-    "run_study": "api", "StudyResult": "api", "default_callbacks": "api", "tune": "tuning", "TuneResult": "tuning",
-    "load_study": "sweep", "Study": "sweep",
+    "run_study": "api", "StudyResult": "api", "default_callbacks": "api", "tune": "api", "TuneResult": "studies.tune",
+    "load_study": "studies.spec", "Study": "studies.spec",
+    "run_config": "api", "launches": "api", "reports_runs": "api", "plan_study": "api", "StudyPlan": "api",
+    "tune_worker": "api", "compare_runs": "api", "run_entry_point": "processes",
+    "dataset_info": "explore", "dataset_stats": "explore", "dataset_samples": "explore", "download_dataset": "explore",
+    "augment_figure": "explore", "presets": "explore", "model_summary": "explore", "choose_demo_data": "demo",
+    "export_run": "export", "FIGURES": "analysis.figures",
     "Config": "config", "load_config": "config",
-    "Callback": "train.callbacks", "Monitor": "train.monitor", "EarlyStopping": "train.callbacks",
+    "Callback": "hooks", "Monitor": "train.monitor", "EarlyStopping": "train.callbacks",
     "Trainer": "train.trainer",
     "CifarlabError": "errors", "ConfigError": "errors", "DataError": "errors", "TrainingFailed": "errors",
     "Interrupted": "errors", "WriteError": "errors", "RunInUse": "errors",
@@ -27,15 +32,24 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports on first use
-    from .api import Run, StudyResult, default_callbacks, evaluate_run, fit, load_run, predict_files, resume, run_study  # noqa: F401
+    from .analysis.figures import FIGURES  # noqa: F401
+    from .api import (Run, StudyPlan, StudyResult, compare_runs, default_callbacks, evaluate_run, fit,  # noqa: F401
+                      launches, load_run, plan_study, predict_files, reports_runs, resume, run_config, run_study, tune,
+                      tune_worker)
+    from .demo import choose_demo_data  # noqa: F401
+    from .explore import (augment_figure, dataset_info, dataset_samples, dataset_stats, download_dataset,  # noqa: F401
+                          model_summary, presets)
+    from .export import export_run  # noqa: F401
+    from .processes import run_entry_point  # noqa: F401
     from .config import Config, load_config  # noqa: F401
     from .errors import (CifarlabError, ConfigError, DataError, Interrupted, RunInUse, TrainingFailed,  # noqa: F401
                          WriteError)
-    from .sweep import Study, load_study  # noqa: F401
-    from .train.callbacks import Callback, EarlyStopping  # noqa: F401
+    from .studies.spec import Study, load_study  # noqa: F401
+    from .studies.tune import TuneResult  # noqa: F401
+    from .hooks import Callback  # noqa: F401
+    from .train.callbacks import EarlyStopping  # noqa: F401
     from .train.monitor import Monitor  # noqa: F401
     from .train.trainer import Trainer  # noqa: F401
-    from .tuning import TuneResult, tune  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

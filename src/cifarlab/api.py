@@ -26,17 +26,22 @@ from . import runs
 from .analysis import figures
 from .analysis.capture import FeatureCapture
 from .analysis.metrics import confusion_matrix, per_class_accuracy, top_k_accuracy
-from .analysis.report import ReportCallback, build_run_report
+from .analysis.report import ReportCallback, build_comparison, build_run_report
 from .config import Config, ConfigSource, Overrides, load_config
+from .data.downloads import cache_dir
 from .data.images import read_image
 from .data.local import arrays_dataset, content_checksum, save_npz
-from .data.sources import Dataset, cache_dir, check_dataset
+from .data.sources import Dataset, check_dataset
 from .errors import ConfigError, DataError, WriteError
-from .evaluation import evaluate, predict_logits
-from .sweep import Study, load_study, run_study as run_study_jobs, study_executor, summarize_study
-from .train import distributed, trainer
-from .train.callbacks import (BestCheckpoint, Callback, DivergenceStop, EarlyStopping, LastCheckpoint, MetricsLog,
-                              NaNGuard, TargetStop, TimeLimit)
+from .evaluation import predict_logits
+from .studies.executors import run_jobs, run_state, slurm_job_script, study_executor
+from .studies.results import summarize_study
+from .studies.spec import Study, load_study, study_folder
+from .studies.tune import TuneResult, run_search, work
+from .hooks import Callback
+from .train import distributed, launch, trainer
+from .train.callbacks import (BestCheckpoint, DivergenceStop, EarlyStopping, LastCheckpoint, MetricsLog, NaNGuard,
+                              TargetStop, TimeLimit)
 from .train.progress import default_progress
 
 PathLike = Union[str, Path]
@@ -54,7 +59,7 @@ def default_callbacks(config: Config, callbacks: Sequence[Any] = (), progress: P
     from .train.loggers import build_loggers  # train.loggers: csv, tensorboard, mlflow, wandb
 
     t = config.train
-    chosen: list[Any] = [MetricsLog(), *build_loggers(config),
+    chosen: list[Any] = [MetricsLog(), *build_loggers(t.loggers, t.model_dump()),
                          progress if isinstance(progress, Callback) else default_progress(progress), NaNGuard()]
     if config.analysis.tsne.layers:
         chosen.append(FeatureCapture(config.analysis.tsne))
@@ -87,9 +92,9 @@ def fit(config: ConfigSource = None, *, overrides: Overrides = None, callbacks: 
     resolved = load_config(config, overrides)
     if data is not None:
         resolved = load_config(resolved, {"data.dataset": "npz", "data.root": str(stored_arrays(data))})
-    if distributed.launches(resolved):
+    if launch.launches(resolved):
         refuse_callbacks(callbacks, progress)
-        return Run(distributed.launch_checked(resolved, run_dir=Path(run_dir) if run_dir is not None else None,
+        return Run(launch.launch_checked(resolved, run_dir=Path(run_dir) if run_dir is not None else None,
                                               quiet=progress is False))
     bar = progress if isinstance(progress, Callback) else default_progress(progress)
     with closing_progress(bar):
@@ -120,9 +125,9 @@ def resume(run: Union["Run", PathLike], overrides: Overrides = None, *, callback
     an interrupt). Overrides such as train.epochs=30 train a finished run further."""
     path = runs.resolve_run(run.path if isinstance(run, Run) else run)
     config = load_config(path / runs.CONFIG, overrides)
-    if distributed.launches(config):
+    if launch.launches(config):
         refuse_callbacks(callbacks, progress)
-        return Run(distributed.launch_checked(config, resume=path, overrides=overrides, quiet=progress is False))
+        return Run(launch.launch_checked(config, resume=path, overrides=overrides, quiet=progress is False))
     bar = progress if isinstance(progress, Callback) else default_progress(progress)
     with closing_progress(bar):
         return Run(trainer.resume(path, config, default_callbacks(config, callbacks, bar)))
@@ -153,9 +158,9 @@ def load_run(path: Union["Run", PathLike]) -> "Run":
 def evaluate_run(run: Union["Run", PathLike], split: str = "test", top_k: int = 5) -> dict[str, Any]:
     """Accuracy, loss, top-k accuracy, per-class accuracy and the confusion matrix of a run's best.pt
     on one split, with the run's own normalization; also written to RUN/eval_<split>.json."""
-    loaded = runs.load_run(run.path if isinstance(run, Run) else run)
-    labels = loaded.split(figures.check_split(split))[1]
-    result = evaluate(loaded.model, loaded.loader(split), loaded.config.train)
+    loaded = run.loaded if isinstance(run, Run) else runs.LoadedRun(run)
+    labels = loaded.split(split)[1]
+    result = loaded.evaluate(split)
     predicted = result.predictions.cpu().numpy()
     classes = loaded.classes
     k = min(top_k, len(classes))
@@ -194,13 +199,9 @@ def run_study(study: Union[Study, PathLike], *, overrides: Optional[list[str]] =
         study = load_study(Path(study), overrides)
     folder = study_folder(study, out)
     _, chosen, workers = study_executor(study, executor, workers, address, scheduler_file)
-    outcome = run_study_jobs(study, folder, chosen, workers)
+    outcome = run_jobs(study, folder, chosen, workers)
     summarize_study(study, folder)
     return StudyResult(folder, outcome)
-
-
-def study_folder(study: Study, out: Optional[PathLike] = None) -> Path:
-    return Path(out) if out is not None else Path(study.runs[0].config.train.out_dir) / study.name
 
 
 class Run:
@@ -228,7 +229,7 @@ class Run:
     @property
     def history(self) -> list[dict[str, Any]]:
         """One record per epoch (train_loss, train_acc, val_loss, val_acc, lr, time, ...)."""
-        return [r for r in runs.read_jsonl(self.path / runs.METRICS) if r["kind"] == "epoch"]
+        return runs.epoch_records(self.path)
 
     @cached_property
     def config(self) -> Config:
@@ -236,8 +237,8 @@ class Run:
 
     @cached_property
     def loaded(self) -> runs.LoadedRun:
-        """best.pt with the run's data splits and normalization (read once)."""
-        return runs.load_run(self.path)
+        """The run read back: best.pt's model, the data splits and each split's predictions (each read once)."""
+        return runs.LoadedRun(self.path)
 
     @property
     def classes(self) -> list[str]:
@@ -256,7 +257,8 @@ class Run:
         size = loaded.config.train.eval_batch_size
         with torch.inference_mode():
             probabilities = [torch.softmax(predict_logits(loaded.model, loaded.normalize(batch[i:i + size]),
-                                                          loaded.config.train), dim=1).cpu().numpy()
+                                                          loaded.config.train.precision, loaded.config.train.tta),
+                                           dim=1).cpu().numpy()
                              for i in range(0, len(batch), size)]
         return np.concatenate(probabilities) if probabilities else np.zeros((0, len(self.classes)), np.float32)
 
@@ -286,12 +288,11 @@ class Run:
     def figure(self, name: str, **options: Any) -> list[Path]:
         """Draw a registered figure (curves, confusion, mistakes, featuremaps, filters, tsne, samples)
         into RUN/plots/; returns the PNG paths."""
-        return figures.draw(name, figures.RunView(self.path, loaded=self.loaded if "loaded" in vars(self) else None),
-                            **options)
+        return figures.draw(name, self.loaded, **options)
 
     def report(self, output: Optional[PathLike] = None) -> Path:
         """Write report.html (or `output`) with every figure; returns its path."""
-        return build_run_report(self.path, Path(output) if output else None)
+        return build_run_report(self.loaded, Path(output) if output else None)
 
     def _repr_html_(self) -> str:
         s = self.summary
@@ -324,3 +325,75 @@ def predict_files(run: Union[Run, PathLike], paths: Sequence[PathLike], top_k: i
     figure = predictions(list(images), names, probabilities, run.classes,
                          Path(output) if output else run.path / "plots" / "predict.png", min(top_k, len(run.classes)))
     return {"names": names, "classes": run.classes, "probabilities": probabilities, "figure": figure}
+
+
+def tune(study: Union[Study, PathLike], *, overrides: Optional[list[str]] = None, out: Optional[PathLike] = None,
+         trials: Optional[int] = None, timeout: Optional[float] = None, storage: Optional[str] = None,
+         workers: int = 1) -> TuneResult:
+    """Hyperparameter search on Optuna over a study file's `search` block: `trials` in all (default
+    tune.trials), no new trial after `timeout` seconds, `workers` processes on this machine, the
+    Optuna study in `storage` (default: SQLite in the study folder; a PostgreSQL URL lets processes on
+    other machines join). Each trial is a run folder trained by `fit`; returns the best trial, its
+    settings and best.yaml, with results.md and report.html in the study folder (default
+    train.out_dir/NAME)."""
+    if not isinstance(study, Study):
+        study = load_study(Path(study), overrides)
+    return run_search(study, study_folder(study, out), fit, trials=trials, timeout=timeout, storage=storage,
+                      workers=workers, overrides=overrides)
+
+
+def tune_worker(study: Union[Study, PathLike], *, worker: int, trials: int, overrides: Optional[list[str]] = None,
+                out: Optional[PathLike] = None, timeout: Optional[float] = None, storage: Optional[str] = None) -> int:
+    """One of the processes that `tune(workers=N)` starts (`cifarlab tune --worker-index N`): trials
+    of the shared search until it has `trials`, trained by `fit`, and no tables. Returns how many
+    trials this process ran."""
+    if not isinstance(study, Study):
+        study = load_study(Path(study), overrides)
+    return work(study, study_folder(study, out), fit, trials=trials, timeout=timeout, storage=storage, worker=worker,
+                overrides=overrides)
+
+
+def run_config(run: Union[Run, PathLike], overrides: Overrides = None) -> Config:
+    """A run's resolved config (its config.yaml), with `overrides` on top."""
+    return load_config(runs.resolve_run(run.path if isinstance(run, Run) else run) / runs.CONFIG, overrides)
+
+
+def launches(config: Config) -> bool:
+    """Whether running `config` in this process starts data-parallel ranks (train.devices > 1 and
+    this process is not a rank already); their rank 0 then reports the run."""
+    return launch.launches(config)
+
+
+def reports_runs() -> bool:
+    """Whether this process reports what it trained: not one of the ranks 1..N-1 of a data-parallel run."""
+    return distributed.main_process()
+
+
+@dataclass
+class StudyPlan:
+    """What `run_study` would do: the study, its folder, the executor and its slots, each run's state."""
+
+    study: Study
+    folder: Path
+    executor: str
+    slots: int
+    runs: list[tuple[str, dict[str, Any], int, str]]  # (run id, settings, seed, new | completed | ...)
+    job_script: Optional[str]  # the Slurm job script of one worker (executor "slurm")
+
+
+def plan_study(study: Union[Study, PathLike], *, overrides: Optional[list[str]] = None, out: Optional[PathLike] = None,
+               workers: Optional[int] = None, executor: Optional[str] = None, address: Optional[str] = None,
+               scheduler_file: Optional[PathLike] = None) -> StudyPlan:
+    """Check a study and its executor settings (as `run_study` takes them) and say what it would run."""
+    if not isinstance(study, Study):
+        study = load_study(Path(study), overrides)
+    folder = study_folder(study, out)
+    name, _, count = study_executor(study, executor, workers, address, scheduler_file)
+    rows = [(run.id, dict(run.values), run.seed, run_state(folder / run.id) if (folder / run.id).exists() else "new")
+            for run in study.runs]
+    return StudyPlan(study, folder, name, count, rows, slurm_job_script(study.slurm) if name == "slurm" else None)
+
+
+def compare_runs(run_dirs: Sequence[PathLike], output: PathLike = "comparison.html") -> Path:
+    """One HTML page comparing runs: a sortable table of their summaries and overlaid validation curves."""
+    return build_comparison([Path(p) for p in run_dirs], Path(output))

@@ -1,4 +1,5 @@
-"""The configuration: one pydantic model per section, YAML loading and `a.b.c=value` overrides.
+"""The configuration: one pydantic model per section, loading (YAML, dict or Config, then overrides),
+validation-error text, and writing and comparing configs. Reading YAML and parsing overrides is yamlfiles.py.
 
 Every key has a default, so an empty config is a valid run. Unknown keys and bad values fail here,
 before any work starts, with a message that names the key and what is allowed.
@@ -18,6 +19,8 @@ from .data import sources
 from .errors import ConfigError
 from .files import atomic_write
 from .settings import flat_settings
+from .validation import describe_validation_error, one_of
+from .yamlfiles import apply_override, parse_override, read_yaml
 
 DATASETS = tuple(sources.DATASETS)  # the data.dataset names, from the registry in data/sources.py
 
@@ -34,17 +37,6 @@ AUGMENT_PRESETS = {
     "keras-affine": {"rotation": 15.0, "width_shift": 0.1, "height_shift": 0.1, "shear": 0.2, "zoom": 0.2,
                      "flip": True, "fill_mode": "nearest"},
 }
-
-
-def _one_of(names: Any, value: Any) -> Any:
-    """`value` if it is one of `names` (a registry's keys), else pydantic's own wording for a Literal
-    mismatch, so a registry-backed key reads like every other choice."""
-    names = list(names)  # a list, not the registry: an unhashable value (a YAML list) must fail as a mismatch
-    if value in names:
-        return value
-    quoted = [repr(name) for name in names]
-    choices = f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
-    raise ValueError(f"Input should be {choices}")
 
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -77,7 +69,7 @@ class DataConfig(Section):
     @field_validator("dataset", mode="before")
     @classmethod
     def _known_dataset(cls, name: Any) -> Any:
-        return _one_of(sources.DATASETS, name)
+        return one_of(sources.DATASETS, name)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -94,7 +86,7 @@ class DataConfig(Section):
 # AugmentConfig._shift_range checks it first, so a bad value gets one message.
 ShiftRange = Union[Annotated[int, Strict()], Annotated[float, Strict()]]
 
-# The framework flavors of the top-level `defaults` key (see train/optim.py FLAVOR_OPTIM_DEFAULTS and
+# The framework flavors of the top-level `defaults` key (see train/formulas.py FLAVOR_OPTIM_DEFAULTS and
 # models/build.py FLAVOR_LAYER_DEFAULTS): whose defaults fill the keys a config leaves out, and whose
 # update rules the optimizers follow.
 Flavor = Literal["torch", "keras", "tf1"]
@@ -148,7 +140,7 @@ class AugmentConfig(Section):
 
 class ModelConfig(BaseModel):
     """`preset` names a file in models/presets; extra keys set that preset's parameters.
-    `layers` gives the network inline instead (see models/build.py for the layer kinds)."""
+    `layers` gives the network inline instead (see models/layers.py for the layer kinds)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -173,7 +165,7 @@ class ModelConfig(BaseModel):
 
 class OptimConfig(Section):
     """Keys left out take the framework flavor's defaults (`defaults`, else the top-level `defaults`:
-    train/optim.py FLAVOR_OPTIM_DEFAULTS); keys given always win."""
+    train/formulas.py FLAVOR_OPTIM_DEFAULTS); keys given always win."""
 
     defaults: Optional[Flavor] = None  # update rules and defaults of a framework; None: the top-level `defaults`
     name: str = "adam"  # a name in train/optim.py OPTIMIZERS
@@ -197,7 +189,7 @@ class OptimConfig(Section):
     def _known_optimizer(cls, name: Any) -> Any:
         from .train.optim import OPTIMIZERS  # here, not at the top: torch is slow to import
 
-        return _one_of(OPTIMIZERS, name)
+        return one_of(OPTIMIZERS, name)
 
     @model_validator(mode="after")
     def _check(self) -> "OptimConfig":
@@ -211,7 +203,7 @@ class OptimConfig(Section):
     def apply_flavor(self) -> None:
         """Fill the keys the config left out with the flavor's values for this optimizer (torch: none, so
         torch's own defaults stay), then refuse what the framework refuses."""
-        from .train.optim import flavor_optim_values
+        from .train.formulas import flavor_optim_values
 
         if self.defaults not in (None, "torch"):
             for key, value in flavor_optim_values(self.defaults, self.name).items():
@@ -226,9 +218,9 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    """Learning rate per step = optim.lr x the schedule's factor (see train/optim.py LRSchedule)."""
+    """Learning rate per step = optim.lr x the schedule's factor (see train/schedules.py LRSchedule)."""
 
-    name: str = "constant"  # a name in train/optim.py SCHEDULES
+    name: str = "constant"  # a name in train/schedules.py SCHEDULES
     step_size: int = Field(10, gt=0)  # step: epochs between decays
     milestones: list[int] = Field(default_factory=lambda: [30, 60])  # multistep: epochs where lr decays
     gamma: float = Field(0.1, gt=0)  # step, multistep, exponential: decay factor
@@ -245,9 +237,9 @@ class ScheduleConfig(Section):
     @field_validator("name", mode="before")
     @classmethod
     def _known_schedule(cls, name: Any) -> Any:
-        from .train.optim import SCHEDULES  # here, not at the top: torch is slow to import
+        from .train.schedules import SCHEDULES  # here, not at the top: torch is slow to import
 
-        return _one_of(SCHEDULES, name)
+        return one_of(SCHEDULES, name)
 
 
 class DivergenceConfig(Section):
@@ -318,7 +310,7 @@ class TrainConfig(Section):
             raise ValueError(f"names a logger twice ({names})")
         for name in names:
             try:
-                _one_of(LOGGERS, name)
+                one_of(LOGGERS, name)
             except ValueError as e:  # the list is not shown with the error: name the entry
                 raise ValueError(f"{e} (got {name!r})") from None
         return names
@@ -401,103 +393,6 @@ class Config(Section):
         return self.model_dump(mode="json")
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], value), the value read as YAML (numbers, true, [1, 2])."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: expected key.path=value, e.g. train.epochs=5")
-    try:
-        value = parse_yaml(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
-# A config is small data. These limits refuse, in well under a second, YAML made to hurt: a huge
-# file, nesting deep enough to exhaust the recursion limit, or aliases that expand exponentially
-# (a "billion laughs" document is a few hundred bytes).
-MAX_YAML_BYTES = 1 << 20
-MAX_YAML_DEPTH = 64
-MAX_YAML_NODES = 100_000
-
-
-class _LimitedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader (plain data only: no tags that construct objects) that also refuses deep
-    nesting and documents whose aliases expand to more than MAX_YAML_NODES nodes."""
-
-    depth = 0
-
-    def compose_node(self, parent, index):
-        self.depth += 1
-        try:
-            if self.depth > MAX_YAML_DEPTH:
-                raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep")
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-    def construct_document(self, node):
-        expanded_size(node, {})
-        return super().construct_document(node)
-
-
-def expanded_size(node, seen: dict[int, int]) -> int:
-    """How many nodes `node` stands for once every alias is expanded (shared nodes counted at each
-    use, as json or pydantic would copy them); refuses more than MAX_YAML_NODES."""
-    if id(node) in seen:
-        return seen[id(node)]
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        size += sum(expanded_size(child, seen) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size += sum(expanded_size(k, seen) + expanded_size(v, seen) for k, v in node.value)
-    if size > MAX_YAML_NODES:
-        raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES:,} values (aliases)")
-    seen[id(node)] = size
-    return size
-
-
-def parse_yaml(text: str):
-    """Plain data from YAML text, within the limits above."""
-    return yaml.load(text, Loader=_LimitedLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        if path.is_file() and path.stat().st_size > MAX_YAML_BYTES:
-            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a config "
-                              f"(at most {MAX_YAML_BYTES:,})")
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (a config is UTF-8 YAML)") from None
-    try:
-        tree = parse_yaml(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: is not valid YAML (nested too deeply)") from None
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(tree).__name__}")
-    return tree
-
-
 ConfigSource = Union["Config", dict, str, Path, None]
 Overrides = Union[list[str], dict[str, Any], None]
 
@@ -528,33 +423,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {describe_validation_error(e)}") from None
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
-            allowed = ", ".join(allowed_keys(item["loc"][:-1]))
-            problems.append(f"{key}: unknown key (allowed: {allowed})")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            where = f"{key}: " if key and not message.startswith(key) else ""
-            shown = item.get("input")
-            value = f" (got {shown!r})" if key and not isinstance(shown, (dict, list)) else ""
-            problems.append(f"{where}{message}{value}")
-    return "; ".join(problems)
-
-
-def allowed_keys(loc: tuple) -> list[str]:
-    model: Any = Config
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return []
-        model = field.annotation
-    return list(getattr(model, "model_fields", {}))
+        raise ConfigError(f"{source}: {describe_validation_error(e, Config)}") from None
 
 
 def write_config(config: Config, path: Path) -> None:

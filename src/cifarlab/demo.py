@@ -29,7 +29,7 @@ def choose_demo_data(cifar10_root: Optional[str] = None, try_download: bool = Tr
             missing = str(e)
     if try_download:
         try:
-            from .data.sources import download
+            from .data.downloads import download
 
             download("cifar10", timeout=timeout)
             return ["data.dataset=cifar10"], "CIFAR-10 downloaded into the cache"

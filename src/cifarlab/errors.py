@@ -5,6 +5,7 @@ class CifarlabError(Exception):
     """A user-facing error: bad input, bad config, missing or corrupt data."""
 
     exit_code = 2
+    reported = False  # True when the user was already told (the ranks of a data-parallel run print their own)
 
 
 class ConfigError(CifarlabError):

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
 from .data.loader import DeviceLoader
 
 
@@ -73,12 +72,11 @@ def tta_logits(model: nn.Module, images: torch.Tensor, tta: str) -> torch.Tensor
     return sum(model(view).float() for view in views) / len(views)
 
 
-def predict_logits(model: nn.Module, images: torch.Tensor, settings: Optional[TrainConfig] = None) -> torch.Tensor:
-    """float32 logits of a normalized batch, with the run's precision and test-time augmentation
-    (train.tta, `tta_views`)."""
-    settings = settings or TrainConfig()
-    with autocast(images.device, settings.precision):
-        return tta_logits(model, images, settings.tta)
+def predict_logits(model: nn.Module, images: torch.Tensor, precision: str = "float32", tta: str = "none") -> torch.Tensor:
+    """float32 logits of a normalized batch, with a run's precision (train.precision) and test-time
+    augmentation (train.tta, `tta_views`)."""
+    with autocast(images.device, precision):
+        return tta_logits(model, images, tta)
 
 
 @dataclass
@@ -96,15 +94,15 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DeviceLoader, settings: Optional[TrainConfig] = None) -> Evaluation:
+def evaluate(model: nn.Module, loader: DeviceLoader, precision: str = "float32", tta: str = "none") -> Evaluation:
     """Mean cross-entropy, accuracy, logits and predicted classes of one split (eval mode), with
-    the precision and test-time augmentation of `settings` (default: float32, none)."""
+    a run's precision and test-time augmentation (default: float32, none)."""
     device = loader.images.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     outputs = []
     with eval_mode(model):
         for images, labels in loader:
-            logits = predict_logits(model, images, settings)
+            logits = predict_logits(model, images, precision, tta)
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             outputs.append(logits)
     logits = torch.cat(outputs) if outputs else torch.empty(0, 0, device=device)

@@ -36,7 +36,7 @@ from .evaluation import tta_logits
 from .files import atomic_write
 from .models.build import build_model
 from .optional import optional_modules
-from .runs import load_checkpoint, load_run, load_weights
+from .runs import LoadedRun, load_checkpoint, load_weights
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torch": ".pt"}
 INPUT_DTYPES = ("uint8", "float")
@@ -80,12 +80,12 @@ NORMALIZATION_FORMULA = ("x = (pixels / 255 - mean) / std per channel, on (N, C,
 
 
 def read_source(run_dir: PathLike, tta: Optional[str] = None) -> ExportSource:
-    """A run's config and best.pt, the model on the CPU (runs.load_run reads no data for this: the
+    """A run's config and best.pt, the model on the CPU (LoadedRun reads no data for this: the
     checkpoint holds the normalization). `tta`: "flip-shift" / "flip" / "none", or None for
     the run's own train.tta."""
     if tta is not None and tta not in TTA_MODES:
         raise ConfigError(f"--tta={tta}: use {' or '.join(TTA_MODES)}")
-    loaded = load_run(run_dir, device="cpu")
+    loaded = LoadedRun(run_dir, device="cpu")
     stored = loaded.checkpoint["normalization"]
     zca = stored.get("zca")
     return ExportSource(loaded.path, loaded.config, loaded.model.to(memory_format=torch.contiguous_format),

@@ -9,11 +9,12 @@ orphan training behind.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import subprocess
 import sys
-from typing import IO, Optional
+from typing import IO, Any, Callable, Optional
 
 PARENT_ENV = "CIFARLAB_PARENT_PID"  # set for a child: the pid it must not outlive
 PR_SET_PDEATHSIG = 1
@@ -55,3 +56,25 @@ def stop(process: subprocess.Popen, grace_s: float = 30.0) -> int:
         except subprocess.TimeoutExpired:
             continue
     return process.wait()
+
+
+def run_entry_point(main: Callable[[], Any]) -> None:
+    """Run a command-line entry point (the `cifarlab` command) as a cifarlab process: it dies with
+    its parent, and as one rank of a data-parallel run (WORLD_SIZE set) it leaves with os._exit after
+    flushing: freeing the gloo process group while the interpreter shuts down can abort the process
+    ("terminate called without an active exception") after the run was written in full."""
+    die_with_parent()
+    if "WORLD_SIZE" not in os.environ:
+        main()
+        return
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -16,7 +16,6 @@ import pickle
 import platform
 import subprocess
 import time
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,6 +27,7 @@ from torch import nn
 from .config import Config, load_config
 from .data.loader import DeviceLoader
 from .data.prepare import Splits, eval_loader, prepare_data, select_device
+from .evaluation import Evaluation, evaluate
 from .errors import ConfigError, DataError, RunInUse, WriteError
 from .files import append_line, atomic_write
 from .models.build import build_model
@@ -145,6 +145,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def epoch_records(run_dir: Union[str, Path]) -> list[dict]:
+    """A run's per-epoch records from its metrics.jsonl (none for a run that has not started)."""
+    path = Path(run_dir) / METRICS
+    return [r for r in read_jsonl(path) if r["kind"] == "epoch"] if path.is_file() else []
+
+
 def resolve_run(path: Union[str, Path]) -> Path:
     run = Path(path)
     if not (run / CONFIG).is_file():
@@ -248,20 +254,72 @@ def load_weights(model: nn.Module, weights: dict[str, Any], source: Path) -> Non
     model.load_state_dict(weights)
 
 
-# ---------------------------------------------------------------- reading a finished run
+# ---------------------------------------------------------------- reading a run back
 
 
-@dataclass
+SPLITS = ("train", "val", "test")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r}: use test, val or train")
+    return split
+
+
 class LoadedRun:
-    """A run read back: its config and the checkpoint's model in eval mode on the run's device. The
-    data splits are read on first use only: predicting, exporting or drawing filters need none
-    (the checkpoint holds the normalization)."""
+    """A run directory read back, each part on first use: summary, config, epoch records, the
+    checkpoint (`checkpoint_name`, default best.pt) and its model in eval mode on `device` (default:
+    the run's train.device), the data splits with the run's own normalization, and the predictions of
+    a split (scored once; `known` holds splits already scored, such as training's final test score).
+    Predicting, exporting or drawing filters read no data: the checkpoint holds the normalization.
+    Every command that reads a run (eval, predict, viz, report, export, the API's Run) reads it here."""
 
-    path: Path
-    config: Config
-    model: nn.Module
-    checkpoint: dict[str, Any]
-    device: torch.device
+    def __init__(self, path: Union[str, Path], checkpoint_name: str = "best.pt", device: Optional[str] = None,
+                 known: Optional[dict[str, Evaluation]] = None):
+        self.path = resolve_run(path)
+        self.checkpoint_name = checkpoint_name
+        self.device_name = device
+        self.known = dict(known or {})
+        self.found: dict[str, dict[str, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"LoadedRun({str(self.path)!r})"
+
+    @cached_property
+    def config(self) -> Config:
+        return read_run_config(self.path)
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        return read_summary(self.path)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return epoch_records(self.path)
+
+    @cached_property
+    def device(self) -> torch.device:
+        return select_device(self.device_name or self.config.train.device)
+
+    @cached_property
+    def checkpoint(self) -> dict[str, Any]:
+        path = self.path / CHECKPOINTS / self.checkpoint_name
+        checkpoint = load_checkpoint(path, str(self.device))
+        missing = [k for k in ("model", "normalization", "input_shape", "classes", "epoch") if k not in checkpoint]
+        if missing:
+            raise DataError(f"{path}: not a cifarlab checkpoint (no {missing[0]!r})")
+        return checkpoint
+
+    @cached_property
+    def model(self) -> nn.Module:
+        """The checkpoint's weights, built and in eval mode, on the run's device."""
+        checkpoint = self.checkpoint
+        model = build_model(self.config.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]))
+        model = model.to(self.device)
+        if self.config.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        load_weights(model, checkpoint["model"], self.path / CHECKPOINTS / self.checkpoint_name)
+        return model.eval()
 
     @property
     def classes(self) -> list[str]:
@@ -277,7 +335,8 @@ class LoadedRun:
         return prepare_data(self.config, self.checkpoint["normalization"])
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        arrays = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}[name]
+        check_split(name)  # before the data is read
+        arrays = getattr(self.splits, name)
         if len(arrays[1]) == 0:
             raise ConfigError(f"{self.path}: the {name} split is empty (data.val_size=0?)")
         return arrays
@@ -295,21 +354,20 @@ class LoadedRun:
     def loader(self, name: str) -> DeviceLoader:
         return eval_loader(self.split(name), self.splits, self.config, self.device)
 
+    def evaluate(self, split: str) -> Evaluation:
+        """The checkpoint's score on a split, with the run's precision and test-time augmentation."""
+        return evaluate(self.model, self.loader(split), self.config.train.precision, self.config.train.tta)
 
-def load_run(run_dir: Union[str, Path], checkpoint_name: str = "best.pt", device: Optional[str] = None) -> LoadedRun:
-    """A run directory with the weights of `checkpoint_name`, ready to evaluate, on `device`
-    (default: the run's train.device)."""
-    run_dir = resolve_run(run_dir)
-    config = read_run_config(run_dir)
-    device = select_device(device or config.train.device)
-    path = run_dir / CHECKPOINTS / checkpoint_name
-    checkpoint = load_checkpoint(path, str(device))
-    missing = [k for k in ("model", "normalization", "input_shape", "classes", "epoch") if k not in checkpoint]
-    if missing:
-        raise DataError(f"{path}: not a cifarlab checkpoint (no {missing[0]!r})")
-    model = build_model(config.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"])).to(device)
-    if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    load_weights(model, checkpoint["model"], path)
-    model.eval()
-    return LoadedRun(run_dir, config, model, checkpoint, device)
+    def predictions(self, split: str) -> dict[str, Any]:
+        """{images, labels, predicted, acc, logits} of the checkpoint on a split, scored once."""
+        if check_split(split) not in self.found:
+            images, labels = self.split(split)
+            result = self.known.get(split) or self.evaluate(split)
+            self.found[split] = {"images": images, "labels": labels, "predicted": result.predictions.cpu().numpy(),
+                                 "acc": result.acc, "loss": result.loss, "logits": result.logits}
+        return self.found[split]
+
+    def plot(self, name: str) -> Path:
+        """RUN/plots/NAME: where the run's figures go."""
+        return self.path / "plots" / name
+

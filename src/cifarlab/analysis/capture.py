@@ -15,6 +15,7 @@ from ..config import TsneConfig
 from ..errors import ConfigError
 from ..evaluation import eval_mode
 from ..files import atomic_write, save_array
+from ..hooks import Callback, TrainerView
 
 FEATURES = "features"
 
@@ -59,7 +60,7 @@ def activations_of(model: nn.Module, image: torch.Tensor, layers: list[str]) -> 
     return {layer: outs[0][0].float().cpu().numpy() for layer, outs in found.items()}
 
 
-class FeatureCapture:
+class FeatureCapture(Callback):
     """A training callback: features/<layer>-epochNNN.npy (float16) of `settings.samples` images of
     `settings.split` (a seeded pick, the same every epoch) with features/labels.npy, at the chosen
     epochs (default: first, middle, last) and at the last epoch of a run that stopped early."""
@@ -69,7 +70,7 @@ class FeatureCapture:
     def __init__(self, settings: TsneConfig):
         self.settings = settings
 
-    def on_fit_start(self, trainer: Any) -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         s, config = self.settings, trainer.config
         check_layers(trainer.model, s.layers)
         images, labels = getattr(trainer.splits, s.split)
@@ -78,17 +79,17 @@ class FeatureCapture:
         last = config.train.epochs
         self.epochs = set(s.epochs or [1, (last + 1) // 2, last])
 
-    def save(self, trainer: Any, epoch: int) -> None:
+    def save(self, trainer: TrainerView, epoch: int) -> None:
         folder = Path(trainer.run_dir) / FEATURES
         folder.mkdir(exist_ok=True)
         atomic_write(folder / "labels.npy", lambda tmp: save_array(tmp, self.loader.labels.cpu().numpy()))
         for layer, values in capture(trainer.model, self.loader, self.settings.layers).items():
             atomic_write(folder / f"{layer}-epoch{epoch:03d}.npy", lambda tmp, v=values: save_array(tmp, v))
 
-    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         if record["epoch"] in self.epochs:
             self.save(trainer, record["epoch"])
 
-    def on_train_end(self, trainer: Any) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if trainer.epoch not in self.epochs:  # training stopped early: its last epoch is the "end"
             self.save(trainer, trainer.epoch)

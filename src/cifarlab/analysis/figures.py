@@ -1,16 +1,17 @@
 """Every figure of a run, in one registry that both `cifarlab viz NAME` and report.html use.
 
-A figure is a function `(view, **options) -> list[Path]` that writes PNGs into RUN/plots/. `view`
-is a RunView: the run directory with its summary and config, and (loaded on first use) the best
-model and the data splits. Adding a figure is one function and one FIGURES entry.
+A figure is a function `(run, **options) -> list[Path]` that writes PNGs into RUN/plots/. `run` is
+a runs.LoadedRun: the run directory with its summary and config, and (read on first use) the best
+model, the data splits and each split's predictions. Adding a figure is one function and one
+FIGURES entry; `cifarlab viz NAME` and report.html both come from the table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -18,93 +19,43 @@ import torch
 from .. import runs
 from ..config import Config
 from ..data.augment import augment_examples
+from ..data.images import read_image
 from ..data.sources import dataset_from_config
 from ..data.splits import channel_stats
 from ..errors import ConfigError
-from ..evaluation import Evaluation, evaluate
+from ..runs import LoadedRun, check_split
 from . import plots
 from .capture import activations_of
 from .embed import embed_run
 from .metrics import confusion_matrix
 
-SPLITS = ("train", "val", "test")
-
-
-def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ConfigError(f"split {split!r}: use test, val or train")
-    return split
-
-
-class RunView:
-    """A run directory as the figures see it. `predictions(split)` scores a split once per view;
-    `known` holds a split already scored (training's final test score), so it is not scored again."""
-
-    def __init__(self, path: Path, loaded: Optional[runs.LoadedRun] = None,
-                 known: Optional[dict[str, Evaluation]] = None):
-        self.path = runs.resolve_run(path)
-        self.known = dict(known or {})
-        self.found: dict[str, dict[str, Any]] = {}
-        if loaded is not None:
-            self.loaded = loaded
-
-    @cached_property
-    def loaded(self) -> runs.LoadedRun:
-        return runs.load_run(self.path)
-
-    @cached_property
-    def summary(self) -> dict[str, Any]:
-        return runs.read_summary(self.path)
-
-    @cached_property
-    def config(self) -> Config:
-        return runs.read_run_config(self.path)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.summary["classes"]
-
-    def plot(self, name: str) -> Path:
-        return self.path / "plots" / name
-
-    def predictions(self, split: str) -> dict[str, Any]:
-        """{images, labels, predicted, acc} of the best weights on a split."""
-        if check_split(split) not in self.found:
-            images, labels = self.loaded.split(split)
-            result = self.known.get(split) or evaluate(self.loaded.model, self.loaded.loader(split),
-                                                       self.loaded.config.train)
-            self.found[split] = {"images": images, "labels": labels, "predicted": result.predictions.cpu().numpy(),
-                                 "acc": result.acc}
-        return self.found[split]
-
-
-def curves(view: RunView) -> list[Path]:
+def curves(view: LoadedRun) -> list[Path]:
     """Loss and accuracy per epoch (train / val / test) and the running per-step values."""
     rows = runs.read_jsonl(view.path / runs.METRICS)
-    epochs = [r for r in rows if r["kind"] == "epoch"]
+    epochs = runs.epoch_records(view.path)
     steps = [r for r in rows if r["kind"] == "step"]
     steps_per_epoch = -(-view.summary["sizes"]["train"] // view.config.train.batch_size)
     return [plots.curves(epochs, steps, steps_per_epoch, view.plot("curves.png"),
                          title=f"{view.path.name}: {view.summary['stop_reason']}")]
 
 
-def samples(view: RunView, split: str = "train", count: int = 32, seed: int = 0) -> list[Path]:
+def samples(view: LoadedRun, split: str = "train", count: int = 32, seed: int = 0) -> list[Path]:
     """A grid of a split's images with their class names."""
-    images, labels = view.loaded.split(check_split(split))
+    images, labels = view.split(check_split(split))
     pick = np.random.default_rng(seed).choice(len(labels), size=min(count, len(labels)), replace=False)
-    return [plots.sample_grid(images[pick], labels[pick], view.classes, view.plot(f"samples_{split}.png"),
+    return [plots.sample_grid(images[pick], labels[pick], view.summary["classes"], view.plot(f"samples_{split}.png"),
                               title=f"{split} split: {len(pick)} images")]
 
 
-def confusion(view: RunView, split: str = "test") -> list[Path]:
+def confusion(view: LoadedRun, split: str = "test") -> list[Path]:
     """The confusion matrix of the best weights on a split."""
     found = view.predictions(split)
-    matrix = confusion_matrix(found["predicted"], found["labels"], len(view.classes))
-    return [plots.confusion(matrix, view.classes, view.plot(f"confusion_{split}.png"),
+    matrix = confusion_matrix(found["predicted"], found["labels"], len(view.summary["classes"]))
+    return [plots.confusion(matrix, view.summary["classes"], view.plot(f"confusion_{split}.png"),
                             title=f"{split} split: accuracy {100 * found['acc']:.2f}% ({len(found['labels'])} images)")]
 
 
-def mistakes(view: RunView, split: str = "test", count: int = 8, seed: int = 0) -> list[Path]:
+def mistakes(view: LoadedRun, split: str = "test", count: int = 8, seed: int = 0) -> list[Path]:
     """A row of correctly and a row of wrongly classified images with true and predicted classes."""
     found = view.predictions(split)
     rng = np.random.default_rng(seed)
@@ -112,13 +63,16 @@ def mistakes(view: RunView, split: str = "test", count: int = 8, seed: int = 0) 
     wrong = rng.permutation(np.flatnonzero(found["predicted"] != found["labels"]))[:count]
     return [plots.mistakes((found["images"][right], found["labels"][right]),
                            (found["images"][wrong], found["labels"][wrong], found["predicted"][wrong]),
-                           view.classes, view.plot(f"mistakes_{split}.png"))]
+                           view.summary["classes"], view.plot(f"mistakes_{split}.png"))]
 
 
-def featuremaps(view: RunView, layers: int = 4, image: Optional[np.ndarray] = None, index: int = 0) -> list[Path]:
-    """Feature maps of the first `layers` layers (reports 002 and 004) for one uint8 (C, H, W)
-    image (default: test image `index`), one PNG per layer."""
-    run = view.loaded
+def featuremaps(view: LoadedRun, layers: int = 4, image: Union[np.ndarray, Path, None] = None,
+                index: int = 0) -> list[Path]:
+    """Feature maps of the first `layers` layers (reports 002 and 004) for one image: a uint8 (C, H, W)
+    array or a PNG / JPEG file (resized and converted), by default test image `index`; one PNG per layer."""
+    run = view
+    if isinstance(image, (str, Path)):
+        image = read_image(Path(image), run.input_shape)
     if image is None:
         images, labels = run.split("test")
         if not 0 <= index < len(labels):
@@ -139,10 +93,10 @@ def featuremaps(view: RunView, layers: int = 4, image: Optional[np.ndarray] = No
     return paths
 
 
-def filters(view: RunView, layers: int = 3) -> list[Path]:
+def filters(view: LoadedRun, layers: int = 3) -> list[Path]:
     """Kernels of the first `layers` conv layers: the first as RGB tiles, deeper ones as gray."""
     paths = []
-    convs = [(n, m) for n, m in view.loaded.model.named_children() if isinstance(m, torch.nn.Conv2d)][:layers]
+    convs = [(n, m) for n, m in view.model.named_children() if isinstance(m, torch.nn.Conv2d)][:layers]
     for name, conv in convs:
         weights = conv.weight.detach().float().cpu().numpy()
         kind = "RGB" if weights.shape[1] == 3 else "mean over input channels"
@@ -155,21 +109,22 @@ def tsne_figure_name(layer: str, epoch: int) -> str:
     return f"tsne_{layer}_epoch{epoch:03d}.png"
 
 
-def tsne(view: RunView, recompute: bool = False) -> list[Path]:
+def tsne(view: LoadedRun, recompute: bool = False) -> list[Path]:
     """t-SNE of every captured (layer, epoch), titled with its k-NN accuracy and silhouette (scores in
     features/tsne.json): one scatter each, and per layer a beginning / middle / end panel (tsne_LAYER.png)."""
     rows = embed_run(view.path, seed=view.config.seed, recompute=recompute)
+    classes = view.summary["classes"]
     paths, panels = [], {}
     for row in rows:
         title = (f"{row['layer']}, epoch {row['epoch']}: k-NN acc {100 * row['knn_acc']:.1f}%, "
                  f"silhouette {row['silhouette']:.3f}")
         item = (row["embedding"], row["labels"], title)
-        paths.append(plots.embedding_panel([item], view.classes, view.plot(tsne_figure_name(row["layer"], row["epoch"])),
+        paths.append(plots.embedding_panel([item], classes, view.plot(tsne_figure_name(row["layer"], row["epoch"])),
                                            f"t-SNE of {row['layer']} ({row['points']} points)"))
         panels.setdefault(row["layer"], []).append(item)
     for layer, items in panels.items():
         chosen = items if len(items) <= 3 else [items[0], items[len(items) // 2], items[-1]]
-        paths.append(plots.embedding_panel(chosen, view.classes, view.plot(f"tsne_{layer}.png"),
+        paths.append(plots.embedding_panel(chosen, classes, view.plot(f"tsne_{layer}.png"),
                                            f"t-SNE of {layer}: beginning, middle and end of training"))
     return paths
 
@@ -192,26 +147,59 @@ def augment_preview(config: Config, path: Path, count: int = 4, draws: int = 6, 
 
 
 @dataclass
+class Option:
+    """An option of a figure: its default and, for `cifarlab viz NAME`, its help, flags and bounds."""
+
+    default: Any
+    help: str
+    flags: tuple[str, ...] = ()  # command-line flags (default: --NAME)
+    min: Optional[int] = None
+    max: Optional[int] = None
+    kind: Optional[type] = None  # the value's type (default: the default's)
+
+
+SPLIT = Option("test", "test | val | train")
+
+
+def tsne_scores(run: LoadedRun) -> list[str]:
+    """Lines for the console after `viz tsne`: each embedding's k-NN accuracy and silhouette."""
+    rows = json.loads((run.path / "features" / "tsne.json").read_text())
+    return [f"{row['layer']} epoch {row['epoch']}: k-NN accuracy {100 * row['knn_acc']:.1f}%, "
+            f"silhouette {row['silhouette']:.3f}" for row in rows]
+
+
+@dataclass
 class Figure:
+    """A registered figure: the function that draws it, its caption in report.html, whether the report
+    draws it, its options (also `cifarlab viz NAME`'s) and what the console prints after it."""
+
     draw: Callable[..., list[Path]]
     title: str  # the caption in report.html
     report: bool = True  # drawn in report.html (with the run's analysis settings)
+    options: dict[str, Option] = field(default_factory=dict)
+    notes: Optional[Callable[[LoadedRun], list[str]]] = None
 
 
 FIGURES: dict[str, Figure] = {
     "curves": Figure(curves, "Loss and accuracy"),
-    "confusion": Figure(confusion, "Confusion matrix (test split, best weights)"),
-    "mistakes": Figure(mistakes, "Correct (top) and misclassified (bottom) test images"),
-    "featuremaps": Figure(featuremaps, "Feature maps"),
-    "filters": Figure(filters, "Filters"),
-    "tsne": Figure(tsne, "Latent space (t-SNE)"),
-    "samples": Figure(samples, "Training images", report=False),
+    "confusion": Figure(confusion, "Confusion matrix (test split, best weights)", options={"split": SPLIT}),
+    "mistakes": Figure(mistakes, "Correct (top) and misclassified (bottom) test images", options={
+        "split": SPLIT, "count": Option(8, "Images per row.", ("-n", "--count"), 1, 32), "seed": Option(0, "Which images.")}),
+    "featuremaps": Figure(featuremaps, "Feature maps", options={
+        "image": Option(None, "A PNG / JPEG file (default: a test image).", kind=Path),
+        "index": Option(0, "Which test image, without --image.", (), 0),
+        "layers": Option(4, "The first N layers.", (), 1)}),
+    "filters": Figure(filters, "Filters", options={"layers": Option(3, "The first N conv layers.", (), 1)}),
+    "tsne": Figure(tsne, "Latent space (t-SNE)", options={"recompute": Option(False, "Embed again even if cached.")},
+                   notes=tsne_scores),
+    "samples": Figure(samples, "Training images", report=False, options={
+        "split": Option("train", "train | val | test"), "count": Option(32, "Images.", ("-n", "--count"), 1, 400),
+        "seed": Option(0, "Which images.")}),
 }
 
 
 def draw(name: str, run: Any, **options: Any) -> list[Path]:
-    """Draw the registered figure `name` of a run (a path or a RunView) into its plots/ folder."""
+    """Draw the registered figure `name` of a run (a path or a LoadedRun) into its plots/ folder."""
     if name not in FIGURES:
         raise ConfigError(f"figure {name!r}: unknown (known: {', '.join(FIGURES)})")
-    view = run if isinstance(run, RunView) else RunView(run)
-    return FIGURES[name].draw(view, **options)
+    return FIGURES[name].draw(run if isinstance(run, runs.LoadedRun) else runs.LoadedRun(run), **options)

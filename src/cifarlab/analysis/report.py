@@ -7,7 +7,7 @@ import base64
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import yaml
@@ -15,10 +15,11 @@ import yaml
 from .. import runs
 from ..evaluation import Evaluation
 from ..files import atomic_write
+from ..hooks import Callback, TrainerView
 from ..models.summary import summarize
 from . import plots
 from .embed import feature_files
-from .figures import FIGURES, RunView
+from .figures import FIGURES
 from .metrics import per_class_accuracy
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def render_html(template: str, path: Path, **context: Any) -> Path:
     return atomic_write(Path(path), env.get_template(template).render(**context))
 
 
-def report_options(view: RunView) -> dict[str, Optional[dict[str, Any]]]:
+def report_options(view: runs.LoadedRun) -> dict[str, Optional[dict[str, Any]]]:
     """Which registered figures the report draws, with what options (None: left out)."""
     analysis = view.config.analysis
     chosen: dict[str, Optional[dict[str, Any]]] = {name: {} for name, figure in FIGURES.items() if figure.report}
@@ -49,15 +50,15 @@ def report_options(view: RunView) -> dict[str, Optional[dict[str, Any]]]:
     return chosen
 
 
-def build_run_report(run_dir: Path, output: Optional[Path] = None,
+def build_run_report(run: Union[Path, runs.LoadedRun], output: Optional[Path] = None,
                      known: Optional[dict[str, Evaluation]] = None) -> Path:
     """Draw a run's figures and write report.html. `known`: splits already scored with the best
     weights (training passes its test score, so the test split is not scored again)."""
-    view = RunView(run_dir, known=known)
+    view = run if isinstance(run, runs.LoadedRun) else runs.LoadedRun(run, known=known)
     drawn = {name: FIGURES[name].draw(view, **options) for name, options in report_options(view).items()
              if options is not None}
     found = view.predictions("test")
-    classes = view.classes
+    classes = view.summary["classes"]
     per_class = per_class_accuracy(found["predicted"], found["labels"], len(classes))
     counts = np.bincount(found["labels"], minlength=len(classes))
     tsne_rows = json.loads((view.path / "features" / "tsne.json").read_text()) if "tsne" in drawn else []
@@ -68,7 +69,7 @@ def build_run_report(run_dir: Path, output: Optional[Path] = None,
         figures=[{"title": FIGURES[name].title, "data": inline(paths[0])} for name, paths in drawn.items()
                  if name not in (*sections, "tsne")],
         per_class=[{"name": name, "acc": acc, "count": int(n)} for name, acc, n in zip(classes, per_class, counts)],
-        layers=summarize(view.loaded.model, view.loaded.input_shape),
+        layers=summarize(view.model, view.input_shape),
         **{name: [{"title": p.stem.replace(prefix, ""), "data": inline(p)} for p in drawn.get(name, [])]
            for name, prefix in sections.items()},
         tsne_rows=tsne_rows,
@@ -77,11 +78,11 @@ def build_run_report(run_dir: Path, output: Optional[Path] = None,
         env=json.loads((view.path / runs.ENV).read_text()))
 
 
-class ReportCallback:
+class ReportCallback(Callback):
     """A training callback: report.html when the run ends, from the test score training computed.
     A failing figure never costs the trained run: it is logged and `cifarlab report RUN` retries."""
 
-    def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_fit_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         # training's test score is best.pt's only when the tested weights are best.pt's (restore_best)
         known = {"test": trainer.test_result} if trainer.selected_epoch == trainer.best_epoch else None
         try:
@@ -101,7 +102,7 @@ def build_comparison(run_dirs: list[Path], output: Path) -> Path:
                      "augment": config.augment.preset, **{k: s.get(k) for k in (
                          "train_acc", "val_acc", "test_acc", "best_epoch", "epochs_run", "train_time_s",
                          "train_img_per_s")}, "stop": s.get("stop_reason", ""), "status": s.get("status", "")})
-        epochs = [r for r in runs.read_jsonl(run_dir / runs.METRICS) if r["kind"] == "epoch" and "val_acc" in r]
+        epochs = [r for r in runs.epoch_records(run_dir) if "val_acc" in r]
         series_acc.append((run_dir.name, [r["epoch"] for r in epochs], [100 * r["val_acc"] for r in epochs]))
         series_loss.append((run_dir.name, [r["epoch"] for r in epochs], [r["val_loss"] for r in epochs]))
     output = Path(output)

@@ -1,4 +1,4 @@
-"""The callback protocol and the callbacks the trainer runs by default.
+"""The callbacks the trainer runs by default, and the callback protocol they follow (cifarlab/hooks.py).
 
 A callback is any object with some of these hooks (the Callback base class gives no-op versions of
 all of them; subclassing it is optional):
@@ -10,6 +10,7 @@ all of them; subclassing it is optional):
     on_train_end(trainer)                  the loop is over; the weights may still change (best weights)
     on_fit_end(trainer, summary)           the test split is scored and summary.json written
     on_interrupt(trainer, position)        SIGINT / SIGTERM: `position` says where in the epoch it stopped
+    on_exception(trainer, error)           any other error ended the run (summary.json says so already)
 
 and optionally `state_dict()` / `load_state_dict(state)`, stored in last.pt under the callback's `state_key`
 (default: its class name), so a resumed run continues with the callback's exact state. A callback
@@ -22,15 +23,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from .. import runs
 from ..errors import TrainingFailed
-from .hooks import Callback
+from ..hooks import Callback, TrainerView
 from .monitor import Monitor
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 
 class StoppingRule(Callback, ABC):
@@ -45,7 +44,7 @@ class StoppingRule(Callback, ABC):
     def stop_reason(self) -> Optional[str]:
         """Why training should stop now, or None."""
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         self.update(record["epoch"], record)
         reason = self.stop_reason()
         if reason:
@@ -154,7 +153,7 @@ class TimeLimit(Callback):
     def __init__(self, seconds: float):
         self.seconds = seconds
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         if trainer.train_time >= self.seconds:
             trainer.stop(f"time limit: {trainer.train_time:.0f} s of training >= {self.seconds:g} s")
 
@@ -163,7 +162,7 @@ class NaNGuard(Callback):
     """Fail the run (exit code 1, status "diverged") when an epoch's training loss is NaN or infinite,
     before any checkpoint takes the broken weights."""
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         if not math.isfinite(record["train_loss"]):
             raise TrainingFailed(f"diverged: training loss became {record['train_loss']} in epoch {record['epoch']}")
 
@@ -177,14 +176,14 @@ class BestCheckpoint(Callback):
         self.monitor = Monitor(monitor, min_delta)
         self.restore = restore
 
-    def path(self, trainer: "Trainer"):
+    def path(self, trainer: TrainerView):
         return trainer.run_dir / runs.CHECKPOINTS / "best.pt"
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         if self.monitor.update(record["epoch"], record):
             runs.save_checkpoint(trainer.weights_state(), self.path(trainer))
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self.monitor.best_epoch is None:  # the monitored metric was never finite: the last epoch stands in
             runs.save_checkpoint(trainer.weights_state(), self.path(trainer))
         best = self.monitor.best_epoch or trainer.epoch
@@ -205,10 +204,10 @@ class LastCheckpoint(Callback):
     """last.pt after every epoch and on an interrupt: everything a resumed run needs, including every
     callback's state (so it runs after all other callbacks)."""
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         runs.save_checkpoint(trainer.checkpoint_state(), trainer.run_dir / runs.CHECKPOINTS / "last.pt")
 
-    def on_interrupt(self, trainer: "Trainer", position: dict[str, Any]) -> None:
+    def on_interrupt(self, trainer: TrainerView, position: dict[str, Any]) -> None:
         runs.save_checkpoint(trainer.checkpoint_state(position), trainer.run_dir / runs.CHECKPOINTS / "last.pt")
 
 
@@ -219,22 +218,22 @@ class MetricsLog(Callback):
     def __init__(self):
         self.lines = 0
 
-    def write(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def write(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         runs.append_jsonl(trainer.run_dir / runs.METRICS, record)
         self.lines += 1
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         runs.keep_lines(trainer.run_dir / runs.METRICS, self.lines)
 
-    def on_step_end(self, trainer: "Trainer", batch: int, logs: Optional[dict[str, float]]) -> None:
+    def on_step_end(self, trainer: TrainerView, batch: int, logs: Optional[dict[str, float]]) -> None:
         if logs is not None:
             self.write(trainer, {"kind": "step", "epoch": trainer.current_epoch, "step": trainer.step, **logs,
                                  "time": {"elapsed_s": round(trainer.elapsed(), 3)}})
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         self.write(trainer, record)
 
-    def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
+    def on_fit_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         test = trainer.test_result
         self.write(trainer, {"kind": "test", "epoch": trainer.selected_epoch, "test_loss": test.loss,
                              "test_acc": test.acc})

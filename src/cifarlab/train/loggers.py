@@ -6,17 +6,15 @@
     mlflow       an MLflow run (train.mlflow_uri; default a file store in RUN/mlruns): params, metrics, status
     wandb        a W&B run in offline mode (train.wandb_mode) under RUN/wandb/
 
-`LOGGERS` maps each name to a builder `(config) -> logger`; config.py takes the allowed names from it.
+`LOGGERS` maps each name to a builder `(train settings) -> logger`; config.py takes the allowed names from it.
 Every package but the csv logger's is optional (`pip install "cifarlab[loggers]"`); a missing one is a
 ConfigError when the callbacks are built, before the run directory exists.
 
-The loggers are callbacks (train/hooks.py's Callback, which imports nothing: config.py imports this
-module to validate `train.loggers`).
+The loggers are callbacks (cifarlab/hooks.py's Callback). This module imports nothing above it:
+config.py imports it to validate `train.loggers`.
 
-No hook tells a callback that a run failed (an exception in a hook or the loop). A logger that keeps
-a run open (TensorBoard's writers, MLflow, W&B) therefore closes it as failed when the Trainer is
-garbage-collected or the interpreter exits, whichever comes first, unless the run ended (on_fit_end)
-or was interrupted (on_interrupt) before.
+A logger that keeps a run open (TensorBoard's writers, MLflow, W&B) closes it once: as finished
+(on_fit_end), killed (on_interrupt) or failed (on_exception: a NaN loss, a failing hook, a full disk).
 """
 
 from __future__ import annotations
@@ -27,20 +25,16 @@ import logging
 import os
 import time
 import warnings
-import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..files import append_line, atomic_write
 from ..optional import optional_modules
 from ..settings import flat_settings
-from .hooks import Callback
+from ..hooks import Callback, TrainerView
 
-if TYPE_CHECKING:
-    from ..config import Config
-    from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +53,21 @@ def scalar_metrics(record: dict[str, Any]) -> dict[str, float]:
 
 class Logger(Callback):
     """A callback that keeps an experiment open. Subclasses that keep a run open implement
-    `close(status)` (status: FINISHED, KILLED or FAILED) and call `watch(trainer)` in on_fit_start."""
+    `close(status)` (status: FINISHED, KILLED or FAILED) and call `opened()` in on_fit_start; the
+    run is then closed once: FINISHED by on_fit_end, KILLED by on_interrupt, FAILED by on_exception."""
 
-    # ---------------------------------------------------------------- open runs
+    is_open = False
 
-    _finalizer: Optional[weakref.finalize] = None
-
-    def watch(self, trainer: "Trainer") -> None:
-        """Close the run as FAILED if the trainer goes away (or the process exits) before `finish`."""
-        self._finalizer = weakref.finalize(trainer, self._close_failed)
+    def opened(self) -> None:
+        self.is_open = True
 
     def finish(self, status: str) -> None:
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        self.close(status)
+        if self.is_open:
+            self.is_open = False
+            self.close(status)
 
-    def _close_failed(self) -> None:
-        self._finalizer = None
-        try:
-            self.close("FAILED")
-        except Exception as e:  # noqa: BLE001 - at exit or in garbage collection: report, never raise
-            log.warning("%s: closing the failed run: %s", type(self).__name__, e)
+    def on_exception(self, trainer: TrainerView, error: BaseException) -> None:
+        self.finish("FAILED")
 
     def close(self, status: str) -> None:
         pass
@@ -97,7 +84,7 @@ class CSVLogger(Logger):
         self.separator = separator
         self.keys: Optional[list[str]] = None
 
-    def path(self, trainer: "Trainer") -> Path:
+    def path(self, trainer: TrainerView) -> Path:
         return trainer.run_dir / CSV_FILE
 
     def line(self, values: list[Any]) -> str:
@@ -109,7 +96,7 @@ class CSVLogger(Logger):
         metrics = scalar_metrics(record)
         return self.line([record["epoch"]] + [metrics.get(key, "NA") for key in self.keys])
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         path = self.path(trainer)
         self.keys = None
         if not trainer.history:
@@ -119,7 +106,7 @@ class CSVLogger(Logger):
         lines = [self.line(["epoch"] + self.keys)] + [self.row(r) for r in trainer.history]
         atomic_write(path, "".join(f"{line}\n" for line in lines))
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         path = self.path(trainer)
         if self.keys is None:
             self.keys = sorted(scalar_metrics(record))
@@ -147,18 +134,18 @@ class TensorBoardLogger(Logger):
         self.steps: Any = None
         self.steps_purge: Optional[int] = None
 
-    def folder(self, trainer: "Trainer") -> Path:
+    def folder(self, trainer: TrainerView) -> Path:
         return trainer.run_dir / TENSORBOARD_DIR
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         self.writer = self.tensorboard.SummaryWriter(str(self.folder(trainer)),
                                                      purge_step=trainer.epoch + 1 if trainer.epoch else None)
         self.steps, self.steps_purge = None, trainer.step + 1 if trainer.step else None
-        self.watch(trainer)
+        self.opened()
         if not trainer.resuming:
             self.add_graph(trainer)
 
-    def add_graph(self, trainer: "Trainer") -> None:
+    def add_graph(self, trainer: TrainerView) -> None:
         model = trainer.model
         training = model.training
         example = torch.zeros(1, *trainer.input_shape, device=trainer.device)
@@ -175,7 +162,7 @@ class TensorBoardLogger(Logger):
         finally:
             model.train(training)
 
-    def on_step_end(self, trainer: "Trainer", batch: int, logs: Optional[dict[str, float]]) -> None:
+    def on_step_end(self, trainer: TrainerView, batch: int, logs: Optional[dict[str, float]]) -> None:
         if logs is None:
             return
         if self.steps is None:
@@ -183,7 +170,7 @@ class TensorBoardLogger(Logger):
         for key, value in logs.items():
             self.steps.add_scalar(key if key == "lr" else f"running_{key}", value, trainer.step)
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         epoch = record["epoch"]
         for key, value in scalar_metrics(record).items():
             self.writer.add_scalar(key, value, epoch)
@@ -197,7 +184,7 @@ class TensorBoardLogger(Logger):
         if self.steps is not None:
             self.steps.flush()
 
-    def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
+    def on_fit_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         hparams = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
                    for key, value in flat_settings(trainer.config.to_dict()).items()}
         final = {f"final/{key}": summary[key] for key in FINAL_METRICS if summary.get(key) is not None}
@@ -206,7 +193,7 @@ class TensorBoardLogger(Logger):
             self.writer.add_hparams(hparams, final, run_name="hparams", global_step=trainer.selected_epoch)
         self.finish("FINISHED")
 
-    def on_interrupt(self, trainer: "Trainer", position: dict[str, Any]) -> None:
+    def on_interrupt(self, trainer: TrainerView, position: dict[str, Any]) -> None:
         self.finish("KILLED")
 
     def close(self, status: str) -> None:
@@ -230,10 +217,10 @@ class MLflowLogger(Logger):
         self.run_id: Optional[str] = None
         self.client: Any = None
 
-    def tracking_uri(self, trainer: "Trainer") -> str:
+    def tracking_uri(self, trainer: TrainerView) -> str:
         return self.uri or (trainer.run_dir / MLFLOW_DIR).resolve().as_uri()
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         uri = self.tracking_uri(trainer)
         if uri.startswith("file:"):  # MLflow 3 refuses its file store unless asked for it
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -245,7 +232,7 @@ class MLflowLogger(Logger):
             self.run_id = self.client.create_run(experiment, run_name=trainer.run_dir.name,
                                                  tags={"cifarlab.run_dir": str(trainer.run_dir)}).info.run_id
         self.log_params(trainer)
-        self.watch(trainer)
+        self.opened()
 
     def find_run(self, run_id: str) -> bool:
         try:
@@ -263,7 +250,7 @@ class MLflowLogger(Logger):
         except self.mlflow.exceptions.MlflowException:  # another run created it meanwhile
             return self.client.get_experiment_by_name(name).experiment_id
 
-    def log_params(self, trainer: "Trainer") -> None:
+    def log_params(self, trainer: TrainerView) -> None:
         """The config's settings; a resumed run adds new ones and tags the ones it changed (MLflow
         params cannot change) as resumed.<key>."""
         Param, RunTag = self.mlflow.entities.Param, self.mlflow.entities.RunTag
@@ -286,15 +273,15 @@ class MLflowLogger(Logger):
         self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step)
                                                     for key, value in metrics.items()])
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         self.log_metrics(scalar_metrics(record), record["epoch"])
 
-    def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
+    def on_fit_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         self.log_metrics({f"final/{key}": summary[key] for key in FINAL_METRICS if summary.get(key) is not None},
                          trainer.selected_epoch or trainer.epoch)
         self.finish("FINISHED")
 
-    def on_interrupt(self, trainer: "Trainer", position: dict[str, Any]) -> None:
+    def on_interrupt(self, trainer: TrainerView, position: dict[str, Any]) -> None:
         self.finish("KILLED")
 
     def close(self, status: str) -> None:
@@ -320,23 +307,23 @@ class WandbLogger(Logger):
         self.run_id: Optional[str] = None
         self.run: Any = None
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         wandb, config = self.wandb, trainer.config
         self.run = wandb.init(project=config.run_name(), name=trainer.run_dir.name, id=self.run_id,
                               resume="allow" if self.run_id else None, dir=str(trainer.run_dir), mode=self.mode,
                               config=flat_settings(config.to_dict()), reinit="create_new",
                               settings=wandb.Settings(console="off"))
         self.run_id = self.run.id
-        self.watch(trainer)
+        self.opened()
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         self.run.log({**scalar_metrics(record), "epoch": record["epoch"]}, step=record["epoch"])
 
-    def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
+    def on_fit_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         self.run.summary.update({f"final/{key}": summary[key] for key in FINAL_METRICS if summary.get(key) is not None})
         self.finish("FINISHED")
 
-    def on_interrupt(self, trainer: "Trainer", position: dict[str, Any]) -> None:
+    def on_interrupt(self, trainer: TrainerView, position: dict[str, Any]) -> None:
         self.finish("KILLED")
 
     def close(self, status: str) -> None:
@@ -351,15 +338,17 @@ class WandbLogger(Logger):
         self.run_id = state.get("run_id")
 
 
-# name -> builder(config) -> logger; config.py allows exactly these names in train.loggers
-LOGGERS: dict[str, Callable[["Config"], Logger]] = {
-    "csv": lambda config: CSVLogger(),
-    "tensorboard": lambda config: TensorBoardLogger(config.train.histogram_every),
-    "mlflow": lambda config: MLflowLogger(config.train.mlflow_uri),
-    "wandb": lambda config: WandbLogger(config.train.wandb_mode),
+# name -> builder(train settings) -> logger; config.py allows exactly these names in train.loggers. A
+# builder reads its own settings from the train section's values (histogram_every, mlflow_uri, wandb_mode).
+LOGGERS: dict[str, Callable[[dict[str, Any]], Logger]] = {
+    "csv": lambda settings: CSVLogger(),
+    "tensorboard": lambda settings: TensorBoardLogger(settings["histogram_every"]),
+    "mlflow": lambda settings: MLflowLogger(settings["mlflow_uri"]),
+    "wandb": lambda settings: WandbLogger(settings["wandb_mode"]),
 }
 
 
-def build_loggers(config: "Config") -> list[Logger]:
-    """The loggers of `train.loggers`, in the order given (ConfigError when a package is missing)."""
-    return [LOGGERS[name](config) for name in config.train.loggers]
+def build_loggers(names: list[str], settings: dict[str, Any]) -> list[Logger]:
+    """The loggers `names` (train.loggers), in the order given, built from the train section's
+    `settings` (ConfigError when a package is missing)."""
+    return [LOGGERS[name](settings) for name in names]

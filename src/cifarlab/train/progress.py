@@ -9,12 +9,10 @@ from abc import ABC, abstractmethod
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-from .callbacks import Callback
+from ..hooks import Callback, TrainerView
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +33,18 @@ def format_result(summary: dict[str, Any]) -> str:
 class LogProgress(Callback):
     """Log lines (logging.INFO): the run, running loss every train.log_every steps, each epoch, the result."""
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         log.info("run %s: %d epochs of %d steps", trainer.run_dir, trainer.config.train.epochs, trainer.steps_per_epoch)
 
-    def on_step_end(self, trainer: "Trainer", batch: int, logs: Optional[dict[str, float]]) -> None:
+    def on_step_end(self, trainer: TrainerView, batch: int, logs: Optional[dict[str, float]]) -> None:
         if logs is not None:
             log.info("epoch %d step %d: loss %.4f acc %.2f%%", trainer.current_epoch, batch, logs["loss"],
                      100 * logs["acc"])
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         log.info("%s", format_epoch(record))
 
-    def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
+    def on_fit_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         log.info("%s", format_result(summary))
 
 
@@ -54,7 +52,7 @@ class BarProgress(Callback, ABC):
     """A bar per epoch (steps done, running loss and accuracy, img/s) with a line per finished epoch.
     Subclasses draw it: `draw(epoch_text, done, total, stats)`, `line(text)` and `close()`."""
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         self.total = trainer.steps_per_epoch
         self.epochs = trainer.config.train.epochs
         self.batch_size = trainer.config.train.batch_size
@@ -62,7 +60,7 @@ class BarProgress(Callback, ABC):
         self.epoch_start = time.perf_counter()
         self.line(f"run directory: {trainer.run_dir}")
 
-    def on_step_end(self, trainer: "Trainer", batch: int, logs: Optional[dict[str, float]]) -> None:
+    def on_step_end(self, trainer: TrainerView, batch: int, logs: Optional[dict[str, float]]) -> None:
         if batch == 1:
             self.epoch_start, self.stats = time.perf_counter(), ""
         if logs is not None:
@@ -70,13 +68,13 @@ class BarProgress(Callback, ABC):
             self.stats = f"loss {logs['loss']:.4f} acc {100 * logs['acc']:.1f}% {rate:.0f} img/s"
         self.draw(f"epoch {trainer.current_epoch}/{self.epochs}", batch, self.total, self.stats)
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         self.line(format_epoch(record))
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         self.close()
 
-    def on_interrupt(self, trainer: "Trainer", position: dict[str, Any]) -> None:
+    def on_interrupt(self, trainer: TrainerView, position: dict[str, Any]) -> None:
         self.close()
 
     @abstractmethod

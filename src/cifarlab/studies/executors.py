@@ -1,6 +1,6 @@
 """Where a study's runs execute: on this machine (LocalExecutor) or on a Dask cluster
 (DaskExecutor: a local cluster on 127.0.0.1, an existing scheduler, or Slurm jobs through
-dask-jobqueue).
+dask-jobqueue); `run_jobs` runs what of a study is not finished yet.
 
 The engine only places runs. What a run needs is decided when it starts, on the machine that runs
 it, by cifarlab's own run state (`Job.command`): a completed run is not trained again, a run with a
@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
-from . import processes, runs
-from .errors import ConfigError
+from .. import processes, runs
+from ..config import write_config
+from ..errors import ConfigError
+from .spec import Study
 
 IN_USE = 75  # exit code of a job whose run another process kept writing (EX_TEMPFAIL)
 EXECUTORS = ("local", "dask", "slurm")
@@ -337,3 +339,69 @@ def make_executor(name: str, *, workers: int = 1, gpus: Optional[list[str]] = No
     slurm = slurm or {}
     return DaskExecutor(make_cluster=lambda: slurm_cluster(slurm), threads=slurm_cores(slurm),
                         gpu_workers=int(slurm.get("gpus_per_run", 0)) > 0)
+
+
+# ---------------------------------------------------------------- a study's jobs
+
+
+def plan_jobs(study: Study, out: Path, threads: Optional[int] = None) -> tuple[dict[str, str], list[Job]]:
+    """What a run of the study does now: the runs it skips (completed, or being written by another
+    process) and a job for every other one (its config written to out/configs/RUN.yaml); CPU runs
+    that do not set train.threads get `threads`."""
+    out.mkdir(parents=True, exist_ok=True)
+    outcome, jobs = {}, []
+    for run in study.runs:
+        run_dir = out / run.id
+        holder = runs.lock_holder(run_dir) if run_dir.exists() else None
+        if holder is not None:  # another sweep (or a train --resume) is writing it: leave it alone
+            outcome[run.id] = f"skipped (process {holder} is writing it)"
+            continue
+        if run_dir.exists() and run_state(run_dir) == "completed":
+            outcome[run.id] = "skipped (completed before)"
+            continue
+        config_path = out / "configs" / f"{run.id}.yaml"
+        config_path.parent.mkdir(exist_ok=True)
+        write_config(run.config, config_path)
+        settings = [] if threads is None or run.config.train.threads is not None else [f"train.threads={threads}"]
+        jobs.append(Job(run.id, run_dir, config_path, out / "logs" / f"{run.id}.log", settings, run.config.train.device))
+    return outcome, jobs
+
+
+def run_jobs(study: Study, out: Path, executor: Optional[Executor] = None, workers: int = 1) -> dict[str, str]:
+    """Run what is not finished yet; returns run id -> what happened (skipped, completed, failed ...)."""
+    executor = executor or make_executor("local", workers=workers, gpus=local_gpus())
+    outcome, jobs = plan_jobs(study, out, executor.run_threads)
+    for job_id, code in executor.run(jobs).items():
+        if isinstance(code, str):
+            outcome[job_id] = code
+        elif code == IN_USE:
+            outcome[job_id] = "skipped (another process kept writing it)"
+        else:
+            outcome[job_id] = "completed" if code == 0 else f"failed (exit {code}, see logs/{job_id}.log)"
+    return outcome
+
+
+def study_executor(study: Study, name: Optional[str] = None, workers: Optional[int] = None,
+                   address: Optional[str] = None, scheduler_file: Optional[Any] = None) -> tuple[str, Executor, int]:
+    """The executor's name, the executor and the worker count for `study`: the arguments, else the
+    study's `executor:` block, else local with one worker."""
+    settings = study.executor
+    name = name or settings.get("name") or ("dask" if address or scheduler_file else "local")
+    workers = int(workers or settings.get("workers") or 1)
+    if workers < 1:
+        raise ConfigError(f"{study.path}: executor workers must be >= 1")
+    scheduler_file = scheduler_file or settings.get("scheduler_file")
+    executor = make_executor(name, workers=workers, gpus=local_gpus(), address=address or settings.get("address"),
+                             scheduler_file=str(scheduler_file) if scheduler_file else None, slurm=study.slurm)
+    return name, executor, workers
+
+
+def local_gpus() -> list[str]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES values (those already visible, if set)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    return names[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]

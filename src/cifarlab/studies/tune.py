@@ -12,6 +12,9 @@ Every trial is a run folder trial-NNNN in the study folder; the pruner sees each
 metric (a validation metric: the test split never chooses). The Optuna study lives in a storage
 (SQLite inside the study folder by default, or any SQLAlchemy URL such as PostgreSQL), so that
 several processes, on one machine or many, run the same command and share one search.
+
+A trial is trained by the `fit` its caller passes in (the public API's `fit`: the config's default
+callbacks plus the pruning callback), so this module never imports the API above it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Protocol, Sequence
 
-from . import processes, runs
-from .config import Config, write_config
-from .errors import ConfigError
-from .sweep import COLUMNS, Study, _value_text, config_with, load_study, write_report, write_results
+from .. import processes, runs
+from ..config import Config, write_config
+from ..errors import CifarlabError, ConfigError
+from .results import COLUMNS, write_report, write_results
+from .spec import Study, config_with, value_text
 
 log = logging.getLogger(__name__)
 TUNE_KEYS = {"metric", "direction", "sampler", "pruner", "trials", "timeout", "startup_trials", "warmup_epochs",
@@ -44,6 +48,13 @@ def _optuna():
         raise ConfigError("cifarlab tune needs the cluster extra: pip install 'cifarlab[cluster]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
+
+
+class Fit(Protocol):
+    """How a trial is trained: a run of `config` in `run_dir` with the config's default callbacks and
+    `callbacks` (the pruning one) after them; what it returns is not used (the run folder is read)."""
+
+    def __call__(self, config: Config, *, run_dir: Path, callbacks: Sequence[Any], progress: bool) -> Any: ...
 
 
 @dataclass
@@ -177,14 +188,11 @@ def trial_folder(out: Path, number: int) -> Path:
     return out / f"trial-{number:04d}"
 
 
-def work(study: Study, out: Path, *, trials: int, timeout: Optional[float], storage: Optional[str], worker: int = 0,
-         overrides: Optional[list[str]] = None) -> int:
-    """One worker's loop: ask for a trial, train it, tell the result, until the study has `trials`
-    trials or `timeout` seconds have passed. Returns how many trials this worker ran."""
+def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[float], storage: Optional[str],
+         worker: int = 0, overrides: Optional[list[str]] = None) -> int:
+    """One worker's loop: ask for a trial, train it with `fit`, tell the result, until the study has
+    `trials` trials or `timeout` seconds have passed. Returns how many trials this worker ran."""
     optuna = _optuna()
-    from .api import fit
-    from .errors import CifarlabError
-
     settings = tune_settings(study)
     search = check_search(study)
     opened = open_study(study, settings, out, storage, worker)
@@ -200,14 +208,14 @@ def work(study: Study, out: Path, *, trials: int, timeout: Optional[float], stor
         trial.set_user_attr("worker", worker)
         pruning = Pruning(trial, settings.metric)
         try:
-            run = fit(trial_config(study, values, overrides), run_dir=folder, callbacks=[pruning], progress=False)
+            fit(trial_config(study, values, overrides), run_dir=folder, callbacks=[pruning], progress=False)
         except CifarlabError as e:  # diverged, a bad value combination: this trial failed, the search goes on
             log.warning("trial %d failed: %s", trial.number, e)
             trial.set_user_attr("error", str(e).splitlines()[0] if str(e) else type(e).__name__)
             opened.tell(trial, state=optuna.trial.TrialState.FAIL)
             ran += 1
             continue
-        summary = run.summary
+        summary = runs.read_summary(folder)
         if pruning.pruned_at is not None:
             opened.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
@@ -232,26 +240,10 @@ class TuneResult:
         return (self.path / "results.md").read_text()
 
 
-def tune(study: Union[Study, str, os.PathLike], *, overrides: Optional[list[str]] = None,
-         out: Optional[Union[str, os.PathLike]] = None, trials: Optional[int] = None, timeout: Optional[float] = None,
-         storage: Optional[str] = None, workers: int = 1) -> TuneResult:
-    """Hyperparameter search on Optuna over a study file's `search` block: `trials` in all (default
-    tune.trials), no new trial after `timeout` seconds, `workers` processes on this machine, the
-    Optuna study in `storage` (default: SQLite in the study folder; a PostgreSQL URL lets processes on
-    other machines join). Each trial is a run folder; returns the best trial, its settings and
-    best.yaml, with results.md and report.html in the study folder (default train.out_dir/NAME)."""
-    from .api import study_folder
-
-    if not isinstance(study, Study):
-        study = load_study(Path(study), overrides)
-    return run_tune(study, study_folder(study, out), trials=trials, timeout=timeout, storage=storage, workers=workers,
-                    overrides=overrides)
-
-
-def run_tune(study: Study, out: Path, *, trials: Optional[int] = None, timeout: Optional[float] = None,
-             storage: Optional[str] = None, workers: int = 1, overrides: Optional[list[str]] = None) -> TuneResult:
-    """Run the search with `workers` processes on this machine (this one and workers - 1 more), then
-    write results.csv, results.md, best.yaml, plots/ and report.html."""
+def run_search(study: Study, out: Path, fit: Fit, *, trials: Optional[int] = None, timeout: Optional[float] = None,
+               storage: Optional[str] = None, workers: int = 1, overrides: Optional[list[str]] = None) -> TuneResult:
+    """Run the search with `workers` processes on this machine (this one, training its trials with
+    `fit`, and workers - 1 more), then write results.csv, results.md, best.yaml, plots/ and report.html."""
     settings = tune_settings(study)
     check_search(study)
     trials = trials or settings.trials
@@ -270,7 +262,7 @@ def run_tune(study: Study, out: Path, *, trials: Optional[int] = None, timeout: 
         (out / "logs").mkdir(exist_ok=True)
         helpers.append(processes.start(command, dict(os.environ), open(out / "logs" / f"worker-{index}.log", "a")))
     try:
-        work(study, out, trials=trials, timeout=timeout, storage=url, overrides=[*(overrides or []), *given])
+        work(study, out, fit, trials=trials, timeout=timeout, storage=url, overrides=[*(overrides or []), *given])
         for helper in helpers:
             helper.wait()
     except BaseException:
@@ -322,7 +314,7 @@ def trial_row(trial, out: Path) -> dict[str, Any]:
     else:
         status = "completed" if state == "complete" else state
     row: dict[str, Any] = {"variant": f"trial {trial.number}",
-                           **{k: f"{v:.4g}" if isinstance(v, float) else _value_text(v) for k, v in trial.params.items()},
+                           **{k: f"{v:.4g}" if isinstance(v, float) else value_text(v) for k, v in trial.params.items()},
                            "runs": 1, "completed": int(state == "complete"), "status": status}
     for key in COLUMNS:
         row[key] = summary.get(key) if summary.get("status") == "completed" else None
@@ -337,7 +329,7 @@ def tune_figures(opened, settings: Settings, out: Path) -> list[Path]:
     """Optuna's optimization history (each trial's value, the best so far, pruned trials at their
     last reported value) and parameter importances."""
     optuna = _optuna()
-    from .analysis.plots import save, subplots
+    from ..analysis.plots import save, subplots
 
     paths = []
     fig, ax = subplots(figsize=(7, 4))

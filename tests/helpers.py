@@ -1,0 +1,87 @@
+"""Plain helpers shared by the test modules (fixtures are in conftest.py): the `cifarlab` command in a
+process of its own or in this one, waiting for a condition, IDX files."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# `cifarlab ...` in a process of its own: for signals, SIGKILL, locks, resource limits and ranks
+CLI = [sys.executable, "-m", "cifarlab.cli"]
+# the console script that `pip install` writes beside this interpreter
+CONSOLE_SCRIPT = Path(sys.executable).parent / "cifarlab"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def cli_command(*args) -> list[str]:
+    """The command line of `cifarlab ARGS` run as its own process."""
+    return [*CLI, *map(str, args)]
+
+
+def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    """`cifarlab ARGS` in a process of its own; waits for it (up to 10 minutes) and captures its output."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@dataclass
+class Result:
+    """What a finished `cifarlab` command left: as subprocess.CompletedProcess names it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def invoke(*args) -> Result:
+    """`cifarlab ARGS` run in this process (typer's CliRunner), for what a process of its own would
+    prove nothing more about: exit code, stdout and stderr kept apart. An exception that the command
+    does not turn into an exit code is raised here (the real command would print its traceback)."""
+    from typer.testing import CliRunner
+
+    from cifarlab.cli import app
+
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2; later versions always keep stderr apart
+    except TypeError:
+        runner = CliRunner()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    threads = torch.get_num_threads()
+    try:
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    finally:  # the command points the root logger at the runner's streams, which close, and sets torch's threads
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+    # rich colours its output when this process' stdout was a terminal at import (pytest -s)
+    return Result(result.exit_code, ANSI.sub("", result.stdout), ANSI.sub("", result.stderr))
+
+
+def wait_for(predicate, what: str = "a condition", timeout: float = 300, interval: float = 0.05):
+    """Poll `predicate` until it returns something true, and return that; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def write_idx(path: Path, array: np.ndarray, magic: bytes = b"\0\0\x08") -> None:
+    """An IDX file (MNIST's format) of uint8 `array`; gzip-compressed when the name ends in .gz."""
+    header = magic + bytes([array.ndim]) + b"".join(struct.pack(">I", int(n)) for n in array.shape)
+    opener = gzip.open if Path(path).suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
