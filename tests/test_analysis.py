@@ -99,7 +99,7 @@ def test_predict_refuses_a_file_that_is_not_an_image(trained_run, tmp_path):
     bad.write_text("not an image")
     result = invoke("predict", trained_run, bad)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {bad}: not a readable image"
+    assert f"{bad}: not a readable image" in result.stderr
 
 
 @pytest.mark.parametrize("command, png, min_size", [

@@ -9,7 +9,7 @@ import pytest
 from cifarlab import runs
 from cifarlab.errors import ConfigError
 from cifarlab.studies.executors import run_jobs
-from cifarlab.studies.results import summarize_study
+from cifarlab.studies.results import curve_series, summarize_study
 from cifarlab.studies.spec import load_study
 from cifarlab.api import fit
 from helpers import cli_command, wait_for
@@ -168,6 +168,11 @@ variants:
     out = tmp_path / "out"
     assert set(run_jobs(study, out).values()) == {"completed"}
     summarize_study(study, out)
-    # one run has no validation curve: every run is drawn by its training accuracy, none is left out
-    assert sorted(p.name for p in (out / "plots").iterdir()) == ["train_acc_by_variant.png"]
-    assert "train acc by variant" in (out / "report.html").read_text()
+    # one run has no validation curve: both are drawn (training panels), none is left out
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["curves.pdf", "curves.png", "test_acc.pdf",
+                                                                 "test_acc.png"]
+    series = curve_series(study, out)
+    assert [label for label, *_ in series] == ["all-images", "val-split"]
+    assert all(len([r for r in records if "train_acc" in r]) == 2 for *_, records in series)
+    assert [any("val_acc" in r for r in records) for *_, records in series] == [False, True]
+    assert "curves" in (out / "report.html").read_text()

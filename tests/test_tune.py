@@ -62,8 +62,7 @@ def check_trials(out: Path, storage: str, count: int) -> list:
 
 def test_two_workers_share_one_sqlite_study(cifar10_head, tmp_path):
     out = tmp_path / "out"
-    # worker 0 in this process, worker 1 in a process of its own
-    result = invoke("tune", write_search(tmp_path, cifar10_head), "--trials", "4", "--workers", "2", "--out", out)
+    result = run_cli("tune", write_search(tmp_path, cifar10_head), "--trials", "4", "--workers", "2", "--out", out)
     assert result.returncode == 0, result.stderr
     trials = check_trials(out, f"sqlite:///{out / 'optuna.db'}", 4)
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both processes ran trials
@@ -150,8 +149,8 @@ def postgres():
 
 def test_two_workers_share_a_study_on_postgresql(postgres, cifar10_head, tmp_path):
     out = tmp_path / "out"
-    result = invoke("tune", write_search(tmp_path, cifar10_head), "--trials", "3", "--workers", "2",
-                    "--storage", postgres, "--out", out)
+    result = run_cli("tune", write_search(tmp_path, cifar10_head), "--trials", "3", "--workers", "2",
+                     "--storage", postgres, "--out", out)
     assert result.returncode == 0, result.stderr
     assert not (out / "optuna.db").exists()  # nothing went to SQLite
     trials = check_trials(out, postgres, 3)

@@ -16,13 +16,13 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "fit": "api", "resume": "api", "load_run": "api", "Run": "api", "evaluate_run": "api", "predict_files": "api",
-    "run_study": "api", "StudyResult": "api", "default_callbacks": "api", "tune": "api", "TuneResult": "studies.tune",
+    "default_callbacks": "api", "run_config": "api", "launches": "api", "reports_runs": "api", "compare_runs": "api",
+    "run_study": "experiments", "StudyResult": "experiments", "plan_study": "experiments", "StudyPlan": "experiments",
+    "export_study": "experiments", "tune": "experiments", "tune_worker": "experiments", "TuneResult": "studies.tune",
     "load_study": "studies.spec", "Study": "studies.spec",
-    "run_config": "api", "launches": "api", "reports_runs": "api", "plan_study": "api", "StudyPlan": "api",
-    "tune_worker": "api", "compare_runs": "api", "run_entry_point": "processes",
     "dataset_info": "explore", "dataset_stats": "explore", "dataset_samples": "explore", "download_dataset": "explore",
     "augment_figure": "explore", "presets": "explore", "model_summary": "explore", "choose_demo_data": "demo",
-    "export_run": "export", "FIGURES": "analysis.figures",
+    "export_run": "export", "FIGURES": "analysis.figures", "run_entry_point": "processes",
     "Config": "config", "load_config": "config",
     "Callback": "hooks", "Monitor": "train.monitor", "EarlyStopping": "train.callbacks",
     "Trainer": "train.trainer",
@@ -33,9 +33,9 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports on first use
     from .analysis.figures import FIGURES  # noqa: F401
-    from .api import (Run, StudyPlan, StudyResult, compare_runs, default_callbacks, evaluate_run, fit,  # noqa: F401
-                      launches, load_run, plan_study, predict_files, reports_runs, resume, run_config, run_study, tune,
-                      tune_worker)
+    from .api import (Run, compare_runs, default_callbacks, evaluate_run, fit, launches, load_run,  # noqa: F401
+                      predict_files, reports_runs, resume, run_config)
+    from .experiments import StudyPlan, StudyResult, export_study, plan_study, run_study, tune, tune_worker  # noqa: F401
     from .demo import choose_demo_data  # noqa: F401
     from .explore import (augment_figure, dataset_info, dataset_samples, dataset_stats, download_dataset,  # noqa: F401
                           model_summary, presets)

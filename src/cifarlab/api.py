@@ -1,4 +1,5 @@
-"""The public Python API: train, resume and read back runs; evaluate, predict, report; run studies.
+"""The public Python API of runs: train, resume and read back runs; evaluate, predict, report
+(studies and searches: experiments.py).
 
     import cifarlab
     run = cifarlab.fit("configs/quickstart.yaml", overrides={"train.epochs": 5})
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import base64
 import html
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -34,10 +35,6 @@ from .data.local import arrays_dataset, content_checksum, save_npz
 from .data.sources import Dataset, check_dataset
 from .errors import ConfigError, DataError, WriteError
 from .evaluation import predict_logits
-from .studies.executors import run_jobs, run_state, slurm_job_script, study_executor
-from .studies.results import summarize_study
-from .studies.spec import Study, load_study, study_folder
-from .studies.tune import TuneResult, run_search, work
 from .hooks import Callback
 from .train import distributed, launch, trainer
 from .train.callbacks import (BestCheckpoint, DivergenceStop, EarlyStopping, LastCheckpoint, MetricsLog, NaNGuard,
@@ -106,8 +103,10 @@ def fit(config: ConfigSource = None, *, overrides: Overrides = None, callbacks: 
 def stored_arrays(data: Data) -> Path:
     """Arrays handed to `fit`, checked and kept as a .npz in the cache (named by their checksum), so
     the run can be resumed, evaluated and reported like any other."""
-    ds = data if isinstance(data, Dataset) else arrays_dataset(*data)
-    ds = check_dataset(ds)
+    if not isinstance(data, Dataset) and not (isinstance(data, (tuple, list)) and len(data) in (4, 5)):
+        raise DataError(f"data=: a cifarlab Dataset or (x_train, y_train, x_test, y_test[, classes]), "
+                        f"got {type(data).__name__}{f' of {len(data)}' if isinstance(data, (tuple, list)) else ''}")
+    ds = check_dataset(data if isinstance(data, Dataset) else arrays_dataset(*data))
     path = cache_dir() / "arrays" / f"{content_checksum(ds)[:20]}.npz"
     if not path.is_file():
         try:
@@ -171,37 +170,6 @@ def evaluate_run(run: Union["Run", PathLike], split: str = "test", top_k: int = 
               "classes": classes, "confusion": confusion_matrix(predicted, labels, len(classes)).tolist()}
     runs.write_json(loaded.path / f"eval_{split}.json", report)
     return report
-
-
-@dataclass
-class StudyResult:
-    """Where a study's runs and tables are, and what happened to each run this time."""
-
-    path: Path
-    outcome: dict[str, str]  # run id -> completed, skipped (completed before), failed (exit N, see logs/...)
-
-    @property
-    def table(self) -> str:
-        """results.md: one row per variant, mean +- std over repeats."""
-        return (self.path / "results.md").read_text()
-
-
-def run_study(study: Union[Study, PathLike], *, overrides: Optional[list[str]] = None, out: Optional[PathLike] = None,
-              workers: Optional[int] = None, executor: Optional[str] = None, address: Optional[str] = None,
-              scheduler_file: Optional[PathLike] = None) -> StudyResult:
-    """Run a study (a Study or a study YAML; `overrides` apply to every run): every run not finished
-    yet, each in its own process, `workers` at a time, on this machine (`executor="local"`), a Dask
-    cluster (`"dask"`: a local one on 127.0.0.1, or the scheduler at `address` / `scheduler_file`)
-    or Slurm (`"slurm"`, from the study's `slurm:` block); the study file's `executor:` block gives
-    the defaults. Then results.csv, results.md, plots/ and report.html in the study folder (default
-    train.out_dir/STUDY-NAME)."""
-    if not isinstance(study, Study):
-        study = load_study(Path(study), overrides)
-    folder = study_folder(study, out)
-    _, chosen, workers = study_executor(study, executor, workers, address, scheduler_file)
-    outcome = run_jobs(study, folder, chosen, workers)
-    summarize_study(study, folder)
-    return StudyResult(folder, outcome)
 
 
 class Run:
@@ -291,8 +259,16 @@ class Run:
         return figures.draw(name, self.loaded, **options)
 
     def report(self, output: Optional[PathLike] = None) -> Path:
-        """Write report.html (or `output`) with every figure; returns its path."""
-        return build_run_report(self.loaded, Path(output) if output else None)
+        """Write report.html (or `output`) with every figure; returns its path. The run's own report.html
+        finishes an analysis that was interrupted or failed after training (summary.json: analysis done);
+        it is written holding the run's lock (RunInUse while another process writes the run)."""
+        if output:
+            return build_run_report(self.loaded, Path(output))
+        started = time.perf_counter()
+        with runs.RunLock(self.path):
+            path = build_run_report(self.loaded)
+            runs.analysis_done(self.path, time.perf_counter() - started)
+        return path
 
     def _repr_html_(self) -> str:
         s = self.summary
@@ -327,32 +303,6 @@ def predict_files(run: Union[Run, PathLike], paths: Sequence[PathLike], top_k: i
     return {"names": names, "classes": run.classes, "probabilities": probabilities, "figure": figure}
 
 
-def tune(study: Union[Study, PathLike], *, overrides: Optional[list[str]] = None, out: Optional[PathLike] = None,
-         trials: Optional[int] = None, timeout: Optional[float] = None, storage: Optional[str] = None,
-         workers: int = 1) -> TuneResult:
-    """Hyperparameter search on Optuna over a study file's `search` block: `trials` in all (default
-    tune.trials), no new trial after `timeout` seconds, `workers` processes on this machine, the
-    Optuna study in `storage` (default: SQLite in the study folder; a PostgreSQL URL lets processes on
-    other machines join). Each trial is a run folder trained by `fit`; returns the best trial, its
-    settings and best.yaml, with results.md and report.html in the study folder (default
-    train.out_dir/NAME)."""
-    if not isinstance(study, Study):
-        study = load_study(Path(study), overrides)
-    return run_search(study, study_folder(study, out), fit, trials=trials, timeout=timeout, storage=storage,
-                      workers=workers, overrides=overrides)
-
-
-def tune_worker(study: Union[Study, PathLike], *, worker: int, trials: int, overrides: Optional[list[str]] = None,
-                out: Optional[PathLike] = None, timeout: Optional[float] = None, storage: Optional[str] = None) -> int:
-    """One of the processes that `tune(workers=N)` starts (`cifarlab tune --worker-index N`): trials
-    of the shared search until it has `trials`, trained by `fit`, and no tables. Returns how many
-    trials this process ran."""
-    if not isinstance(study, Study):
-        study = load_study(Path(study), overrides)
-    return work(study, study_folder(study, out), fit, trials=trials, timeout=timeout, storage=storage, worker=worker,
-                overrides=overrides)
-
-
 def run_config(run: Union[Run, PathLike], overrides: Overrides = None) -> Config:
     """A run's resolved config (its config.yaml), with `overrides` on top."""
     return load_config(runs.resolve_run(run.path if isinstance(run, Run) else run) / runs.CONFIG, overrides)
@@ -367,31 +317,6 @@ def launches(config: Config) -> bool:
 def reports_runs() -> bool:
     """Whether this process reports what it trained: not one of the ranks 1..N-1 of a data-parallel run."""
     return distributed.main_process()
-
-
-@dataclass
-class StudyPlan:
-    """What `run_study` would do: the study, its folder, the executor and its slots, each run's state."""
-
-    study: Study
-    folder: Path
-    executor: str
-    slots: int
-    runs: list[tuple[str, dict[str, Any], int, str]]  # (run id, settings, seed, new | completed | ...)
-    job_script: Optional[str]  # the Slurm job script of one worker (executor "slurm")
-
-
-def plan_study(study: Union[Study, PathLike], *, overrides: Optional[list[str]] = None, out: Optional[PathLike] = None,
-               workers: Optional[int] = None, executor: Optional[str] = None, address: Optional[str] = None,
-               scheduler_file: Optional[PathLike] = None) -> StudyPlan:
-    """Check a study and its executor settings (as `run_study` takes them) and say what it would run."""
-    if not isinstance(study, Study):
-        study = load_study(Path(study), overrides)
-    folder = study_folder(study, out)
-    name, _, count = study_executor(study, executor, workers, address, scheduler_file)
-    rows = [(run.id, dict(run.values), run.seed, run_state(folder / run.id) if (folder / run.id).exists() else "new")
-            for run in study.runs]
-    return StudyPlan(study, folder, name, count, rows, slurm_job_script(study.slurm) if name == "slurm" else None)
 
 
 def compare_runs(run_dirs: Sequence[PathLike], output: PathLike = "comparison.html") -> Path:

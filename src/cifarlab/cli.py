@@ -3,23 +3,19 @@ decides nothing itself; `viz` has one subcommand per entry of the figures regist
 
 from __future__ import annotations
 
-import functools
 import inspect
-import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 import cifarlab
 
+from . import cli_studies
 from .config import DATASETS, config_diff, config_yaml, load_config
-from .errors import CifarlabError, ConfigError, Interrupted
+from .console import out, setup_logging, user_errors
+from .errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and study small CNNs on CIFAR-10 and its cousins.")
@@ -29,54 +25,16 @@ viz_app = typer.Typer(no_args_is_help=True, help="Figures of a dataset or a run 
 app.add_typer(viz_app, name="viz")
 config_app = typer.Typer(no_args_is_help=True, help="Show a run's config, or the difference between two.")
 app.add_typer(config_app, name="config")
-# No markup: user values such as [32, 64] must print as they are.
-out = Console(markup=False, highlight=False, soft_wrap=True)
-err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
 DATASET_HELP = " | ".join(DATASETS)
 RUN_ARGUMENT = typer.Argument(..., help="A run directory.")
 ROOT_OPTION = typer.Option(None, "--root", help="Folder or .tar.gz holding the dataset (default: the cache).")
 
 
-def debugging() -> bool:
-    context = click.get_current_context(silent=True)
-    return bool(context and (context.find_root().obj or {}).get("debug"))
-
-
-def user_errors(command):
-    """Print a user's mistake as one line and exit 2 (1 for failed training); --debug shows the traceback."""
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except Interrupted as e:
-            if cifarlab.reports_runs() and not e.reported:  # data-parallel ranks stop together: rank 0 says so
-                err.print(f"{' '.join(str(e).split())}; state saved, resume with: cifarlab train --resume {e.run_dir}")
-            raise typer.Exit(e.exit_code) from None
-        except CifarlabError as e:
-            if debugging():
-                raise
-            if not e.reported:
-                err.print(Text.assemble(("error: ", "bold red"), " ".join(str(e).split())))
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
-
-    return run
-
-
 @app.callback()
 def main_options(context: typer.Context,
                  debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
     context.obj = {"debug": debug}
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
-    for noisy in ("pooch", "openTSNE", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def print_summary(run: "cifarlab.Run") -> None:
@@ -248,71 +206,6 @@ def data_show(dataset: str = typer.Argument(..., help=DATASET_HELP), root: Optio
     out.print(f"wrote {cifarlab.dataset_samples(dataset, root, output, count, seed)}")
 
 
-@app.command()
-@user_errors
-def sweep(
-    study_file: Path = typer.Argument(..., help="A study YAML (see configs/studies/)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value applied to every run, e.g. train.epochs=2"),
-    workers: Optional[int] = typer.Option(None, "-w", "--workers", min=1, help="Runs at a time (CPU threads are split)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Study directory (default: train.out_dir/NAME)."),
-    executor: Optional[str] = typer.Option(None, "-e", "--executor", help="local | dask | slurm (default: the study's)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Join this Dask scheduler (tcp://host:8786)."),
-    scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", help="Join the Dask scheduler this file names."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs (and the Slurm job script) and exit."),
-) -> None:
-    """Run a study (grid and/or variants x seeds) as separate processes, here or on a Dask cluster;
-    skips finished runs, resumes interrupted ones; writes results.csv, results.md, plots/ and report.html."""
-    where = dict(workers=workers, executor=executor, address=address, scheduler_file=scheduler_file)
-    plan = cifarlab.plan_study(study_file, overrides=overrides or [], out=out_dir, **where)  # checks the names first
-    if dry_run:
-        table = Table("run", "settings", "seed", "state", title=f"{plan.study.name}: {len(plan.runs)} runs into {plan.folder}")
-        for run_id, values, seed, state in plan.runs:
-            table.add_row(run_id, ", ".join(f"{k}={v}" for k, v in values.items()), str(seed), state)
-        out.print(table)
-        if plan.job_script is not None:
-            out.print("Slurm job script (one per worker; the scheduler address is filled in at start):")
-            out.print(plan.job_script)
-        return
-    placed = {"local": f"{plan.slots} at a time on this machine", "dask": "on Dask",
-              "slurm": "on Slurm through Dask"}[plan.executor]
-    out.print(f"study {plan.study.name}: {len(plan.runs)} runs {placed}, into {plan.folder}")
-    result = cifarlab.run_study(plan.study, out=plan.folder, **where)
-    for run_id, what in result.outcome.items():
-        out.print(f"  {run_id}: {what}")
-    out.print(result.table)
-    out.print(f"report: {plan.folder / 'report.html'}")
-
-
-@app.command()
-@user_errors
-def tune(
-    study_file: Path = typer.Argument(..., help="A study YAML with a search block (see configs/tune/)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value applied to every trial, e.g. train.epochs=5"),
-    trials: Optional[int] = typer.Option(None, "--trials", "-n", min=1, help="Trials in all (default: tune.trials)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", min=0, help="Start no trial after this many seconds."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite in the study "
-                                          "folder); postgresql://user@host/db shares one search between machines."),
-    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Processes on this machine (CPU threads are split)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Study directory (default: train.out_dir/NAME)."),
-    worker_index: int = typer.Option(0, "--worker-index", hidden=True),
-) -> None:
-    """Hyperparameter search on Optuna: trials of the study's search block, pruned on each epoch's
-    validation metric; writes results.csv, results.md, best.yaml, plots/ and report.html."""
-    setup_logging()
-    options = dict(overrides=overrides or [], out=out_dir, timeout=timeout, storage=storage)
-    if worker_index:  # one of the processes that `--workers N` started: trials only
-        cifarlab.tune_worker(study_file, trials=trials or 1, worker=worker_index, **options)
-        return
-    result = cifarlab.tune(study_file, trials=trials, workers=workers, **options)
-    out.print(result.table)
-    out.print(", ".join(f"{n} {state}" for state, n in sorted(result.counts.items())))
-    if result.best_config is not None:
-        out.print(f"best: trial {result.best_trial}, {result.best_value:.4f} with "
-                  + ", ".join(f"{k}={v}" for k, v in result.best_params.items()))
-        out.print(f"best config: {result.best_config}  (cifarlab train -c {result.best_config})")
-    out.print(f"report: {result.path / 'report.html'}")
-
-
 @config_app.command("show")
 @user_errors
 def config_show(run: Path = RUN_ARGUMENT) -> None:
@@ -390,6 +283,11 @@ def export(
 ) -> None:
     """Export a run's best weights: ONNX (images -> probabilities, normalization inside), safetensors or torch."""
     out.print(f"wrote {cifarlab.export_run(run, fmt, output, tta, input_dtype)}")
+
+
+app.command()(cli_studies.sweep)
+app.command()(cli_studies.tune)
+app.add_typer(cli_studies.study_app, name="study")
 
 
 def main() -> None:

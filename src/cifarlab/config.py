@@ -397,6 +397,9 @@ ConfigSource = Union["Config", dict, str, Path, None]
 Overrides = Union[list[str], dict[str, Any], None]
 
 
+STUDY_MARKS = {"base", "axes", "variants", "repeats", "search"}  # keys of a study file (studies/spec.py), not a config
+
+
 def load_config(config: ConfigSource = None, overrides: Overrides = None, *, source: Optional[str] = None) -> Config:
     """The resolved config: defaults, then `config` (a YAML path, a dict of sections or a Config),
     then `overrides` (`key.path=value` strings, or a dict of key.path -> value), in that order.
@@ -408,6 +411,9 @@ def load_config(config: ConfigSource = None, overrides: Overrides = None, *, sou
     elif config is not None:
         tree = read_yaml(config)
         source = source or str(config)
+        if STUDY_MARKS & set(tree):
+            command = "tune" if "search" in tree else "sweep"
+            raise ConfigError(f"{config}: a study file, not a run's config: run it with `cifarlab {command} {config}`")
     else:
         tree = {}
     if isinstance(overrides, dict):

@@ -33,9 +33,11 @@ class TrainingFailed(CifarlabError):
 
 
 class Interrupted(CifarlabError):
-    """SIGINT or SIGTERM: the run saved its state and can be resumed; exit code 128 + signal."""
+    """SIGINT or SIGTERM: the run saved its state and can be resumed (or, stopped in its analysis after
+    training, be finished by `next_step`); exit code 128 + signal."""
 
-    def __init__(self, message: str, signum: int, run_dir=None):
+    def __init__(self, message: str, signum: int, run_dir=None, next_step: str = ""):
         super().__init__(message)
         self.exit_code = 128 + signum
         self.run_dir = run_dir  # where last.pt was saved
+        self.next_step = next_step or f"state saved, resume with: cifarlab train --resume {run_dir}"

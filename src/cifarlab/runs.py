@@ -177,6 +177,19 @@ def read_summary(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def analysis_done(run_dir: Path, seconds: float) -> None:
+    """summary.json's `analysis` (the report and t-SNE after training: running, done, interrupted or
+    failed) set to done by `cifarlab report RUN`, saying what it was before; a run whose analysis was done
+    (or that has no such record) is left as it is."""
+    summary = read_summary(run_dir)
+    before = summary.get("analysis") or {"status": "done"}
+    if before.get("status") != "done":
+        was = before.get("reason") or f"left {before.get('status')}"  # "left running": its process was killed
+        summary["analysis"] = {"status": "done", "reason": f"finished by cifarlab report; before that: {was}",
+                               "seconds": round(seconds, 3)}
+        write_json(Path(run_dir) / SUMMARY, summary)
+
+
 def git_revision() -> Union[str, None]:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import TsneConfig
-from ..errors import ConfigError
+from ..models.build import check_layer_names
 from ..evaluation import eval_mode
 from ..files import atomic_write, save_array
 from ..hooks import Callback, TrainerView
@@ -21,10 +21,7 @@ FEATURES = "features"
 
 
 def check_layers(model: nn.Module, layers: list[str]) -> None:
-    names = [name for name, _ in model.named_children()]
-    missing = [layer for layer in layers if layer not in names]
-    if missing:
-        raise ConfigError(f"layer {missing[0]!r} is not in the model (layers: {', '.join(names)})")
+    check_layer_names(model, layers)
 
 
 @contextmanager

@@ -43,14 +43,17 @@ def sample_grid(images: np.ndarray, labels: Sequence[int], classes: Sequence[str
     return save(fig, path)
 
 
-def save(fig, path: Path) -> Path:
-    """Save atomically, so a failed plot never leaves a truncated PNG behind."""
+def save(fig, path: Path, pdf: bool = False) -> Path:
+    """Save atomically, so a failed plot never leaves a truncated PNG behind; `pdf`: also a vector
+    PDF beside the PNG (same name, .pdf), for a write-up."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WriteError(f"{path.parent}: cannot make the folder ({e.strerror or e})") from None
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    if pdf:
+        atomic_write(path.with_suffix(".pdf"), lambda tmp: fig.savefig(tmp, format="pdf", bbox_inches="tight"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight" if pdf else None))
 
 
 def augment_grid(originals: np.ndarray, augmented: np.ndarray, labels: Sequence[int], classes: Sequence[str],
@@ -253,3 +256,78 @@ def predictions(images: list[np.ndarray], names: list[str], probabilities: np.nd
             ax.text(min(100 * p + 1, 88), y, f"{100 * p:.1f}%", va="center", fontsize=8)
     fig.tight_layout()
     return save(fig, path)
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def line_styles(colour_keys: Sequence[str], dash_keys: Sequence[Any]) -> list[tuple[Any, str]]:
+    """(colour, line style) per series: a colour per colour key from tab10 (ten colours no one
+    confuses; tab20's light / dark pairs are too close), the next line style for every ten keys
+    beyond, and a line style per dash key when series also differ in a second setting (an axis
+    crossed with variants)."""
+    colours = list(dict.fromkeys(colour_keys))
+    dashes = list(dict.fromkeys(dash_keys))
+    palette = [matplotlib.colormaps["tab10"](i) for i in range(10)]
+    chosen = []
+    for colour, dash in zip(colour_keys, dash_keys):
+        index = colours.index(colour)
+        shift = dashes.index(dash) if len(dashes) > 1 else 0
+        chosen.append((palette[index % 10], LINE_STYLES[(shift + index // 10) % len(LINE_STYLES)]))
+    return chosen
+
+
+def study_curves(series: list[tuple[str, str, Any, list[dict]]], path: Path, title: str) -> Path:
+    """Accuracy and loss per epoch, training and validation, of every run: series are (legend label,
+    colour key, dash key, epoch records); runs with the same label (repeats) share a style and one
+    legend entry. The legend sits outside the panels. Written as PNG and PDF."""
+    fig, axes = subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    panels = ((axes[0, 0], "train_acc", "training accuracy (%)", 100), (axes[0, 1], "val_acc", "validation accuracy (%)", 100),
+              (axes[1, 0], "train_loss", "training loss", 1), (axes[1, 1], "val_loss", "validation loss", 1))
+    styles = line_styles([s[1] for s in series], [s[2] for s in series])
+    seen: set[str] = set()
+    for (label, _, _, records), (colour, dash) in zip(series, styles):
+        first = label not in seen
+        seen.add(label)
+        for ax, metric, _, scale in panels:
+            points = [(r["epoch"], scale * r[metric]) for r in records if r.get(metric) is not None]
+            if points:
+                ax.plot(*zip(*points), color=colour, linestyle=dash, linewidth=1.5, alpha=0.9,
+                        label=label if first and metric == "train_acc" else None)
+    for ax, metric, ylabel, _ in panels:
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not measured (no validation split)" if metric.startswith("val") else "no data",
+                    ha="center", va="center", transform=ax.transAxes, color="0.4")
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.78, 0.96))
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.78, 0.5), fontsize=8,
+               frameon=False)
+    return save(fig, path, pdf=True)
+
+
+def bar_chart(labels: Sequence[str], means: Sequence[float], stds: Sequence[Any], references: Sequence[Any],
+              path: Path, title: str, ylabel: str) -> Path:
+    """One bar per row with its standard deviation as an error bar (when repeated) and the report's
+    own value as a black mark (when the study gives one). Written as PNG and PDF."""
+    fig, ax = subplots(figsize=(max(5.0, 0.6 * len(labels) + 2), 4.5))
+    x = np.arange(len(labels))
+    errors = [0 if s is None else s for s in stds]
+    ax.bar(x, means, yerr=errors if any(errors) else None, capsize=3, color="#4c72b0", alpha=0.85, label="measured")
+    marked = [(i, r) for i, r in enumerate(references) if r is not None]
+    if marked:
+        ax.scatter([i for i, _ in marked], [r for _, r in marked], marker="_", s=400, color="black", zorder=3,
+                   label="report")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    for i, (m, e) in enumerate(zip(means, errors)):
+        ax.text(i, m + e, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return save(fig, path, pdf=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,8 +20,6 @@ from . import plots
 from .embed import feature_files
 from .figures import FIGURES
 from .metrics import per_class_accuracy
-
-log = logging.getLogger(__name__)
 
 
 def inline(path: Path) -> str:
@@ -79,16 +76,14 @@ def build_run_report(run: Union[Path, runs.LoadedRun], output: Optional[Path] = 
 
 
 class ReportCallback(Callback):
-    """A training callback: report.html when the run ends, from the test score training computed.
-    A failing figure never costs the trained run: it is logged and `cifarlab report RUN` retries."""
+    """A training callback: report.html (and the t-SNE embeddings) when the run ends, from the test score
+    training computed. A failing figure never costs the trained run: the trainer records the analysis
+    as failed in summary.json (the run stays completed), logs it, and `cifarlab report RUN` finishes it."""
 
     def on_fit_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         # training's test score is best.pt's only when the tested weights are best.pt's (restore_best)
         known = {"test": trainer.test_result} if trainer.selected_epoch == trainer.best_epoch else None
-        try:
-            build_run_report(trainer.run_dir, known=known)
-        except Exception as e:  # noqa: BLE001 - see the docstring
-            log.warning("report.html was not written: %s", e)
+        build_run_report(trainer.run_dir, known=known)
 
 
 def build_comparison(run_dirs: list[Path], output: Path) -> Path:

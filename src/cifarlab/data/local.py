@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -22,7 +24,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..files import atomic_write, save_array
-from .dataset import Dataset, check_dataset, checked_labels
+from .dataset import Dataset, check_dataset, checked_labels, integer_labels
 from .images import decode_image
 from .splits import split_indices
 
@@ -71,9 +73,10 @@ def decoded_arrays(files: list[Path], root: Path, size: tuple[int, int], channel
     for folder in cache_folders:
         if (folder / name).is_file():
             try:
-                cached = np.load(folder / name, allow_pickle=False)
+                # mapped, not read: a damaged header that declares more than the file holds is a ValueError
+                cached = np.load(folder / name, mmap_mode="r", allow_pickle=False)
                 if cached.shape == (len(files), channels, *size) and cached.dtype == np.uint8:
-                    return cached
+                    return np.array(cached)
             except (OSError, ValueError):
                 pass  # a damaged cache file is decoded again and replaced
     images = np.stack([decode(p, size, channels) for p in files]) if files else np.zeros((0, channels, *size), np.uint8)
@@ -90,9 +93,10 @@ def decoded_arrays(files: list[Path], root: Path, size: tuple[int, int], channel
 def read_image_folder(root: Path, image_size: Optional[Union[int, Sequence[int]]] = None, test_size: float = 0.2,
                       seed: int = 0, cache: Optional[Path] = None) -> Dataset:
     """A folder-per-class tree (root/train + root/test, or one tree split seeded and stratified by
-    `test_size`) as a Dataset. Images are resized to `image_size` (an int for square, or [H, W];
-    default: the most common size among the files, or 32 x 32 when none is most common) and made
-    RGB unless every file is grayscale."""
+    `test_size`) as a Dataset. With train/ and test/, a class with images in one and none in the other is
+    refused (it would train without images, or be tested on none). Images are resized to `image_size`
+    (an int for square, or [H, W]; default: the most common size among the files, or 32 x 32 when none
+    is most common) and made RGB unless every file is grayscale."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root={root}: not a folder of class folders")
@@ -103,6 +107,11 @@ def read_image_folder(root: Path, image_size: Optional[Union[int, Sequence[int]]
     if len(classes) < 2:
         raise DataError(f"{root}: found {len(classes)} class folder(s) with images; need at least 2 "
                         "(root/<class>/*.png, or root/train/<class>/ and root/test/<class>/)")
+    for name in classes if split_trees else []:  # a class must not be trained without images, or tested without any
+        empty, full = ("train", "test") if name not in trees["train"] else ("test", "train")
+        if name not in trees[empty]:
+            raise DataError(f"{root / empty / name}: no images, but {root / full / name} has {len(trees[full][name])}; "
+                            "every class needs images in both train/ and test/ (add some, or remove the class from both)")
     index = {name: i for i, name in enumerate(classes)}
     listed = {part: [(p, index[name]) for name, files in tree.items() for p in files] for part, tree in trees.items()}
     every = [p for items in listed.values() for p, _ in items]
@@ -137,26 +146,57 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 def read_npz(path: Path) -> Dataset:
     """A .npz with x_train, y_train, x_test, y_test (uint8 images NHWC or NCHW; NHW for gray) and
-    optionally `classes` (their names). Nothing in it is unpickled."""
+    optionally `classes` (their names). Nothing in it is unpickled, and every array's header is checked
+    against the bytes the file holds for it before it is read (`npz_array`)."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as found:
-            missing = [k for k in NPZ_KEYS if k not in found.files]
+        with zipfile.ZipFile(path) as archive:
+            members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+            missing = [k for k in NPZ_KEYS if k not in members]
             if missing:
                 raise DataError(f"{path}: no {missing[0]!r} (a cifarlab .npz holds {', '.join(NPZ_KEYS)}[, classes])")
-            arrays = {k: found[k] for k in (*NPZ_KEYS, *(["classes"] if "classes" in found.files else []))}
+            arrays = {k: npz_array(archive, members[k], path) for k in (*NPZ_KEYS, "classes") if k in members}
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (OSError, ValueError, EOFError) as e:  # not a zip, truncated, or an object array (pickled)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # not a zip, truncated, damaged
         raise DataError(f"{path}: not a readable .npz ({' '.join(str(e).split())})") from None
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
     return arrays_dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], classes,
                           name="npz", origin=str(path))
 
 
+DEFLATE_MAX_RATIO = 1032  # the most that DEFLATE can expand its input
+
+
+def npz_array(archive: zipfile.ZipFile, name: str, path: Path) -> np.ndarray:
+    """One array of a .npz, read only once its .npy header (shape, dtype) matches the bytes the member
+    holds and the member's size is one its compressed bytes can expand to: a header that declares
+    hundreds of GiB in a small file is refused before anything is allocated. Object arrays are refused."""
+    info = archive.getinfo(name)
+    if info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 1024:
+        raise ValueError(f"{name} says it expands to {info.file_size:,} bytes from {info.compress_size:,}")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{name}: .npy format version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(member)
+        if dtype.hasobject:
+            raise ValueError(f"{name} holds Python objects (pickled); a cifarlab .npz holds numbers and text")
+        declared, held = int(np.prod(shape, dtype=object)) * dtype.itemsize, info.file_size - member.tell()
+        if declared != held:
+            raise DataError(f"{path}: {name} declares {shape} {dtype} ({declared:,} bytes) but the file holds "
+                            f"{held:,} bytes for it")
+        member.seek(0)
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
 def as_nchw(images: np.ndarray, where: str) -> np.ndarray:
     """uint8 images as (N, C, H, W): NHWC and NCHW with 1 or 3 channels, or (N, H, W) gray."""
-    images = np.asarray(images)
+    try:
+        images = np.asarray(images)
+    except (TypeError, ValueError) as e:  # a ragged list
+        raise DataError(f"{where}: not an array of images ({' '.join(str(e).split())})") from None
     if images.dtype != np.uint8:
         raise DataError(f"{where}: images must be uint8 pixels (0-255), got {images.dtype}")
     if images.ndim == 3:
@@ -172,7 +212,7 @@ def arrays_dataset(x_train, y_train, x_test, y_test, classes: Optional[Sequence[
                    name: str = "arrays", origin: str = "arrays from Python") -> Dataset:
     """A Dataset of arrays (see `as_nchw`); class names default to the label values "0", "1", ..."""
     x_train, x_test = as_nchw(x_train, f"{origin}: x_train"), as_nchw(x_test, f"{origin}: x_test")
-    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    y_train, y_test = integer_labels(f"{origin}: y_train", y_train), integer_labels(f"{origin}: y_test", y_test)
     if classes is None:
         top = max(int(y_train.max()) if y_train.size else 0, int(y_test.max()) if y_test.size else 0)
         classes = [str(i) for i in range(top + 1)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 from torch import nn
@@ -179,6 +179,16 @@ def apply_flavor(items: list, flavor: str) -> list:
             given = {**given, "layers": apply_flavor(given["layers"], flavor)}
         out.append({kind: {**extra.get(kind, {}), **given}})
     return out
+
+
+def check_layer_names(model: nn.Module, names: Sequence[str], key: str = "analysis.tsne.layers") -> None:
+    """Every one of `names` is a layer of `model` (its top-level children); else a ConfigError naming
+    `key` (the setting that names them; "" for none) and the first name that is not there."""
+    known = [name for name, _ in model.named_children()]
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise ConfigError(f"{key + ': ' if key else ''}layer {missing[0]!r} is not in the model "
+                          f"(layers: {', '.join(known)})")
 
 
 def build_layers(items: list, input_shape: tuple[int, int, int]) -> nn.Sequential:

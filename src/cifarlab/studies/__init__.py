@@ -4,7 +4,9 @@
                   every run's config validated before any run starts (load_study -> Study)
     executors.py  where the runs execute (this machine, a Dask cluster, Slurm) and run_jobs
     results.py    the tables (results.csv, results.md), the figures and the study report
-    tune.py       hyperparameter search on Optuna over a study's `search` block
+    tune.py       hyperparameter search on Optuna over a study's `search` block (space.py: that block
+                  checked whole before the storage is touched)
+    reach.py      whether a scheduler, a Slurm controller or a storage answers, in a bounded wait
 
 Nothing here imports the public API (api.py) or the command line (cli.py): a search's trials are
 trained by the `fit` function its caller passes in.

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Protocol
 from .. import processes, runs
 from ..config import write_config
 from ..errors import ConfigError
+from .reach import connect_timeout, reach_scheduler, slurm_reachable
 from .spec import Study
 
 IN_USE = 75  # exit code of a job whose run another process kept writing (EX_TEMPFAIL)
@@ -120,7 +121,11 @@ class Executor(Protocol):
 
     run_threads: Optional[int]  # CPU threads each training process gets (None: all the machine's cores)
 
-    def run(self, jobs: list[Job]) -> dict[str, Any]: ...
+    def reach(self) -> None:
+        """Fail (ConfigError) when what the jobs run on cannot be reached: called before the study folder is written."""
+
+    def run(self, jobs: list[Job], done: Optional[Callable[[str, Any], None]] = None) -> dict[str, Any]:
+        """Each job's exit code (or failure message) by its id; `done(id, result)` as each one ends."""
 
 
 @dataclass
@@ -136,7 +141,10 @@ class LocalExecutor:
         """CPU threads per training process: this machine's cores split between the workers."""
         return processes.cores_per(self.workers)
 
-    def run(self, jobs: list[Job]) -> dict[str, Any]:
+    def reach(self) -> None:
+        """This machine is always there."""
+
+    def run(self, jobs: list[Job], done: Optional[Callable[[str, Any], None]] = None) -> dict[str, Any]:
         free: "queue.Queue[str]" = queue.Queue()
         for gpu in self.gpus:
             free.put(gpu)
@@ -144,10 +152,13 @@ class LocalExecutor:
         def one(job: Job) -> tuple[str, int]:
             gpu = free.get() if job.wants_gpu(bool(self.gpus)) else None
             try:
-                return job.id, run_job(job, gpu)
+                code = run_job(job, gpu)
             finally:
                 if gpu is not None:
                     free.put(gpu)
+            if done is not None:
+                done(job.id, code)
+            return job.id, code
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return dict(pool.map(one, jobs))
@@ -190,6 +201,7 @@ class DaskExecutor:
     threads: Optional[int] = None  # CPU threads per run on the cluster's machines (None: theirs to choose)
     gpu_workers: bool = False  # the cluster's workers will have GPUs (Slurm with gpus_per_run)
     retries_s: float = 600.0  # how long to wait for a first worker
+    check_cluster: Optional[Callable[[], None]] = None  # raises when make_cluster's machines cannot be reached
 
     @property
     def run_threads(self) -> Optional[int]:
@@ -198,14 +210,25 @@ class DaskExecutor:
             return self.threads
         return processes.cores_per(self.workers)
 
+    def reach(self) -> None:
+        """The scheduler at `address` / `scheduler_file` answers, or the Slurm controller does, within
+        connect_timeout(); else a ConfigError."""
+        if self.address or self.scheduler_file:
+            reach_scheduler(self.address, self.scheduler_file, connect_timeout())
+        elif self.check_cluster is not None:
+            self.check_cluster()
+
     def connect(self):
         distributed = _dask()
         if self.address or self.scheduler_file:
-            return distributed.Client(self.address, scheduler_file=self.scheduler_file, timeout="30s"), None
+            address = reach_scheduler(self.address, self.scheduler_file, connect_timeout())
+            return distributed.Client(address, timeout=f"{connect_timeout()}s"), None
+        if self.check_cluster is not None:
+            self.check_cluster()
         cluster = self.make_cluster() if self.make_cluster else local_cluster(self.workers, self.gpus)
         return distributed.Client(cluster), cluster
 
-    def run(self, jobs: list[Job]) -> dict[str, Any]:
+    def run(self, jobs: list[Job], done: Optional[Callable[[str, Any], None]] = None) -> dict[str, Any]:
         if not jobs:
             return {}
         distributed = _dask()
@@ -234,16 +257,18 @@ class DaskExecutor:
                     time.sleep(1.0)
                     continue
                 try:  # the timeout lets new slots (workers that joined) take pending runs
-                    done, _ = distributed.wait(list(running), timeout=2.0, return_when="FIRST_COMPLETED")
+                    ended, _ = distributed.wait(list(running), timeout=2.0, return_when="FIRST_COMPLETED")
                 except TimeoutError:
                     continue
-                for future in done:
+                for future in ended:
                     job = running.pop(future)
                     try:
                         results[job.id] = future.result()
                     except Exception as e:  # KilledWorker: the task's workers died too often
                         results[job.id] = f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                     future.release()  # a finished run's result must not be recomputed if its worker dies
+                    if done is not None:
+                        done(job.id, results[job.id])
         finally:
             client.close()
             if cluster is not None:
@@ -338,7 +363,8 @@ def make_executor(name: str, *, workers: int = 1, gpus: Optional[list[str]] = No
         return DaskExecutor(workers=workers, gpus=gpus, address=address, scheduler_file=scheduler_file)
     slurm = slurm or {}
     return DaskExecutor(make_cluster=lambda: slurm_cluster(slurm), threads=slurm_cores(slurm),
-                        gpu_workers=int(slurm.get("gpus_per_run", 0)) > 0)
+                        gpu_workers=int(slurm.get("gpus_per_run", 0)) > 0,
+                        check_cluster=lambda: slurm_reachable(connect_timeout()))
 
 
 # ---------------------------------------------------------------- a study's jobs
@@ -367,18 +393,34 @@ def plan_jobs(study: Study, out: Path, threads: Optional[int] = None) -> tuple[d
     return outcome, jobs
 
 
-def run_jobs(study: Study, out: Path, executor: Optional[Executor] = None, workers: int = 1) -> dict[str, str]:
-    """Run what is not finished yet; returns run id -> what happened (skipped, completed, failed ...)."""
+def run_jobs(study: Study, out: Path, executor: Optional[Executor] = None, workers: int = 1,
+             on_run: Optional[Callable[[str, str], None]] = None) -> dict[str, str]:
+    """Run what is not finished yet; returns run id -> what happened (skipped, completed, failed ...),
+    and tells `on_run(run id, what happened)` as each run is skipped or ends."""
     executor = executor or make_executor("local", workers=workers, gpus=local_gpus())
+    executor.reach()  # a cluster that cannot be reached: one error, before anything is written to `out`
     outcome, jobs = plan_jobs(study, out, executor.run_threads)
-    for job_id, code in executor.run(jobs).items():
-        if isinstance(code, str):
-            outcome[job_id] = code
-        elif code == IN_USE:
-            outcome[job_id] = "skipped (another process kept writing it)"
-        else:
-            outcome[job_id] = "completed" if code == 0 else f"failed (exit {code}, see logs/{job_id}.log)"
+    for job_id, what in list(outcome.items()):
+        if on_run is not None:
+            on_run(job_id, what)
+
+    def finished(job_id: str, code: Any) -> None:
+        outcome[job_id] = describe_exit(job_id, code)
+        if on_run is not None:
+            on_run(job_id, outcome[job_id])
+
+    for job_id, code in executor.run(jobs, finished).items():
+        outcome[job_id] = describe_exit(job_id, code)
     return outcome
+
+
+def describe_exit(job_id: str, code: Any) -> str:
+    """What a job's exit code (or failure message) means for its run."""
+    if isinstance(code, str):
+        return code
+    if code == IN_USE:
+        return "skipped (another process kept writing it)"
+    return "completed" if code == 0 else f"failed (exit {code}, see logs/{job_id}.log)"
 
 
 def study_executor(study: Study, name: Optional[str] = None, workers: Optional[int] = None,

@@ -1,36 +1,51 @@
-"""What a study's runs measured: one row per variant (mean and std over repeats) in results.csv and
-results.md, overlaid curves in plots/, and report.html with both.
+"""What a study's runs measured, ready for a write-up: one row per variant and grid point (mean and
+std over repeats), with every setting any run sets and the report's own numbers beside ours, as
+results.csv (everything), results.md and results.tex (the settings that differ, the report's
+columns and the difference); figures of training and validation accuracy and loss and a bar chart
+of test accuracy (PNG and PDF) in plots/; report.html with all of it.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from statistics import mean, stdev
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .. import runs
 from ..files import atomic_write
-from .spec import RunSpec, Study, slug, value_text
+from ..models.build import load_preset
+from ..settings import flat_settings
+from .spec import REFERENCE_FIELDS, Reference, RunSpec, Study, slug, value_text
 
 COLUMNS = ["train_acc", "val_acc", "test_acc", "best_epoch", "epochs_run", "train_time_s", "train_img_per_s"]
+ACCURACIES = ("train_acc", "val_acc", "test_acc")
+FIXED = {"label", "variant", "runs", "completed", "status", "stop_reason", "params", "ids", "reduced", *COLUMNS}
+FORMATS = {"csv": "results.csv", "markdown": "results.md", "latex": "results.tex"}
 
 
 def collect(study: Study, out: Path) -> list[dict[str, Any]]:
-    """One row per variant (grid point): settings, status, and each metric's mean (and std over repeats)."""
-    groups: dict[tuple, list[RunSpec]] = {}
+    """One row per variant and grid point: its label, every setting any run of the study sets (the
+    value this row's runs used), status, each metric's mean (and std over repeats), the report's
+    numbers (`ref_*`, accuracies in %) and the differences (`diff_*`, measured minus report, in
+    points), and why the row ran at a smaller scale than the report (`reduced`)."""
+    groups: dict[str, list[RunSpec]] = {}
     for run in study.runs:
-        groups.setdefault((run.variant, json.dumps(run.values, sort_keys=True)), []).append(run)
+        groups.setdefault(run.label, []).append(run)
+    keys = list(dict.fromkeys(key for run in study.runs for key in run.values))
     rows = []
-    for (variant, _), members in groups.items():
+    for label, members in groups.items():
         summaries = []
         for run in members:
             path = out / run.id / runs.SUMMARY
             summaries.append(json.loads(path.read_text()) if path.is_file() else {"status": "missing"})
         done = [s for s in summaries if s.get("status") == "completed"]
         failed = [s for s in summaries if s.get("status") != "completed"]
-        row: dict[str, Any] = {"variant": variant, **{k: value_text(v) for k, v in members[0].values.items()},
+        used = settings_used(members[0])
+        row: dict[str, Any] = {"label": label, "variant": members[0].variant,
+                               **{k: value_text(used.get(k, "-")) for k in keys},
                                "runs": len(members), "completed": len(done),
                                "status": "completed" if not failed else "; ".join(
                                    f"{s.get('status')}: {s.get('stop_reason', 'no summary')}" for s in failed)}
@@ -41,87 +56,210 @@ def collect(study: Study, out: Path) -> list[dict[str, Any]]:
                 row[f"{key}_std"] = stdev(values) if len(values) > 1 else None
         row["stop_reason"] = "; ".join(sorted({s["stop_reason"].split(":")[0] for s in done})) if done else ""
         row["params"] = done[0]["params"]["trainable"] + done[0]["params"]["non_trainable"] if done else None
+        row["reduced"] = reduced_scale(study.reference, members[0], done)
+        row.update(reference_columns(study.reference, label, members[0].variant, row))
         row["ids"] = [r.id for r in members]
         rows.append(row)
     return rows
 
 
-def write_results(study: Study, out: Path, rows: list[dict[str, Any]]) -> None:
-    keys = [k for k in rows[0] if k != "ids"] if rows else []
+def settings_used(run: RunSpec) -> dict[str, Any]:
+    """Every setting of a run's config by its dotted key, with the preset's own parameter values
+    (model.batchnorm, model.kernels, ...) where the run left them at the preset's default."""
+    used = flat_settings(run.config.to_dict())
+    preset = run.config.model.preset
+    if preset:
+        for name, value in load_preset(preset).get("params", {}).items():
+            used.setdefault(f"model.{name}", value)
+    return used
 
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k != "ids"})
 
-    atomic_write(out / "results.csv", write_csv)
-    atomic_write(out / "results.md", results_markdown(study, rows))
+def reference_columns(reference: Reference, label: str, variant: str, row: dict[str, Any]) -> dict[str, Any]:
+    """ref_<field> of the report's row for `label` (else for its variant), and diff_<accuracy> in points."""
+    numbers = reference.rows.get(label) or reference.rows.get(variant) or {}
+    found: dict[str, Any] = {f"ref_{k}": numbers[k] for k in REFERENCE_FIELDS if k in numbers}
+    for key in ACCURACIES:
+        if key in numbers and row.get(key) is not None:
+            found[f"diff_{key}"] = 100 * row[key] - numbers[key]
+    return found
+
+
+def reduced_scale(reference: Reference, run: RunSpec, done: list[dict[str, Any]]) -> str:
+    """Why a row is not a reproduction at the report's scale ("" when it is, or no scale is known)."""
+    scale, why = reference.scale, []
+    images = max((s["sizes"]["train"] for s in done if "sizes" in s), default=None)
+    if "train_images" in scale and images is not None and images < scale["train_images"]:
+        why.append(f"{images} training images (report: {scale['train_images']})")
+    if "epochs" in scale and run.config.train.epochs < scale["epochs"]:
+        why.append(f"at most {run.config.train.epochs} epochs (report: {scale['epochs']})")
+    return "; ".join(why)
 
 
 def setting_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """The columns of `collect` rows that hold a variant's settings (axis keys and `set` keys)."""
-    fixed = {"variant", "runs", "completed", "status", "stop_reason", "params", "ids", *COLUMNS}
-    return [k for k in rows[0] if k not in fixed and not k.endswith("_std")] if rows else []
+    """Every settings column of the rows (axis keys, variants' `set` keys, a search's parameters)."""
+    return list(dict.fromkeys(k for row in rows for k in row if k not in FIXED and not k.startswith(("ref_", "diff_"))
+                              and not k.endswith("_std")))
 
 
-def _pct(row: dict[str, Any], key: str) -> str:
+def differing_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The settings whose values differ between rows: the ones a table should show."""
+    return [k for k in setting_keys(rows) if len({str(row.get(k, "-")) for row in rows}) > 1]
+
+
+def reference_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The accuracies the report gives for at least one row."""
+    return [k for k in ACCURACIES if any(f"ref_{k}" in row for row in rows)]
+
+
+def pct(row: dict[str, Any], key: str, latex: bool = False) -> str:
     value = row.get(key)
     if value is None:
         return "-"
     std = row.get(f"{key}_std")
-    return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+    plus = r" $\pm$ " if latex else " ± "
+    return f"{100 * value:.2f}" + (f"{plus}{100 * std:.2f}" if std is not None else "")
 
 
-def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
-    settings = setting_keys(rows)
-    header = ["variant", *settings, "train %", "val %", "test %", "best epoch", "epochs", "stop", "time (s)",
-              "img/s", "params", "status"]
-    lines = [f"# {study.name}", "", study.description.strip(), "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["variant"], *(str(row[k]) for k in settings), _pct(row, "train_acc"), _pct(row, "val_acc"),
-                 _pct(row, "test_acc"), _num(row.get("best_epoch")), _num(row.get("epochs_run")),
-                 row["stop_reason"], _num(row.get("train_time_s")), _num(row.get("train_img_per_s")),
-                 f"{row['params']:,}" if row.get("params") else "-", row["status"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    repeats = max((r["runs"] for r in rows), default=1)
-    if repeats > 1:
-        lines += ["", f"Mean ± standard deviation over {repeats} seeds."]
-    return "\n".join(lines) + "\n"
-
-
-def _num(value: Any) -> str:
+def num(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.1f}" if isinstance(value, float) and not float(value).is_integer() else f"{int(value)}"
 
 
-def curve(records: list[dict[str, Any]], metric: str) -> tuple[list[int], list[float]]:
-    rows = [r for r in records if metric in r]
-    return [r["epoch"] for r in rows], [100 * r[metric] for r in rows]
+def two(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
-def study_figures(study: Study, out: Path) -> list[Path]:
-    """Overlaid validation curves: one figure per axis (lines colored by that axis' value), and one
-    of the named variants when there are several. When some runs have no validation split (an
-    ablation that trains on every image), all runs are drawn by their training accuracy instead."""
-    from ..analysis.plots import overlay_curves
+def signed(value: Any) -> str:
+    return "-" if value is None else f"{value:+.2f}"
 
-    records = {run.id: runs.epoch_records(out / run.id) for run in study.runs}
-    no_val = any(r and not any("val_acc" in e for e in r) for r in records.values())
-    metric, words = ("train_acc", "training accuracy") if no_val else ("val_acc", "validation accuracy")
+
+def table(rows: list[dict[str, Any]], latex: bool = False) -> tuple[list[str], list[list[str]]]:
+    """(header, cells) of the write-up table: the row, the settings that differ, the measured
+    accuracies with the report's and the difference beside each, epochs, time, size, status."""
+    settings, refs = differing_keys(rows), reference_keys(rows)
+    header = ["variant", *settings]
+    for key in ACCURACIES:
+        name = key.split("_")[0]
+        header += [f"{name} %"] + ([f"{name} % (report)", f"Δ {name}"] if key in refs else [])
+    extra = [k for k in ("best_epoch", "time_s") if any(f"ref_{k}" in row for row in rows)]
+    header += ["best epoch", *(["best epoch (report)"] if "best_epoch" in extra else []), "epochs", "stop", "time (s)",
+               *(["time (s) (report)"] if "time_s" in extra else []), "img/s", "params", "status"]
+    cells = []
+    for row in rows:
+        line = [row["variant"] + (" †" if row.get("reduced") else ""), *(str(row.get(k, "-")) for k in settings)]
+        for key in ACCURACIES:
+            line.append(pct(row, key, latex))
+            if key in refs:
+                line += [two(row.get(f"ref_{key}")), signed(row.get(f"diff_{key}"))]
+        line += [num(row.get("best_epoch")), *([num(row.get("ref_best_epoch"))] if "best_epoch" in extra else []),
+                 num(row.get("epochs_run")), row.get("stop_reason", ""), num(row.get("train_time_s")),
+                 *([num(row.get("ref_time_s"))] if "time_s" in extra else []), num(row.get("train_img_per_s")),
+                 f"{row['params']:,}" if row.get("params") else "-", row["status"]]
+        cells.append(line)
+    return header, cells
+
+
+def notes(study: Study, rows: list[dict[str, Any]]) -> list[str]:
+    """The sentences under a table: repeats, the report's source and scale, which rows ran reduced."""
+    lines = []
+    repeats = max((r["runs"] for r in rows), default=1)
+    if repeats > 1:
+        lines.append(f"Mean ± standard deviation over {repeats} seeds.")
+    reference = study.reference
+    if reference.rows:
+        lines.append(f"Report columns: {reference.source or 'the report'}; Δ = measured minus report, in points.")
+    if reference.notes:
+        lines.append(reference.notes.strip())
+    reasons: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("reduced"):
+            reasons.setdefault(row["reduced"], []).append(row.get("label", row["variant"]))
+    for reason, labels in reasons.items():
+        which = "every row" if len(labels) == len(rows) and len(rows) > 1 else ", ".join(labels)
+        lines.append(f"† {which}: reduced scale ({reason}): a quick pass, not a reproduction.")
+    return lines
+
+
+def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
+    header, cells = table(rows)
+    lines = [f"# {study.name}", "", study.description.strip(), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in line) + " |" for line in cells]
+    return "\n".join(lines + [""] + notes(study, rows)) + "\n"
+
+
+def latex_text(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                          ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
+        text = text.replace(char, escaped)
+    return text.replace("Δ", r"$\Delta$").replace("†", r"$^\dagger$").replace("±", r"$\pm$")
+
+
+def results_latex(study: Study, rows: list[dict[str, Any]]) -> str:
+    """A booktabs table (\\usepackage{booktabs}) with its caption and notes."""
+    header, cells = table(rows, latex=True)
+    numeric = {i for i, h in enumerate(header) if h not in ("variant", "stop", "status") and i > len(differing_keys(rows))}
+    spec = "".join("r" if i in numeric else "l" for i in range(len(header)))
+    text = lambda c: c if "$" in c else latex_text(c)  # noqa: E731 - cells with math are ours already
+    lines = [r"\begin{table}[htbp]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+             " & ".join(latex_text(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(text(c) for c in line) + r" \\" for line in cells]
+    lines += [r"\bottomrule", r"\end{tabular}",
+              rf"\caption{{{latex_text(' '.join([study.name + ': ' + study.description.strip(), *notes(study, rows)]))}}}",
+              rf"\label{{tab:{slug(study.name)}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def results_csv(rows: list[dict[str, Any]]) -> str:
+    """Every column of every row (the keys any row has), floats to 6 significant digits."""
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "ids"))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=keys, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k != "ids"})
+    return text.getvalue()
+
+
+WRITERS: dict[str, Callable[[Study, list[dict[str, Any]]], str]] = {
+    "csv": lambda study, rows: results_csv(rows), "markdown": results_markdown, "latex": results_latex}
+
+
+def write_results(study: Study, out: Path, rows: list[dict[str, Any]], formats: tuple[str, ...] = tuple(FORMATS)) -> list[Path]:
+    """results.csv, results.md and results.tex (or those of `formats`) in the study folder."""
+    return [atomic_write(out / FORMATS[f], WRITERS[f](study, rows)) for f in formats]
+
+
+def curve_series(study: Study, out: Path) -> list[tuple[str, str, Any, list[dict]]]:
+    """(legend label, colour key, dash key, epoch records) per run: colour by variant and line style by
+    axis point when both vary, else colour by whichever varies."""
+    variants = len({r.variant for r in study.runs}) > 1
+    points = len({json.dumps(r.point, sort_keys=True, default=str) for r in study.runs}) > 1
+    series = []
+    for run in study.runs:
+        point = ", ".join(f"{k}={value_text(v)}" for k, v in run.point.items())
+        colour = run.variant if variants else point
+        dash = point if variants and points else None
+        series.append((run.label if variants or not points else point, colour, dash, runs.epoch_records(out / run.id)))
+    return [s for s in series if s[3]]
+
+
+def study_figures(study: Study, out: Path, rows: Optional[list[dict[str, Any]]] = None) -> list[Path]:
+    """plots/curves.png (training and validation accuracy and loss of every run) and plots/test_acc.png
+    (test accuracy per row, std over repeats as error bars, the report's value marked), each also as PDF."""
+    from ..analysis.plots import bar_chart, study_curves
+
     figures = []
-    groupings = [(axis, lambda r, a=axis: f"{a}={value_text(r.values[a])}") for axis in study.axes]
-    if len({r.variant for r in study.runs}) > 1:
-        groupings.insert(0, ("variant", lambda r: r.variant))
-    for axis, label_of in groupings:
-        series = [(label_of(run), *curve(records[run.id], metric)) for run in study.runs]
-        series = [s for s in series if s[1]]
-        if series:
-            figures.append(overlay_curves(series, out / "plots" / f"{metric}_by_{slug(axis)}.png",
-                                          f"{study.name}: {words} by {axis}", ylabel=f"{words} (%)"))
+    series = curve_series(study, out)
+    if series:
+        figures.append(study_curves(series, out / "plots" / "curves.png", f"{study.name}: accuracy and loss per epoch"))
+    scored = [r for r in rows or collect(study, out) if r.get("test_acc") is not None]
+    if scored:
+        figures.append(bar_chart([r["label"] for r in scored], [100 * r["test_acc"] for r in scored],
+                                 [None if r.get("test_acc_std") is None else 100 * r["test_acc_std"] for r in scored],
+                                 [r.get("ref_test_acc") for r in scored], out / "plots" / "test_acc.png",
+                                 f"{study.name}: test accuracy", "test accuracy (%)"))
     return figures
 
 
@@ -129,33 +267,22 @@ def write_report(study: Study, out: Path, rows: list[dict[str, Any]], figures: l
                  counts: Optional[str] = None) -> Path:
     from ..analysis.report import inline, render_html
 
-    settings = setting_keys(rows)
-    columns = ([{"title": "variant", "text": True}] + [{"title": s, "text": True} for s in settings] +
-               [{"title": t, "text": False} for t in ("train %", "val %", "test %", "best epoch", "epochs",
-                                                      "time (s)", "img/s", "params")] +
-               [{"title": "stop", "text": True}, {"title": "status", "text": True}])
-    table = []
-    for row in rows:
-        numbers = [(row.get(k), _pct(row, k)) for k in ("train_acc", "val_acc", "test_acc")]
-        numbers += [(row.get(k), _num(row.get(k))) for k in ("best_epoch", "epochs_run", "train_time_s",
-                                                              "train_img_per_s")]
-        numbers.append((row.get("params"), f"{row['params']:,}" if row.get("params") else "-"))
-        cells = [{"sort": row["variant"], "shown": row["variant"]}]
-        cells += [{"sort": str(row[s]), "shown": str(row[s])} for s in settings]
-        cells += [{"sort": "" if v is None else v, "shown": shown} for v, shown in numbers]
-        cells += [{"sort": row["stop_reason"], "shown": row["stop_reason"]}, {"sort": row["status"], "shown": row["status"]}]
-        table.append({"cells": cells, "ok": row["status"] == "completed"})
+    header, cells = table(rows)
+    numeric = [h not in ("variant", "stop", "status") and h not in differing_keys(rows) for h in header]
+    columns = [{"title": h, "text": not n} for h, n in zip(header, numeric)]
+    body = [{"cells": [{"sort": c, "shown": c} for c in line], "ok": row["status"] == "completed"}
+            for line, row in zip(cells, rows)]
     reference = study.reference
     return render_html(
-        "study.html", out / "report.html", study=study, columns=columns, table=table,
-        counts=counts or f"{len(rows)} variants, {len(study.runs)} runs",
-        reference=json.dumps(reference, indent=2) if isinstance(reference, (dict, list)) else reference,
+        "study.html", out / "report.html", study=study, columns=columns, table=body,
+        counts=counts or f"{len(rows)} rows, {len(study.runs)} runs", notes=notes(study, rows),
+        scale=", ".join(f"{k.replace('_', ' ')} {v}" for k, v in reference.scale.items()),
         figures=[{"title": p.stem.replace("_", " "), "data": inline(p)} for p in figures])
 
 
 def summarize_study(study: Study, out: Path) -> list[dict[str, Any]]:
-    """results.csv, results.md, plots/ and report.html from whatever runs exist."""
+    """results.csv, results.md, results.tex, plots/ and report.html from whatever runs exist."""
     rows = collect(study, out)
     write_results(study, out, rows)
-    write_report(study, out, rows, study_figures(study, out))
+    write_report(study, out, rows, study_figures(study, out, rows))
     return rows

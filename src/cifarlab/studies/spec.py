@@ -7,6 +7,13 @@ into runs that execute as separate processes, then tabulated (results.csv, resul
     variants:                                          # optional; each one x the grid
       - {name: kernels-753, set: {model.kernels: [7, 5, 3]}}
     repeats: 2                                         # seeds seed, seed+1, ...
+    reference:                                         # optional: what the report itself measured
+      source: "report 001, table 3, full CIFAR-10"
+      scale: {train_images: 45000, epochs: 100}        # rows that trained on less are marked reduced
+      rows: {kernels-753: {train_acc: 84.25, val_acc: 80.59, test_acc: 80.03, best_epoch: 18}}
+
+Command-line overrides apply to every run after its variant's `set:` (they win); `only` / `skip`
+select variants by name. `check_plan` tries every run's data and model before anything runs.
 
 A study directory holds one folder per run, named after its variant, axis values and seed, so that
 running the study again skips what finished and resumes or redoes what did not.
@@ -21,12 +28,38 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..config import Config, load_config
-from ..errors import ConfigError
+from ..data.sources import SHAPES, dataset_from_config
+from ..data.splits import validation_count
+from ..errors import CifarlabError, ConfigError
+from ..models.build import build_model, check_layer_names
 from ..yamlfiles import apply_override, read_yaml
 
 STUDY_KEYS = {"name", "description", "config", "base", "axes", "variants", "repeats", "reference", "executor", "slurm",
               "search", "tune"}
 EXECUTOR_KEYS = {"name", "workers", "address", "scheduler_file"}
+REFERENCE_KEYS = {"source", "scale", "rows", "notes"}
+REFERENCE_FIELDS = ("train_acc", "val_acc", "test_acc", "best_epoch", "time_s", "params")  # accuracies in %
+SCALE_KEYS = ("train_images", "epochs")
+
+
+class PlanError(ConfigError):
+    """Runs of a study that cannot run, one line each (exit code 2)."""
+
+    def __init__(self, study: str, problems: list[str]):
+        super().__init__(f"{study}: {len(problems)} run(s) cannot run: " + "; ".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class Reference:
+    """What the report itself measured, to stand beside the study's own numbers: `rows` maps a row
+    label (the variant, or "variant, axis=value") or a variant name to its numbers (REFERENCE_FIELDS,
+    accuracies in %); `scale` is what the report trained on (train_images, epochs)."""
+
+    source: str = ""
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    scale: dict[str, int] = field(default_factory=dict)
+    notes: str = ""
 
 
 @dataclass
@@ -38,6 +71,12 @@ class RunSpec:
     values: dict[str, Any]  # axis key -> value (and a variant's settings)
     seed: int
     config: Config
+    point: dict[str, Any] = field(default_factory=dict)  # the axis values alone
+
+    @property
+    def label(self) -> str:
+        """The row this run belongs to: its variant, and its axis values when the study has axes."""
+        return ", ".join([self.variant, *(f"{k}={value_text(v)}" for k, v in self.point.items())])
 
 
 @dataclass
@@ -49,7 +88,7 @@ class Study:
     description: str
     runs: list[RunSpec]
     axes: list[str]
-    reference: Any = None  # what the report itself measured, shown beside our table
+    reference: Reference = field(default_factory=Reference)  # what the report itself measured
     path: Optional[Path] = None
     executor: dict[str, Any] = field(default_factory=dict)  # name (local | dask | slurm), workers, address, ...
     slurm: dict[str, Any] = field(default_factory=dict)  # the Slurm jobs' settings (see executors.slurm_options)
@@ -72,8 +111,10 @@ def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text).strip("-")
 
 
-def load_study(path: Path, overrides: Optional[list[str]] = None) -> Study:
-    """Expand a study file into validated runs; `overrides` (key=value) apply to every run."""
+def load_study(path: Path, overrides: Optional[list[str]] = None, only: Optional[list[str]] = None,
+               skip: Optional[list[str]] = None) -> Study:
+    """Expand a study file into validated runs; `overrides` (key=value) apply to every run; `only` /
+    `skip` keep or leave out variants by name."""
     path = Path(path)
     spec = read_yaml(path)
     unknown = set(spec) - STUDY_KEYS
@@ -89,7 +130,7 @@ def load_study(path: Path, overrides: Optional[list[str]] = None) -> Study:
     axes = spec.get("axes") or {}
     if not isinstance(axes, dict) or any(not isinstance(v, list) or not v for v in axes.values()):
         raise ConfigError(f"{path}: axes must map each key.path to a non-empty list of values")
-    variants = spec.get("variants") or [{"name": "base"}]
+    variants = select_variants(path, spec.get("variants") or [{"name": "base"}], only, skip)
     repeats = int(spec.get("repeats", 1))
     if repeats < 1:
         raise ConfigError(f"{path}: repeats must be >= 1")
@@ -117,7 +158,8 @@ def load_study(path: Path, overrides: Optional[list[str]] = None) -> Study:
         if not isinstance(spec.get(key) or {}, dict):
             raise ConfigError(f"{path}: {key} must be a mapping")
     return Study(spec.get("name") or path.stem, spec.get("description", ""), expanded, list(axes),
-                 spec.get("reference"), path, executor, spec.get("slurm") or {}, spec.get("search") or {},
+                 read_reference(path, spec.get("reference"), [v.get("name") for v in spec.get("variants") or []]),
+                 path, executor, spec.get("slurm") or {}, spec.get("search") or {},
                  spec.get("tune") or {}, base)
 
 
@@ -137,7 +179,92 @@ def _plan_run(path: Path, base: dict, variant: Optional[str], settings: dict[str
     config = config_with(base, {**settings, **point}, overrides, f"{path} ({label})")
     seed = config.seed + repeat
     config.seed = seed
-    return RunSpec(f"{label}_seed{seed}", variant or "base", {**settings, **point}, seed, config)
+    return RunSpec(f"{label}_seed{seed}", variant or "base", {**settings, **point}, seed, config, dict(point))
+
+
+def select_variants(path: Path, variants: Any, only: Optional[list[str]], skip: Optional[list[str]]) -> list:
+    """The variants `only` keeps (all when None) minus those `skip` names; unknown names are errors."""
+    if not isinstance(variants, list):
+        raise ConfigError(f"{path}: variants must be a list of {{name: ..., set: {{...}}}}")
+    names = [v.get("name") for v in variants if isinstance(v, dict)]
+    for option, chosen in (("--only", only), ("--skip", skip)):
+        unknown = [n for n in chosen or [] if n not in names]
+        if unknown:
+            raise ConfigError(f"{option} {unknown[0]}: no such variant in {path} (variants: {', '.join(map(str, names))})")
+    kept = [v for v in variants if not isinstance(v, dict) or
+            ((only is None or v.get("name") in only) and v.get("name") not in (skip or []))]
+    if not kept:
+        raise ConfigError(f"{path}: --only / --skip leave no variant to run")
+    return kept
+
+
+def read_reference(path: Path, spec: Any, variants: list[str]) -> Reference:
+    """The study's `reference:` block, checked: known keys, rows that name a variant or a row, numbers."""
+    if spec is None:
+        return Reference()
+    if not isinstance(spec, dict) or set(spec) - REFERENCE_KEYS:
+        raise ConfigError(f"{path}: reference is {{source, scale, rows, notes}} (rows: name -> "
+                          f"{{{', '.join(REFERENCE_FIELDS)}}}), got {spec!r:.80}")
+    scale, rows = spec.get("scale") or {}, spec.get("rows") or {}
+    if not isinstance(scale, dict) or set(scale) - set(SCALE_KEYS):
+        raise ConfigError(f"{path}: reference.scale takes {', '.join(SCALE_KEYS)}")
+    for name, numbers in rows.items() if isinstance(rows, dict) else [("rows", rows)]:
+        if not isinstance(numbers, dict):
+            raise ConfigError(f"{path}: reference.rows.{name} must map {', '.join(REFERENCE_FIELDS)} to numbers")
+        bad = [k for k, v in numbers.items() if k not in REFERENCE_FIELDS or isinstance(v, bool)
+               or not isinstance(v, (int, float))]
+        if bad:
+            raise ConfigError(f"reference.rows.{name}.{bad[0]}: {numbers[bad[0]]!r} in {path} (numbers for "
+                              f"{', '.join(REFERENCE_FIELDS)})")
+        if name.split(", ")[0] not in (variants or ["base"]):
+            raise ConfigError(f"reference.rows.{name}: no such variant in {path} (variants: {', '.join(variants)})")
+    for key in scale:
+        if isinstance(scale[key], bool) or not isinstance(scale[key], int) or scale[key] < 1:
+            raise ConfigError(f"reference.scale.{key}: {scale[key]!r} in {path} (a positive whole number)")
+    return Reference(str(spec.get("source") or ""), dict(rows), dict(scale), str(spec.get("notes") or ""))
+
+
+def check_plan(study: Study, read_data: bool = True) -> None:
+    """Try every run's data and model before anything runs: its dataset can be read, its split sizes
+    fit the data, and the layers its analysis names exist. PlanError lists each run that cannot run.
+    Without `read_data` (the runs will read their data on other machines) only the layers are checked,
+    for datasets whose shape is known without reading them."""
+    datasets: dict[str, Any] = {}
+    problems = []
+    for run in study.runs:
+        try:
+            check_run(run.config, datasets, read_data)
+        except CifarlabError as e:
+            problems.append(f"{run.id}: {' '.join(str(e).split())}")
+    if problems:
+        raise PlanError(study.name, problems)
+
+
+def check_run(config: Config, datasets: dict[str, Any], read_data: bool = True) -> None:
+    """Raise the error a run of `config` would meet while preparing its data and model (datasets are
+    read once per data section and seed, into `datasets`)."""
+    if not read_data:
+        if config.analysis.tsne.layers and config.data.dataset in SHAPES:
+            shape, classes = SHAPES[config.data.dataset]
+            check_model_layers(config, shape, classes)
+        return
+    key = json.dumps([config.data.model_dump(mode="json"), config.seed])
+    if key not in datasets:
+        try:
+            datasets[key] = dataset_from_config(config.data, config.seed)
+        except CifarlabError as e:
+            datasets[key] = e
+    found = datasets[key]
+    if isinstance(found, CifarlabError):
+        raise found
+    validation_count(len(found.y_train), config.data.val_size)
+    if config.analysis.tsne.layers:
+        check_model_layers(config, found.image_shape, len(found.classes))
+
+
+def check_model_layers(config: Config, shape: tuple[int, int, int], classes: int) -> None:
+    """The layers analysis.tsne.layers names exist in the network the config builds."""
+    check_layer_names(build_model(config.model, shape, classes), config.analysis.tsne.layers)
 
 
 def study_folder(study: Study, out: Union[str, Path, None] = None) -> Path:

@@ -20,6 +20,7 @@ callbacks plus the pruning callback), so this module never imports the API above
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -30,15 +31,16 @@ from typing import Any, Optional, Protocol, Sequence
 from .. import processes, runs
 from ..config import Config, write_config
 from ..errors import CifarlabError, ConfigError
+from .reach import connect_timeout
 from .results import COLUMNS, write_report, write_results
-from .spec import Study, config_with, value_text
+from .space import check_search, finite_number, trial_config
+from .spec import Study, value_text
 
 log = logging.getLogger(__name__)
 TUNE_KEYS = {"metric", "direction", "sampler", "pruner", "trials", "timeout", "startup_trials", "warmup_epochs",
              "enqueue", "seed"}
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "halving", "none")
-KINDS = ("float", "int", "choice")
 
 
 def _optuna():
@@ -79,7 +81,7 @@ def tune_settings(study: Study) -> Settings:
     if unknown:
         raise ConfigError(f"{where}: unknown tune key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(TUNE_KEYS))})")
     metric = spec.get("metric", "val_acc")
-    if not metric.startswith(("val_", "train_")):
+    if not isinstance(metric, str) or not metric.startswith(("val_", "train_")):
         raise ConfigError(f"{where}: tune.metric must be a validation or training metric (val_acc, val_loss, ...), "
                           f"not {metric!r}: the test split never chooses")
     settings = Settings(metric=metric, direction=spec.get("direction", "minimize" if metric.endswith("loss") else "maximize"),
@@ -89,38 +91,16 @@ def tune_settings(study: Study) -> Settings:
     for key, allowed in (("direction", ("maximize", "minimize")), ("sampler", SAMPLERS), ("pruner", PRUNERS)):
         if getattr(settings, key) not in allowed:
             raise ConfigError(f"{where}: tune.{key} is {getattr(settings, key)!r}; choose from: {', '.join(allowed)}")
-    if not isinstance(settings.trials, int) or settings.trials < 1:
-        raise ConfigError(f"{where}: tune.trials must be an integer >= 1")
+    for key, least in (("trials", 1), ("startup_trials", 0), ("warmup_epochs", 0)):
+        value = getattr(settings, key)
+        if finite_number(value, integer=True) is None or value < least:
+            raise ConfigError(f"{where}: tune.{key} must be an integer >= {least}, got {value!r}")
+    if settings.seed is not None and finite_number(settings.seed, integer=True) is None:
+        raise ConfigError(f"{where}: tune.seed must be an integer, got {settings.seed!r}")
+    if settings.timeout is not None and (finite_number(settings.timeout) is None or float(settings.timeout) <= 0):
+        raise ConfigError(f"{where}: tune.timeout must be a number of seconds > 0, got {settings.timeout!r}")
+    settings.timeout = float(settings.timeout) if settings.timeout is not None else None
     return settings
-
-
-def check_search(study: Study) -> dict[str, dict[str, Any]]:
-    """The `search` block, each key checked: one of float / int / choice, a valid range, and a key
-    that the config accepts (its low end and every choice are validated as settings)."""
-    where = study.path
-    if not study.search:
-        raise ConfigError(f"{where}: a tune study needs a search block (key.path: {{float|int|choice: ...}})")
-    for key, spec in study.search.items():
-        if not isinstance(spec, dict) or len(set(spec) & set(KINDS)) != 1 or set(spec) - {*KINDS, "log", "step"}:
-            raise ConfigError(f"{where}: search.{key} must be {{float: [low, high]}}, {{int: [low, high]}} or "
-                              "{choice: [a, b, ...]} (with optional log: true, step: s)")
-        kind = next(k for k in KINDS if k in spec)
-        values = spec[kind]
-        if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
-            shape = "of choices" if kind == "choice" else "[low, high]"
-            raise ConfigError(f"{where}: search.{key}.{kind} must be a list {shape}")
-        if kind != "choice" and not values[0] < values[1]:
-            raise ConfigError(f"{where}: search.{key}.{kind} must be [low, high] with low < high, got {values}")
-        if spec.get("log") and kind != "choice" and values[0] <= 0:
-            raise ConfigError(f"{where}: search.{key} is log-scaled, so its low end must be > 0, got {values[0]}")
-        for value in (values if kind == "choice" else values[:1]):
-            trial_config(study, {key: value})
-    return study.search
-
-
-def trial_config(study: Study, values: dict[str, Any], overrides: Optional[list[str]] = None) -> Config:
-    """The study's base config with a trial's `values` (validated: a bad key or value is named)."""
-    return config_with(study.base, values, overrides, f"{study.path} (search values {values})")
 
 
 def suggest(trial, search: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -130,10 +110,10 @@ def suggest(trial, search: dict[str, dict[str, Any]]) -> dict[str, Any]:
             values[key] = trial.suggest_categorical(key, spec["choice"])
         elif "int" in spec:
             low, high = spec["int"]
-            values[key] = trial.suggest_int(key, low, high, step=spec.get("step", 1), log=bool(spec.get("log")))
+            values[key] = trial.suggest_int(key, low, high, step=spec.get("step", 1), log=spec["log"])
         else:
             low, high = spec["float"]
-            values[key] = trial.suggest_float(key, float(low), float(high), step=spec.get("step"), log=bool(spec.get("log")))
+            values[key] = trial.suggest_float(key, low, high, step=spec.get("step"), log=spec["log"])
     return values
 
 
@@ -163,7 +143,9 @@ def open_study(study: Study, settings: Settings, out: Path, storage: Optional[st
     """The Optuna study (created by the first process, joined by the others)."""
     optuna = _optuna()
     url = storage_url(out, storage)
-    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    engine: dict[str, Any] = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if url.startswith("postgresql") and "connect_timeout" not in url:  # a server that does not answer: bounded wait
+        engine["connect_args"] = {"connect_timeout": max(2, math.ceil(connect_timeout()))}  # libpq: whole seconds, >= 2
     try:
         backend = optuna.storages.RDBStorage(url, engine_kwargs=engine)
     except Exception as e:  # noqa: BLE001 - a wrong URL, an unreachable server, a missing driver
@@ -196,13 +178,20 @@ def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[fl
     settings = tune_settings(study)
     search = check_search(study)
     opened = open_study(study, settings, out, storage, worker)
+    if worker:  # the first process waits for this one before it asks for trials (see run_search)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        (out / "logs" / f"worker-{worker}.ready").touch()
     deadline = time.monotonic() + timeout if timeout else None
     ran = 0
     started = tuple(s for s in optuna.trial.TrialState if s != optuna.trial.TrialState.WAITING)  # enqueued ones wait
     while len(opened.get_trials(deepcopy=False, states=started)) < trials and \
             (deadline is None or time.monotonic() < deadline):
         trial = opened.ask()
-        values = suggest(trial, search)
+        try:
+            values = suggest(trial, search)
+        except Exception as e:  # noqa: BLE001 - check_search should have refused it; the trial must not stay RUNNING
+            opened.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise ConfigError(f"{study.path}: Optuna refused the search block ({type(e).__name__}: {e})") from None
         folder = trial_folder(out, trial.number)
         trial.set_user_attr("run", folder.name)
         trial.set_user_attr("worker", worker)
@@ -222,6 +211,20 @@ def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[fl
             opened.tell(trial, summary[settings.metric])
         ran += 1
     return ran
+
+
+WORKER_START_S = 120.0  # how long the first process waits for the others to open the study
+
+
+def wait_until_ready(helpers: list, out: Path, limit_s: float = WORKER_START_S) -> None:
+    """Wait until every other worker process opened the study (or ended, or `limit_s` passed), so that
+    all ask for their first trial together: otherwise the first process, already running, may take
+    every trial of a short search before the others have imported torch."""
+    deadline = time.monotonic() + limit_s
+    for index, helper in enumerate(helpers, start=1):
+        ready = out / "logs" / f"worker-{index}.ready"
+        while not ready.exists() and helper.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 @dataclass
@@ -248,9 +251,11 @@ def run_search(study: Study, out: Path, fit: Fit, *, trials: Optional[int] = Non
     check_search(study)
     trials = trials or settings.trials
     timeout = timeout if timeout is not None else settings.timeout
-    out.mkdir(parents=True, exist_ok=True)
     url = storage_url(out, storage)
+    if storage is None:  # SQLite in the study folder; a server's storage is reached before the folder is made
+        out.mkdir(parents=True, exist_ok=True)
     open_study(study, settings, out, url)  # created (and its first trials enqueued) before any worker joins
+    out.mkdir(parents=True, exist_ok=True)
     # the study's runs carry the overrides: a train.threads given there is kept
     given = [] if study.runs[0].config.train.threads else [f"train.threads={processes.cores_per(workers)}"]
     helpers = []
@@ -262,6 +267,7 @@ def run_search(study: Study, out: Path, fit: Fit, *, trials: Optional[int] = Non
         (out / "logs").mkdir(exist_ok=True)
         helpers.append(processes.start(command, dict(os.environ), open(out / "logs" / f"worker-{index}.log", "a")))
     try:
+        wait_until_ready(helpers, out)
         work(study, out, fit, trials=trials, timeout=timeout, storage=url, overrides=[*(overrides or []), *given])
         for helper in helpers:
             helper.wait()

@@ -27,17 +27,18 @@ from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
 from ..data.local import content_checksum
 from ..data.prepare import eval_loader, prepare_data, select_device, to_device
+from ..data.sources import SHAPES
 from ..errors import CifarlabError, Interrupted, TrainingFailed
 from ..hooks import HOOKS, Callback
 from ..evaluation import Evaluation, autocast, autocast_dtype
-from ..models.build import build_model
+from ..models.build import build_model, check_layer_names
 from ..models.summary import count_params
 from . import distributed
 from .checkpoint import Checkpointing, check_resumable, state_keys
 from .compiling import CompiledOrEager, compile_pays
 from .optim import kernels, l2_penalty, make_optimizer
 from .schedules import LRSchedule
-from .signals import SignalFlag, signal_name
+from .signals import SignalFlag, signal_name, stoppable
 from .strategy import strategy_for
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class Trainer(Checkpointing):
         self.callback_keys = state_keys(self.callbacks)
         # a callback may define any subset of the hooks (the Callback base class defines them all)
         self.hooks = {hook: [getattr(cb, hook) for cb in self.callbacks if hasattr(cb, hook)] for hook in HOOKS}
+        if config.analysis.tsne.layers and config.data.dataset in SHAPES:  # a shape known before any data is read
+            check_layer_names(build_model(config.model, *SHAPES[config.data.dataset]), config.analysis.tsne.layers)
         self.splits = splits = prepare_data(config)
         self.classes = splits.dataset.classes
         self.input_shape = splits.dataset.image_shape
@@ -65,6 +68,7 @@ class Trainer(Checkpointing):
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
         model = build_model(config.model, self.input_shape, len(self.classes)).to(device)
+        check_layer_names(model, config.analysis.tsne.layers)  # your own data: as soon as it is read
         self.model = model.to(memory_format=torch.channels_last) if config.train.channels_last else model
         self.optimizer = make_optimizer(config.optim, self.model)
         # fp16 gradients underflow without loss scaling; bf16 and float32 need none
@@ -315,7 +319,8 @@ class Trainer(Checkpointing):
             try:
                 method(self, error)
             except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
-                log.warning("on_exception of %s failed: %s: %s", type(method.__self__).__name__, type(e).__name__, e)
+                owner = getattr(method, "__self__", method)
+                log.warning("on_exception of %s failed: %s: %s", type(owner).__name__, type(e).__name__, e)
 
     def _fit(self) -> Path:
         c, strategy = self.config, self.strategy
@@ -346,12 +351,28 @@ class Trainer(Checkpointing):
             train_loss=chosen["train_loss"], train_acc=chosen["train_acc"], val_loss=chosen.get("val_loss"),
             val_acc=chosen.get("val_acc"), test_loss=self.test_result.loss, test_acc=self.test_result.acc,
             train_time_s=round(self.train_time, 3), wall_time_s=round(self.elapsed(), 3),
-            train_img_per_s=round(self.images_seen / self.train_time, 1) if self.train_time else None)
-        try:
-            self.dispatch("on_fit_end", summary)
-        except Exception as e:  # noqa: BLE001 - the run is trained and scored: a hook at the end must not undo that
-            log.warning("a callback failed after the run completed: %s: %s", type(e).__name__, e)
+            train_img_per_s=round(self.images_seen / self.train_time, 1) if self.train_time else None,
+            analysis={"status": "running"})  # what a run killed (SIGKILL) in its analysis keeps saying
+        self.analyse(summary)
         return self.run_dir
+
+    def analyse(self, summary: dict[str, Any]) -> None:
+        """The on_fit_end hooks (report, t-SNE), timed, their status in summary.json; the run stays completed:
+        a failing hook is logged, a signal stops them at once (Interrupted); `cifarlab report RUN` finishes."""
+        started = time.perf_counter()
+        status, reason, signum = stoppable(lambda: self.dispatch("on_fit_end", summary))
+        if status == "failed":
+            log.warning("the analysis after training failed (%s); finish it with: cifarlab report %s", reason, self.run_dir)
+        summary.update(analysis={"status": status, "reason": reason, "seconds": round(time.perf_counter() - started, 3)},
+                       wall_time_s=round(self.elapsed(), 3))
+        try:
+            if self.strategy.is_main:
+                runs.write_json(self.run_dir / runs.SUMMARY, summary)
+        except CifarlabError as e:  # a full disk: summary.json keeps saying "running" and training's result stands
+            log.warning("%s", e)
+        if signum is not None:
+            raise Interrupted(f"{reason} in the analysis after training (the run itself is completed; its report and "
+                              "t-SNE are not)", signum, self.run_dir, f"finish them with: cifarlab report {self.run_dir}")
 
 
 def fit(config: Config, callbacks: Sequence[Callback] = (), run_dir: Optional[Path] = None) -> Path:
