@@ -29,6 +29,27 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def environment_kept():
+    """What a test's code puts in os.environ, and torch's thread count, go with the test. Dask's LocalCluster
+    sets OMP_NUM_THREADS=1 (and MKL_, OPENBLAS_NUM_THREADS, MALLOC_TRIM_THRESHOLD_) in this process for its
+    workers: left there, every process a later test starts (training, a notebook kernel) would run torch on
+    one thread; a run with train.threads=1 trained here would leave the tests after it on one thread."""
+    import torch
+
+    def variables() -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # pytest's own
+
+    saved, threads = variables(), torch.get_num_threads()
+    yield
+    now = variables()
+    if now != saved:
+        for key in now.keys() - saved.keys():
+            del os.environ[key]
+        os.environ.update(saved)
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- runs shared by the tests that read them
 # Each is trained once per session, on real data, with an empty dataset cache of its own. A test that
 # writes into a run (eval_*.json, plots/, export/, a resume) works on its own copy: copy_run.

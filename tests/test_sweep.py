@@ -88,7 +88,7 @@ repeats: 2
 """
     study = load_study(write_study(tmp_path, text))
     assert len(study.runs) == 4 and {r.seed for r in study.runs} == {0, 1}
-    outcome = run_jobs(study, tmp_path / "out")
+    outcome = run_jobs(study, tmp_path / "out", workers=2)  # a failing run next to a running one
     assert outcome["fine_seed0"] == outcome["fine_seed1"] == "completed"
     assert outcome["explodes_seed0"].startswith("failed (exit 1")
     rows = {r["variant"]: r for r in summarize_study(study, tmp_path / "out")}
@@ -123,7 +123,7 @@ def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_he
     done_before = {r.id: (out / r.id / "summary.json").stat().st_mtime_ns for r in study.runs
                    if (out / r.id / "summary.json").is_file()}
     assert study.runs[0].id in done_before and len(done_before) < 4
-    outcome = run_jobs(study, out)
+    outcome = run_jobs(study, out, workers=2)
     assert all(outcome[i] == "skipped (completed before)" for i in done_before)
     assert sum(v == "completed" for v in outcome.values()) == 4 - len(done_before)
     for run_id, mtime in done_before.items():
@@ -166,7 +166,7 @@ variants:
 """)
     study = load_study(path)
     out = tmp_path / "out"
-    assert set(run_jobs(study, out).values()) == {"completed"}
+    assert set(run_jobs(study, out, workers=2).values()) == {"completed"}
     summarize_study(study, out)
     # one run has no validation curve: both are drawn (training panels), none is left out
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["curves.pdf", "curves.png", "test_acc.pdf",
