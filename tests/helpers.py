@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import re
+import socket
 import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,9 +31,32 @@ def cli_command(*args) -> list[str]:
     return [*CLI, *map(str, args)]
 
 
-def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
-    """`cifarlab ARGS` in a process of its own; waits for it (up to 10 minutes) and captures its output."""
-    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=600, **kwargs)
+def run_cli(*args, timeout: float = 600, env: Optional[dict[str, str]] = None, **kwargs) -> subprocess.CompletedProcess:
+    """`cifarlab ARGS` in a process of its own; waits for it (up to `timeout` seconds: a command whose own
+    wait is not bounded fails the test instead of hanging it) and captures its output. `env`: variables
+    added to this process' environment."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None, **kwargs)
+
+
+def assert_error(result, code: int, *fragments: str) -> str:
+    """Exit `code`, no traceback, and the last stderr line is the one-line error holding every fragment;
+    returns that line (printed too: pytest -rP shows the corpus' messages)."""
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+    print(f"exit {result.returncode}: {last}")
+    return last
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

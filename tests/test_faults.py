@@ -22,24 +22,12 @@ from PIL import Image
 from cifarlab import runs
 from cifarlab.data.sources import read_idx
 from conftest import copy_run
-from helpers import cli_command, invoke, run_cli, wait_for, write_idx
+from helpers import assert_error, cli_command, invoke, run_cli, wait_for, write_idx
 
 # a resumed run that goes on until the test stops it
 FOREVER = ["train.epochs=100000", "train.early_stopping.enabled=false", "-q"]
 SMALL = ["data.train_limit=300", "data.test_limit=100", "model.preset=cnn3", "train.log_every=2",
          "analysis.report=false"]
-
-
-def assert_error(result, code, *fragments):
-    """Exit `code`, the last stderr line is the one-line error with every fragment, no traceback."""
-    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in last, (fragment, last)
-    print(f"exit {result.returncode}: {last}")  # the corpus' messages, shown by pytest -rP
-    return last
 
 
 def no_temporary_files(folder: Path) -> bool:

@@ -6,7 +6,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from cifarlab import runs
 from cifarlab.errors import ConfigError
 from cifarlab.studies.spec import load_study
 from cifarlab.studies.tune import check_search, tune_settings
-from helpers import invoke, run_cli
+from helpers import free_port, invoke, run_cli
 
 optuna = pytest.importorskip("optuna")
 
@@ -110,12 +109,6 @@ def test_search_mistakes_name_the_key(cifar10_head, tmp_path):
         result = invoke("tune", path, "--out", tmp_path / "x")
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
         assert not (tmp_path / "x" / "trial-0000").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

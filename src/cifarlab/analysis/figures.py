@@ -11,26 +11,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-import numpy as np
-import torch
-
-from .. import runs
-from ..config import Config
-from ..data.augment import augment_examples
-from ..data.images import read_image
-from ..data.sources import dataset_from_config
-from ..data.splits import channel_stats
 from ..errors import ConfigError
-from ..runs import LoadedRun, check_split
-from . import plots
-from .capture import activations_of
-from .embed import embed_run
-from .metrics import confusion_matrix
+
+if TYPE_CHECKING:  # the table below is read by `cifarlab --help`: the drawing imports (torch, matplotlib) wait
+    import numpy as np
+
+    from ..config import Config
+    from ..runs import LoadedRun
 
 def curves(view: LoadedRun) -> list[Path]:
     """Loss and accuracy per epoch (train / val / test) and the running per-step values."""
+    from .. import runs
+    from . import plots
+
     rows = runs.read_jsonl(view.path / runs.METRICS)
     epochs = runs.epoch_records(view.path)
     steps = [r for r in rows if r["kind"] == "step"]
@@ -41,6 +36,11 @@ def curves(view: LoadedRun) -> list[Path]:
 
 def samples(view: LoadedRun, split: str = "train", count: int = 32, seed: int = 0) -> list[Path]:
     """A grid of a split's images with their class names."""
+    import numpy as np
+
+    from ..runs import check_split
+    from . import plots
+
     images, labels = view.split(check_split(split))
     pick = np.random.default_rng(seed).choice(len(labels), size=min(count, len(labels)), replace=False)
     return [plots.sample_grid(images[pick], labels[pick], view.summary["classes"], view.plot(f"samples_{split}.png"),
@@ -49,6 +49,9 @@ def samples(view: LoadedRun, split: str = "train", count: int = 32, seed: int = 
 
 def confusion(view: LoadedRun, split: str = "test") -> list[Path]:
     """The confusion matrix of the best weights on a split."""
+    from . import plots
+    from .metrics import confusion_matrix
+
     found = view.predictions(split)
     matrix = confusion_matrix(found["predicted"], found["labels"], len(view.summary["classes"]))
     return [plots.confusion(matrix, view.summary["classes"], view.plot(f"confusion_{split}.png"),
@@ -57,6 +60,10 @@ def confusion(view: LoadedRun, split: str = "test") -> list[Path]:
 
 def mistakes(view: LoadedRun, split: str = "test", count: int = 8, seed: int = 0) -> list[Path]:
     """A row of correctly and a row of wrongly classified images with true and predicted classes."""
+    import numpy as np
+
+    from . import plots
+
     found = view.predictions(split)
     rng = np.random.default_rng(seed)
     right = rng.permutation(np.flatnonzero(found["predicted"] == found["labels"]))[:count]
@@ -70,6 +77,10 @@ def featuremaps(view: LoadedRun, layers: int = 4, image: Union[np.ndarray, Path,
                 index: int = 0) -> list[Path]:
     """Feature maps of the first `layers` layers (reports 002 and 004) for one image: a uint8 (C, H, W)
     array or a PNG / JPEG file (resized and converted), by default test image `index`; one PNG per layer."""
+    from ..data.images import read_image
+    from . import plots
+    from .capture import activations_of
+
     run = view
     if isinstance(image, (str, Path)):
         image = read_image(Path(image), run.input_shape)
@@ -95,6 +106,10 @@ def featuremaps(view: LoadedRun, layers: int = 4, image: Union[np.ndarray, Path,
 
 def filters(view: LoadedRun, layers: int = 3) -> list[Path]:
     """Kernels of the first `layers` conv layers: the first as RGB tiles, deeper ones as gray."""
+    import torch
+
+    from . import plots
+
     paths = []
     convs = [(n, m) for n, m in view.model.named_children() if isinstance(m, torch.nn.Conv2d)][:layers]
     for name, conv in convs:
@@ -112,6 +127,9 @@ def tsne_figure_name(layer: str, epoch: int) -> str:
 def tsne(view: LoadedRun, recompute: bool = False) -> list[Path]:
     """t-SNE of every captured (layer, epoch), titled with its k-NN accuracy and silhouette (scores in
     features/tsne.json): one scatter each, and per layer a beginning / middle / end panel (tsne_LAYER.png)."""
+    from . import plots
+    from .embed import embed_run
+
     rows = embed_run(view.path, seed=view.config.seed, recompute=recompute)
     classes = view.summary["classes"]
     paths, panels = [], {}
@@ -132,6 +150,13 @@ def tsne(view: LoadedRun, recompute: bool = False) -> list[Path]:
 def augment_preview(config: Config, path: Path, count: int = 4, draws: int = 6, seed: int = 0) -> Path:
     """`count` training images of the config's dataset, each under `draws` independent draws of its
     augmentation (one row per image). Needs no run: it shows what a config would train on."""
+    import numpy as np
+
+    from ..data.augment import augment_examples
+    from ..data.sources import dataset_from_config
+    from ..data.splits import channel_stats
+    from . import plots
+
     ds = dataset_from_config(config.data, config.seed)
     pick = np.random.default_rng(seed).choice(len(ds.y_train), size=min(count, len(ds.y_train)), replace=False)
     images = ds.x_train[pick]
@@ -200,6 +225,8 @@ FIGURES: dict[str, Figure] = {
 
 def draw(name: str, run: Any, **options: Any) -> list[Path]:
     """Draw the registered figure `name` of a run (a path or a LoadedRun) into its plots/ folder."""
+    from .. import runs
+
     if name not in FIGURES:
         raise ConfigError(f"figure {name!r}: unknown (known: {', '.join(FIGURES)})")
     return FIGURES[name].draw(run if isinstance(run, runs.LoadedRun) else runs.LoadedRun(run), **options)

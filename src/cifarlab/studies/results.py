@@ -134,6 +134,16 @@ def signed(value: Any) -> str:
     return "-" if value is None else f"{value:+.2f}"
 
 
+TEXT_COLUMNS = ("variant", "stop", "status")
+
+
+def text_columns(header: list[str], rows: list[dict[str, Any]]) -> list[bool]:
+    """Which columns of `table`'s header hold text (left-aligned, sorted as text): the row's name, its
+    settings, the stop reason and the status; the others hold numbers."""
+    settings = set(differing_keys(rows))
+    return [h in TEXT_COLUMNS or h in settings for h in header]
+
+
 def table(rows: list[dict[str, Any]], latex: bool = False) -> tuple[list[str], list[list[str]]]:
     """(header, cells) of the write-up table: the row, the settings that differ, the measured
     accuracies with the report's and the difference beside each, epochs, time, size, status."""
@@ -199,8 +209,7 @@ def latex_text(text: str) -> str:
 def results_latex(study: Study, rows: list[dict[str, Any]]) -> str:
     """A booktabs table (\\usepackage{booktabs}) with its caption and notes."""
     header, cells = table(rows, latex=True)
-    numeric = {i for i, h in enumerate(header) if h not in ("variant", "stop", "status") and i > len(differing_keys(rows))}
-    spec = "".join("r" if i in numeric else "l" for i in range(len(header)))
+    spec = "".join("l" if text else "r" for text in text_columns(header, rows))
     text = lambda c: c if "$" in c else latex_text(c)  # noqa: E731 - cells with math are ours already
     lines = [r"\begin{table}[htbp]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
              " & ".join(latex_text(h) for h in header) + r" \\", r"\midrule"]
@@ -268,8 +277,7 @@ def write_report(study: Study, out: Path, rows: list[dict[str, Any]], figures: l
     from ..analysis.report import inline, render_html
 
     header, cells = table(rows)
-    numeric = [h not in ("variant", "stop", "status") and h not in differing_keys(rows) for h in header]
-    columns = [{"title": h, "text": not n} for h, n in zip(header, numeric)]
+    columns = [{"title": h, "text": text} for h, text in zip(header, text_columns(header, rows))]
     body = [{"cells": [{"sort": c, "shown": c} for c in line], "ok": row["status"] == "completed"}
             for line, row in zip(cells, rows)]
     reference = study.reference

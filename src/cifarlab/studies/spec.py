@@ -208,7 +208,9 @@ def read_reference(path: Path, spec: Any, variants: list[str]) -> Reference:
     scale, rows = spec.get("scale") or {}, spec.get("rows") or {}
     if not isinstance(scale, dict) or set(scale) - set(SCALE_KEYS):
         raise ConfigError(f"{path}: reference.scale takes {', '.join(SCALE_KEYS)}")
-    for name, numbers in rows.items() if isinstance(rows, dict) else [("rows", rows)]:
+    if not isinstance(rows, dict):
+        raise ConfigError(f"{path}: reference.rows maps a variant to {{{', '.join(REFERENCE_FIELDS)}}}")
+    for name, numbers in rows.items():
         if not isinstance(numbers, dict):
             raise ConfigError(f"{path}: reference.rows.{name} must map {', '.join(REFERENCE_FIELDS)} to numbers")
         bad = [k for k, v in numbers.items() if k not in REFERENCE_FIELDS or isinstance(v, bool)
