@@ -1,8 +1,14 @@
+import glob
 import os
+import pwd
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CIFAR10_HEAD = Path(os.environ.get("CIFARLAB_CIFAR10_HEAD", REPO.parent / "shared" / "data" / "cifar10-head"))
@@ -75,8 +81,8 @@ def copy_run(run: Path, folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(cifar10_head, tmp_path_factory) -> Path:
     """cnn3-avg trained 4 epochs on the whole CIFAR-10 head (4653 train, 517 validation, 1017 test
-    images), with the features of flatten and fc1 of 300 test images captured at the first, middle and
-    last epoch (1, 2, 4) and embedded, and its report.html."""
+    images), with the features of flatten and fc1 of 300 test images captured at the beginning, middle and
+    last epoch (0: before the first step, 2, 4) and embedded, and its report.html."""
     return train_once(tmp_path_factory, "trained", [
         f"data.root={cifar10_head}", "train.epochs=4", "model.preset=cnn3-avg",
         "analysis.tsne.layers=[flatten,fc1]", "analysis.tsne.samples=300", "analysis.tsne.split=test"])
@@ -101,3 +107,35 @@ def zca_run(cifar10_head, tmp_path_factory) -> Path:
     return train_once(tmp_path_factory, "zca", [
         f"data.root={cifar10_head}", "data.train_limit=300", "data.test_limit=64", "model.preset=cnn3",
         "train.epochs=1", "data.zca=true", "data.zca_epsilon=0.1", "train.tta=flip", "analysis.report=false"])
+
+
+# ---------------------------------------------------------------- servers the tests start (on 127.0.0.1)
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server from Debian's package, listening on 127.0.0.1 only, stopped afterwards."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    bin_dir = Path(found[-1]).parent
+    as_root = os.geteuid() == 0
+    user = "postgres" if as_root else pwd.getpwuid(os.geteuid()).pw_name
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    home = Path(tempfile.mkdtemp(prefix="cifarlab-pg-"))
+    data = home / "data"
+    if as_root:
+        os.chmod(home, 0o755)
+        shutil.chown(home, "postgres")
+    port = free_port()
+    run = lambda *args: subprocess.run(prefix + [str(bin_dir / args[0]), *args[1:]], check=True,  # noqa: E731
+                                       capture_output=True, text=True)
+    try:
+        run("initdb", "-D", str(data), "-U", user, "--auth=trust", "--no-sync")
+        run("pg_ctl", "-D", str(data), "-w", "-t", "60", "-l", str(home / "log"), "start", "-o",
+            f"-h 127.0.0.1 -p {port} -k {home} -F")
+        yield f"postgresql://{user}@127.0.0.1:{port}/postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(home, ignore_errors=True)

@@ -111,3 +111,55 @@ def write_idx(path: Path, array: np.ndarray, magic: bytes = b"\0\0\x08") -> None
     opener = gzip.open if Path(path).suffix == ".gz" else open
     with opener(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+def listening(pids: set[int]) -> set[str]:
+    """host:port of every listening TCP socket that one of `pids` holds."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table_file, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table_file).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                address, port = fields[1].split(":")
+                found.add(f"{decode(address, width)}:{int(port, 16)}")
+    return found
+
+
+def decode(hex_address: str, width: int) -> str:
+    if width == 8:
+        return ".".join(str(b) for b in reversed(bytes.fromhex(hex_address)))
+    return "::1" if hex_address == "00000000000000000000000001000000" else hex_address
+
+
+def parent_of(pid: int) -> int:
+    """The parent pid of process `pid` (from /proc/PID/stat)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children started from any of its threads, theirs, ...)."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parents[int(entry)] = parent_of(int(entry))
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        children = {p for p, pp in parents.items() if pp == parent} - found
+        found |= children
+        todo.extend(children)
+    return found

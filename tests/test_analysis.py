@@ -47,15 +47,15 @@ def test_tsne_scores_separate_clusters_and_not_noise():
 
 def test_training_captures_features_and_writes_the_report(trained_run):
     features = trained_run / "features"
-    # the default epochs of a 4-epoch run: the first, the middle and the last, not every one
+    # the default epochs of a 4-epoch run: before the first step, the middle and the last, not every one
     assert sorted(p.name for p in features.glob("*-epoch*[0-9].npy")) == [
-        "fc1-epoch001.npy", "fc1-epoch002.npy", "fc1-epoch004.npy",
-        "flatten-epoch001.npy", "flatten-epoch002.npy", "flatten-epoch004.npy"]
+        "fc1-epoch000.npy", "fc1-epoch002.npy", "fc1-epoch004.npy",
+        "flatten-epoch000.npy", "flatten-epoch002.npy", "flatten-epoch004.npy"]
     flat = np.load(features / "flatten-epoch004.npy")
     assert flat.shape == (300, 2048) and flat.dtype == np.float16
     assert np.load(features / "labels.npy").shape == (300,)
     scores = json.loads((features / "tsne.json").read_text())
-    assert {(r["layer"], r["epoch"]) for r in scores} == {(layer, e) for layer in ("flatten", "fc1") for e in (1, 2, 4)}
+    assert {(r["layer"], r["epoch"]) for r in scores} == {(layer, e) for layer in ("flatten", "fc1") for e in (0, 2, 4)}
     assert all(0 <= r["knn_acc"] <= 1 and -1 <= r["silhouette"] <= 1 for r in scores)
     html = (trained_run / "report.html").read_text()
     assert "k-NN accuracy" in html and html.count("data:image/png;base64,") >= 8
@@ -152,3 +152,58 @@ def test_report_renders_in_a_browser(trained_run):
     assert len(images) >= 8
     assert all(complete and width > 0 for complete, width, _ in images), images
     assert failed == []
+
+
+def test_pca_keeps_the_distances_of_an_exact_projection(trained_run):
+    # 300 real flatten features of 2048 dimensions: the Gram route (N < D) and the covariance route (N > D)
+    from cifarlab.analysis.embed import pca
+
+    flat = np.load(trained_run / "features" / "flatten-epoch004.npy").astype(np.float64)
+    centered = flat - flat.mean(axis=0)
+    for x in (centered, centered[:, :200]):
+        exact = centered_svd = np.linalg.svd(x, full_matrices=False)
+        projected = centered_svd[0][:, :50] * exact[1][:50]
+        reduced = pca(x.astype(np.float32), 50)
+        assert reduced.shape == (300, 50)
+        distances = lambda a: np.linalg.norm(a[:, None] - a[None], axis=-1)  # noqa: E731
+        np.testing.assert_allclose(distances(reduced), distances(projected), rtol=1e-3, atol=1e-3 * distances(projected).max())
+
+
+def test_tsne_is_sized_to_its_input():
+    from cifarlab.analysis.embed import tsne_plan
+
+    assert tsne_plan(1000, 16) == {"method": "bh", "threads": 1}  # FFT's fixed cost dominates below 10,000 points
+    assert tsne_plan(9999, 2) == {"method": "bh", "threads": 1}
+    assert tsne_plan(40000, 16) == {"method": "fft", "threads": 8}
+    assert tsne_plan(40000, 2) == {"method": "fft", "threads": 2}
+
+
+def test_the_analysis_phase_is_timed_step_by_step(trained_run):
+    summary = runs.read_summary(trained_run)
+    analysis = summary["analysis"]
+    assert analysis["status"] == "done"
+    steps = analysis["steps"]
+    assert {"figure curves", "figure featuremaps", "figure filters", "figure tsne", "report.html"} <= set(steps)
+    rows = json.loads((trained_run / "features" / "tsne.json").read_text())
+    assert len(rows) == 6 and {f"t-SNE {r['layer']} epoch {r['epoch']}" for r in rows} <= set(steps)
+    assert all(seconds > 0 for seconds in steps.values())
+    # wall_time_s is the whole command: it includes the analysis (train_time_s is the epochs only)
+    assert summary["wall_time_s"] >= analysis["seconds"] > 0
+    assert {(r["method"], r["cached"]) for r in rows} == {("bh", False)} and all(r["seconds"] > 0 for r in rows)
+
+
+def test_report_prints_a_line_per_embedding_and_figure(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    for cached in (run / "features").glob("*.tsne.npy"):
+        cached.unlink()
+    result = invoke("report", run)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == "analysis: 6 figures, 6 t-SNE embeddings and report.html"
+    embedded = [line for line in lines if line.startswith("t-SNE ")]
+    assert [line.split(":")[0] for line in embedded] == [f"t-SNE {i}/6" for i in range(1, 7)]
+    first = json.loads((run / "features" / "tsne.json").read_text())[0]
+    assert embedded[0].startswith(f"t-SNE 1/6: fc1 epoch {first['epoch']}, 300 points: ")
+    assert any(line.startswith("figure featuremaps: ") for line in lines) and lines[-1].startswith("report.html: ")
+    again = invoke("report", run)  # the embeddings are cached now
+    assert all("(cached)" in line for line in again.stderr.splitlines() if line.startswith("t-SNE "))

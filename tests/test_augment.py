@@ -6,7 +6,7 @@ import torch
 
 from cifarlab.config import load_config
 from cifarlab.data.augment import (affine_matrices, build_augment, cutout, draw_affine, jitter_color, mix_batch,
-                                   random_crop, random_erasing, random_flip, warp)
+                                   random_crop, random_erasing, random_flip, shift_channels, warp, wrap_coordinates)
 from cifarlab.data.loader import DeviceLoader
 
 
@@ -194,3 +194,49 @@ def test_zca_whitens_the_training_split():
     assert np.abs(before - np.diag(np.diag(before))).max() > 0.5  # strongly correlated to begin with
     np.testing.assert_allclose(after, np.eye(18), atol=2e-3)
     np.testing.assert_allclose(w, w.T, atol=1e-5)  # ZCA (unlike PCA whitening) is symmetric
+
+
+def test_wrap_moves_outside_points_by_periods_of_size_minus_one():
+    # scipy.ndimage's "wrap" (Keras' fill_mode="wrap"): the first and last pixel centers coincide
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    line = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    points = np.array([-9.5, -4.0, -1.0, -0.4, -1e-15, 0.0, 2.25, 4.0, 4 + 1e-15, 4.6, 8.0, 9.0, 13.3])
+    expected = scipy_ndimage.map_coordinates(line, [points], order=1, mode="wrap")
+    wrapped = wrap_coordinates(torch.from_numpy(points), 5).numpy()
+    assert wrapped.min() >= 0 and wrapped.max() <= 4
+    np.testing.assert_allclose(np.interp(wrapped, np.arange(5), line), expected, atol=1e-12)
+    assert wrap_coordinates(torch.tensor([-3.0, 7.0]), 1).tolist() == [0.0, 0.0]
+
+
+def test_wrap_fill_takes_the_pixels_from_the_other_side():
+    images = numbered_images(n=1, c=1, h=8, w=8)
+    out = warp(images, affine(1, shift_x=2), "wrap")[0, 0]
+    torch.testing.assert_close(out[:, 2:], images[0, 0, :, :6], atol=1e-6, rtol=0)
+    # column 1 samples x = -1: one period (7) on, column 6; column 0 samples x = -2: column 5
+    torch.testing.assert_close(out[:, :2], images[0, 0, :, 5:7], atol=1e-6, rtol=0)
+
+
+def test_zoom_above_one_zooms_out():
+    images = torch.ones(1, 1, 9, 9)
+    out = warp(images, affine(1, zoom_x=2.0, zoom_y=2.0, h=9, w=9), "constant", 0.0)[0, 0]
+    assert out[2:7, 2:7].min() == 1.0 and out[0].max() == 0.0 and out[:, 0].max() == 0.0  # content in the middle
+    bigger = warp(images, affine(1, zoom_x=0.5, zoom_y=0.5, h=9, w=9), "constant", 0.0)[0, 0]
+    assert bigger.min() == 1.0  # zoom < 1 enlarges: nothing from outside
+
+
+def test_zoom_pair_draws_inside_it_and_a_number_around_one():
+    c = load_config(overrides=["augment.zoom=[1.1,1.4]"]).augment
+    p = draw_affine(4000, 8, 8, c, torch.Generator().manual_seed(0), "cpu")
+    for key in ("zoom_x", "zoom_y"):
+        assert 1.1 <= float(p[key].min()) < 1.12 and 1.38 < float(p[key].max()) <= 1.4
+    assert not torch.equal(p["zoom_x"], p["zoom_y"])  # each axis its own draw
+    p = draw_affine(4000, 8, 8, load_config(overrides=["augment.zoom=0.25"]).augment, torch.Generator(), "cpu")
+    assert 0.75 <= float(p["zoom_x"].min()) < 0.77 and 1.23 < float(p["zoom_x"].max()) <= 1.25
+
+
+def test_channel_shift_adds_one_value_per_image_inside_its_own_range():
+    images = torch.stack([torch.linspace(0.2, 0.6, 3 * 4 * 4).view(3, 4, 4), torch.linspace(0.1, 0.9, 48).view(3, 4, 4)])
+    out = shift_channels(images, torch.tensor([0.05, -0.3]))
+    torch.testing.assert_close(out[0], (images[0] + 0.05).clamp(0.2, 0.6))
+    torch.testing.assert_close(out[1], (images[1] - 0.3).clamp(0.1, 0.9))
+    assert out[1].min() == pytest.approx(0.1) and out[0].max() == pytest.approx(0.6)  # the image's bounds, not [0, 1]

@@ -24,9 +24,10 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
     result = invoke("train", "train.epochz=3", f"train.out_dir={out}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: config: train.epochz: unknown key (allowed: epochs, batch_size, eval_batch_size, log_every, "
-        "out_dir, device, channels_last, compile, threads, devices, label_smoothing, tta, precision, evaluate, max_time_s, "
-        "early_stopping, divergence, target, loggers, histogram_every, mlflow_uri, wandb_mode)"]
+        "error: config: train.epochz: unknown key, did you mean train.epochs? (allowed: epochs, batch_size, "
+        "eval_batch_size, log_every, out_dir, device, channels_last, compile, threads, devices, label_smoothing, tta, "
+        "precision, evaluate, test_weights, max_time_s, early_stopping, divergence, target, loggers, histogram_every, "
+        "mlflow_uri, wandb_mode)"]
     assert not out.exists()
     missing = invoke("train", "data.dataset=cifar10", f"data.root={tmp_path / 'nope'}", f"train.out_dir={out}")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr

@@ -13,11 +13,11 @@ import pytest
 
 from cifarlab import runs
 from cifarlab.errors import ConfigError
-from cifarlab.studies.executors import (IN_USE, DaskExecutor, Job, LocalExecutor, local_cluster, run_job, run_jobs,
-                                        slurm_job_script)
+from cifarlab.studies.executors import IN_USE, DaskExecutor, Job, LocalExecutor, local_cluster, run_job, run_jobs
+from cifarlab.studies.slurm import slurm_job_script
 from cifarlab.studies.results import summarize_study
 from cifarlab.studies.spec import load_study
-from helpers import cli_command, invoke, wait_for
+from helpers import assert_error, cli_command, descendants, invoke, listening, parent_of, wait_for
 
 pytest.importorskip("distributed")
 
@@ -44,41 +44,6 @@ def write_study(folder: Path, root: Path, limit: int = 600, epochs: int = 2, rep
 def table(folder: Path) -> list[dict]:
     with open(folder / "results.csv") as f:
         return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
-
-
-def listening(pids: set[int]) -> set[str]:
-    """host:port of every listening TCP socket that one of `pids` holds."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    found = set()
-    for table_file, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table_file).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
-                address, port = fields[1].split(":")
-                found.add(f"{decode(address, width)}:{int(port, 16)}")
-    return found
-
-
-def decode(hex_address: str, width: int) -> str:
-    if width == 8:
-        return ".".join(str(b) for b in reversed(bytes.fromhex(hex_address)))
-    return "::1" if hex_address == "00000000000000000000000001000000" else hex_address
-
-
-def descendants(pid: int) -> set[int]:
-    children = {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-    return children.union(*(descendants(c) for c in children if Path(f"/proc/{c}").exists()))
 
 
 def test_dask_local_cluster_gives_the_local_results_and_a_rerun_starts_nothing(cifar10_head, tmp_path):
@@ -166,10 +131,6 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
         proc.wait()
 
 
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 @pytest.mark.parametrize("kill", ["worker", "worker-group"])
 def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_head, tmp_path):
     path = write_study(tmp_path, cifar10_head, limit=600, epochs=4, repeats=2)
@@ -182,8 +143,11 @@ def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_
                                  start_new_session=True)
         cluster.append(sweep)
 
+        def finished(run_id: str) -> bool:  # summary.json written and the run's lock let go (its analysis is over)
+            return (out / run_id / runs.SUMMARY).is_file() and runs.lock_holder(out / run_id) is None
+
         def training_with_an_epoch_done():  # once a run is finished: a run past its first epoch (with a last.pt)
-            if not any((out / r.id / runs.SUMMARY).is_file() for r in study.runs):
+            if not any(finished(r.id) for r in study.runs):
                 return None
             for run in study.runs:
                 holder = runs.lock_holder(out / run.id) if (out / run.id).is_dir() else None
@@ -196,8 +160,7 @@ def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_
         victim, trainer_pid = wait_for(training_with_an_epoch_done, "a run to finish an epoch", timeout=120)
         worker_pid = parent_of(trainer_pid)
         assert parent_of(worker_pid) in {p.pid for p in cluster[1:3]}  # a worker process of a `dask worker`
-        finished_before = {r.id: (out / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs
-                           if (out / r.id / runs.SUMMARY).is_file()}
+        finished_before = {r.id: (out / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs if finished(r.id)}
         assert finished_before
         if kill == "worker":  # the worker process alone: its nanny starts a new one
             os.kill(worker_pid, signal.SIGKILL)
@@ -256,9 +219,17 @@ def test_executor_mistakes_are_one_line(tmp_path, cifar10_head):
     assert result.returncode == 2 and "unknown executor 'ray' (choose from: local, dask, slurm)" in result.stderr
     result = invoke("sweep", path, "--address", "tcp://127.0.0.1:1", "--executor", "local")
     assert result.returncode == 2 and "need --executor dask" in result.stderr
-    path.write_text(path.read_text() + "executor: {name: dask, nodes: 3}\n")
+    text = path.read_text()
+    path.write_text(text + "executor: {name: dask, nodes: 3}\n")
     result = invoke("sweep", path, "--dry-run")
     assert result.returncode == 2 and "executor is a name" in result.stderr
+    for slurm, fragment in [("{cores: many}", "slurm.cores must be an integer >= 1, got 'many'"),
+                            ("{jobs: 0}", "slurm.jobs must be an integer >= 1, got 0"),
+                            ("{gpus_per_run: 1.5}", "slurm.gpus_per_run must be an integer >= 0, got 1.5"),
+                            ("{setup: module load cuda}", "slurm.setup must be a list of lines"),
+                            ("{gpus: 2}", "unknown slurm key 'gpus'")]:
+        path.write_text(text + f"executor: slurm\nslurm: {slurm}\n")
+        assert_error(invoke("sweep", path, "--dry-run"), 2, str(path), fragment)
 
 
 def test_a_run_locked_by_another_process_is_not_started(cifar10_head, tmp_path):

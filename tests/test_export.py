@@ -256,3 +256,27 @@ def test_bad_arguments_are_one_line_errors(runs, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     with pytest.raises(DataError):
         load_torch(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("input_dtype", ["uint8", "float"])
+@pytest.mark.parametrize("samplewise", ["center", "std"])
+def test_exported_model_standardizes_each_image_as_the_loader_does(samplewise, input_dtype):
+    # data.samplewise (Keras samplewise_center / samplewise_std_normalization) is inside the exported graph
+    from cifarlab.data.loader import DeviceLoader
+    from cifarlab.export import ExportedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5)).eval()
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    pixels = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    loader = DeviceLoader(pixels, torch.zeros(6, dtype=torch.long), 6, mean, std, channels_last=False,
+                          samplewise=samplewise)
+    with torch.no_grad():
+        expected = torch.softmax(model(loader.normalize(pixels)), dim=1)
+        images = pixels.permute(0, 2, 3, 1)
+        exported = ExportedModel(model, mean, std, None, "none", input_dtype, samplewise)
+        got = exported(images if input_dtype == "uint8" else images.float() / 255)
+        plain = ExportedModel(model, mean, std, None, "none", input_dtype)(images if input_dtype == "uint8"
+                                                                          else images.float() / 255)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert (plain - expected).abs().max() > 1e-3  # without it, other probabilities

@@ -1,11 +1,14 @@
 """cifarlab against a real peer: Keras 3 on its torch backend (a test-only dependency, no TensorFlow).
 
 Same inputs and the same weights into both, then the outputs compared: every preset's network, even
-kernels and stride 2 under 'same' padding, the ImageDataGenerator affine warp in every fill mode,
-the distributions of the random augmentation draws, the optimizers of the keras flavor step by step,
-BatchNorm in training and inference, and ZCA whitening against ImageDataGenerator.fit.
+kernels and stride 2 under 'same' padding, the ImageDataGenerator affine warp in every fill mode (exact
+90-degree rotations included), its channel shift, zoom ranges, samplewise / featurewise standardization,
+the distributions of the random augmentation draws, the optimizers of the keras flavor step by step and
+their defaults against Keras' signatures, BatchNorm in training and inference, and ZCA whitening against
+ImageDataGenerator.fit.
 """
 
+import inspect
 import math
 import os
 
@@ -23,11 +26,14 @@ from keras import layers  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from cifarlab.config import load_config  # noqa: E402
-from cifarlab.data.augment import affine_matrices, draw_affine, warp  # noqa: E402
+from cifarlab.data.augment import affine_matrices, build_augment, draw_affine, shift_channels, warp  # noqa: E402
+from cifarlab.data.prepare import eval_loader, prepare_data  # noqa: E402
 from cifarlab.data.splits import zca_matrix  # noqa: E402
-from cifarlab.models.build import build_layers, build_model, preset_names, resolve_layers  # noqa: E402
+from cifarlab.errors import ConfigError  # noqa: E402
+from cifarlab.models.build import FLAVOR_LAYER_DEFAULTS, build_layers, build_model, preset_names, resolve_layers  # noqa: E402
 from cifarlab.models.layers import BiasedBatchNorm1d, BiasedBatchNorm2d, parse_layer  # noqa: E402
 from cifarlab.models.summary import count_params  # noqa: E402
+from cifarlab.train.formulas import ARGUMENT_KEYS, KERAS_OPTIMIZERS, TF1_OPTIMIZERS  # noqa: E402
 from cifarlab.train.optim import make_optimizer  # noqa: E402
 
 
@@ -242,7 +248,7 @@ def keras_warp(image: np.ndarray, p: dict, fill: str, cval: float) -> np.ndarray
         zx=p["zoom_x"], zy=p["zoom_y"], row_axis=1, col_axis=2, channel_axis=0, fill_mode=fill, cval=cval, order=1)
 
 
-@pytest.mark.parametrize("fill", ["nearest", "constant", "reflect"])
+@pytest.mark.parametrize("fill", ["nearest", "constant", "reflect", "wrap"])
 @pytest.mark.parametrize("index", range(len(WARPS)))
 def test_affine_warp_matches_image_data_generator_pixel_for_pixel(fill, index):
     params = WARPS[index]
@@ -263,6 +269,85 @@ def test_constant_fill_does_not_blend_into_the_fill_color():
     out = warp(image, m, "constant", 0.0)[0, 0]
     assert out[:, 0].tolist() == [0.0] * 8  # x = -0.5: outside, cval
     assert out[:, 1:].min() == 1.0  # inside: pure image, never a blend with the fill
+
+
+def generator_transform(image: np.ndarray, params: dict, fill: str = "nearest", cval: float = 0.0, **kwargs):
+    """Keras' own ImageDataGenerator(...).apply_transform of a (C, H, W) image with fixed parameters."""
+    gen = legacy_image.ImageDataGenerator(fill_mode=fill, cval=cval, data_format="channels_first", dtype="float64",
+                                          **kwargs)
+    return gen.apply_transform(image.astype(np.float64), params)
+
+
+@pytest.mark.parametrize("fill", ["constant", "wrap"])
+@pytest.mark.parametrize("size", [8, 9, 32])
+@pytest.mark.parametrize("angle", [90, -90, 180, -180])
+def test_exact_right_angle_rotations_match_keras_at_the_border(angle, size, fill):
+    # Keras' cos 90 degrees is 6e-17: border points land a rounding away from the outer pixel centers,
+    # outside (constant: filled; wrap: taken from the other side) or inside, as its float64 arithmetic decides
+    images = np.random.default_rng(size).random((2, 3, size, size)).astype(np.float32) + 0.5
+    full = lambda v: torch.full((2,), float(v))  # noqa: E731
+    ours = warp(torch.from_numpy(images), affine_matrices(size, size, full(angle), full(0), full(1), full(1),
+                                                          full(0), full(0)), fill, 0.0).numpy()
+    for i in range(2):
+        np.testing.assert_allclose(ours[i], generator_transform(images[i], {"theta": angle}, fill), atol=2e-5, rtol=0)
+    if (angle, size, fill) == (180, 8, "constant"):
+        assert (ours == 0).sum() == 2 * 3 * 8  # the case the old tolerance got wrong: Keras fills a whole edge
+
+
+@pytest.mark.parametrize("intensity", [-60.0, -7.5, 0.0, 33.3, 200.0])
+def test_channel_shift_matches_keras_apply_transform(intensity):
+    images = np.random.default_rng(3).integers(20, 230, size=(2, 3, 6, 6)).astype(np.float32)
+    ours = shift_channels(torch.from_numpy(images) / 255, torch.full((2,), intensity / 255)).numpy() * 255
+    for i in range(2):
+        theirs = generator_transform(images[i], {"channel_shift_intensity": intensity}, channel_shift_range=1.0)
+        np.testing.assert_allclose(ours[i], theirs, atol=1e-3, rtol=0)
+        if intensity == 200.0:  # clipped to the image's own maximum, over all channels
+            assert ours[i].max() == images[i].max() and (ours[i] == images[i].max()).mean() > 0.9
+
+
+def test_augment_keys_match_keras_apply_transform_with_the_same_draws():
+    # the whole augmentation of a config (warp with zoom [lo, hi] and wrap fill, then the channel shift)
+    # against Keras' apply_transform given the parameters cifarlab drew
+    c = load_config(overrides=["augment.rotation=30", "augment.shear=10", "augment.zoom=[0.7,1.3]",
+                               "augment.width_shift=2.5", "augment.height_shift=1.5", "augment.channel_shift=40",
+                               "augment.fill_mode=wrap"]).augment
+    images = np.random.default_rng(4).integers(0, 256, size=(4, 3, 12, 12)).astype(np.uint8)
+    out = build_augment(c)(torch.from_numpy(images), torch.Generator().manual_seed(5)).numpy()
+    replay = torch.Generator().manual_seed(5)
+    p = draw_affine(4, 12, 12, c, replay, "cpu")
+    limit = 40 / 255
+    intensity = (torch.rand(4, generator=replay) * (2 * limit) - limit).numpy() * 255
+    assert np.abs(intensity).max() > 5
+    for i in range(4):
+        params = {"theta": float(p["angle"][i]), "tx": -float(p["shift_x"][i]), "ty": -float(p["shift_y"][i]),
+                  "shear": float(p["shear"][i]), "zx": float(p["zoom_x"][i]), "zy": float(p["zoom_y"][i]),
+                  "channel_shift_intensity": float(intensity[i])}
+        theirs = generator_transform(images[i], params, "wrap", channel_shift_range=40.0) / 255
+        np.testing.assert_allclose(out[i], theirs, atol=5e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- standardization
+
+
+@pytest.mark.parametrize("normalize, samplewise, keras_args", [
+    ("center", "none", dict(featurewise_center=True)),  # featurewise_center alone
+    ("center", "std", dict(featurewise_center=True, samplewise_std_normalization=True)),
+    ("false", "center", dict(samplewise_center=True)),
+    ("false", "std", dict(samplewise_std_normalization=True)),  # Keras turns samplewise_center on with it
+    ("true", "center", dict(featurewise_center=True, featurewise_std_normalization=True, samplewise_center=True)),
+])
+def test_standardization_matches_image_data_generator(normalize, samplewise, keras_args):
+    config = load_config(overrides=["data.dataset=synthetic", "data.train_limit=200", "data.val_size=20",
+                                    "data.test_limit=6", f"data.normalize={normalize}", f"data.samplewise={samplewise}"])
+    splits = prepare_data(config)
+    x_train, (x_test, y_test) = splits.train[0], splits.test
+    gen = legacy_image.ImageDataGenerator(rescale=1 / 255, data_format="channels_first", dtype="float64", **keras_args)
+    gen.fit(x_train.astype(np.float64))
+    theirs = np.stack([gen.standardize(image.astype(np.float64)) for image in x_test])  # one image at a time, as flow
+    ours = next(iter(eval_loader((x_test, y_test), splits, config, torch.device("cpu"))))[0].contiguous().numpy()
+    # Keras divides by std + 1e-6 (featurewise), cifarlab by std: 1e-5 of a value near 3 at most
+    np.testing.assert_allclose(ours, theirs, atol=5e-5, rtol=0)
+    assert np.abs(theirs - x_test / 255).max() > 0.05  # the standardization changes the images
 
 
 # ---------------------------------------------------------------- random draws
@@ -306,6 +391,26 @@ def test_rotation_shear_and_zoom_draws_follow_keras_ranges():
     theirs = keras_draws(2000, rotation_range=15, shear_range=0.2, zoom_range=0.2)
     for key, keras_key in (("angle", "theta"), ("shear", "shear"), ("zoom_x", "zx"), ("zoom_y", "zy")):
         assert stats.ks_2samp(ours[key].numpy(), np.array([t[keras_key] for t in theirs])).pvalue > 1e-3
+
+
+def test_zoom_pair_draws_follow_keras_zoom_range():
+    ours = draws(20000, zoom="[0.6,0.9]")
+    theirs = keras_draws(2000, zoom_range=[0.6, 0.9])
+    for key, keras_key in (("zoom_x", "zx"), ("zoom_y", "zy")):
+        values = ours[key].numpy()
+        assert 0.6 <= values.min() and values.max() <= 0.9
+        assert stats.ks_2samp(values, np.array([t[keras_key] for t in theirs])).pvalue > 1e-3
+    assert stats.ks_2samp(ours["zoom_x"].numpy(), draws(20000, zoom=0.15)["zoom_x"].numpy()).pvalue < 1e-6
+
+
+def test_channel_shift_draws_follow_keras():
+    c = load_config(overrides=["augment.channel_shift=30"]).augment
+    images = torch.full((20000, 1, 2, 2), 127, dtype=torch.uint8)
+    images[:, :, 0, 0], images[:, :, 1, 1] = 0, 255  # an image spanning 0..255: the middle pixel is never clipped
+    shifted = build_augment(c)(images, torch.Generator().manual_seed(2))
+    ours = (shifted[:, 0, 0, 1] * 255 - 127).numpy()
+    theirs = np.array([t["channel_shift_intensity"] for t in keras_draws(2000, channel_shift_range=30.0)])
+    assert np.abs(ours).max() <= 30 + 1e-3 and stats.ks_2samp(ours, theirs).pvalue > 1e-3
 
 
 def test_shift_draws_can_fail_the_law():
@@ -403,11 +508,61 @@ def test_keras_flavor_fills_keras_defaults_and_explicit_values_win():
     assert load_config(overrides=["defaults=keras", "optim.name=adam"]).optim.eps == keras.optimizers.Adam().epsilon
 
 
+@pytest.mark.parametrize("name", list(KERAS_OPTIMIZERS))
+def test_keras_flavor_optimizer_defaults_are_keras_signatures(name):
+    cls, table = KERAS_OPTIMIZERS[name]
+    params = inspect.signature(getattr(keras.optimizers, cls)).parameters
+    assert {argument: params[argument].default for argument in table} == table
+    # every constructor argument with an OptimConfig key is in the table
+    assert {a for a in params if a in ARGUMENT_KEYS or a in ("rho", "beta_1", "beta_2")} == set(table)
+    c = load_config(overrides=["defaults=keras", f"optim.name={name}"]).optim  # every key left out
+    for argument, key in ARGUMENT_KEYS.items():
+        if argument in params:
+            assert getattr(c, key) == (params[argument].default or 0.0), (argument, key)  # Keras: weight_decay None
+    if "rho" in params:
+        assert getattr(c, "alpha" if name == "rmsprop" else "rho") == params["rho"].default
+    if "beta_1" in params:
+        assert tuple(c.betas) == (params["beta_1"].default, params["beta_2"].default)
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", "SGD"), ("adam", "Adam"), ("adamw", "AdamW"), ("adagrad", "Adagrad"),
+                                       ("rmsprop", "RMSprop")])
+def test_keras_flavor_without_settings_trains_as_keras_defaults(name, cls):
+    # optim.name alone under defaults: keras is Keras' optimizer with no argument (SGD at 0.01, AdamW's 0.004 decay)
+    w0, loss = problem(len(name), scale=1.0)
+    ours = run_cifarlab(["defaults=keras", f"optim.name={name}"], 30, w0, loss)
+    theirs = run_keras(getattr(keras.optimizers, cls)(), 30, w0, loss)
+    moved = float((theirs[-1] - w0).abs().max())
+    assert moved > 5e-3
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * moved)
+
+
+@pytest.mark.parametrize("name", list(TF1_OPTIMIZERS))
+def test_tf1_flavor_takes_tensorflow_1_defaults_and_asks_for_required_ones(name):
+    cls, table = TF1_OPTIMIZERS[name]
+    required = [argument for argument, value in table.items() if value == "required"]
+    settings = {"learning_rate": "optim.lr=0.05", "weight_decay": "optim.weight_decay=0.01"}
+    base = ["defaults=tf1", f"optim.name={name}"]
+    for argument in required:  # TensorFlow 1 raises without it: so does the config, naming the key
+        key = ARGUMENT_KEYS[argument]
+        with pytest.raises(ConfigError, match=rf"^config: optim\.{key}: TensorFlow 1's {cls} has no default "
+                                              rf"{argument} \(defaults: tf1\); set optim\.{key}$"):
+            load_config(overrides=base + [settings[a] for a in required if a != argument])
+    c = load_config(overrides=base + [settings[a] for a in required]).optim
+    keys = {**ARGUMENT_KEYS, "rho": "rho", "decay": "alpha"}
+    for argument, value in table.items():
+        if argument in ("beta1", "beta2"):
+            assert c.betas[argument == "beta2"] == value
+        elif value != "required":
+            assert getattr(c, keys[argument]) == value, argument
+
+
 # ---------------------------------------------------------------- BatchNorm
 
-@pytest.mark.parametrize("image", [True, False])
-def test_keras_flavor_batchnorm_matches_keras_in_training_and_inference(image):
-    config = load_config(overrides=["defaults=keras", "model.layers=[batchnorm]"])
+@pytest.mark.parametrize("flavor, image", [("keras", True), ("keras", False), ("tf1", False)])
+def test_flavor_batchnorm_matches_keras_in_training_and_inference(flavor, image):
+    # tf1 after a dense layer: tf.layers' non-fused batch norm, whose biased moving variance is Keras 3's
+    config = load_config(overrides=[f"defaults={flavor}", "model.layers=[batchnorm]"])
     shape = (5, 6, 6) if image else (7,)
     torch.manual_seed(0)
     net = build_model(config.model, shape, 10)
@@ -434,6 +589,31 @@ def test_keras_flavor_batchnorm_matches_keras_in_training_and_inference(image):
     x = torch.randn(3, *shape, generator=g)
     theirs = torch.as_tensor(np.asarray(keras.ops.convert_to_numpy(bn(to_keras(x), training=False))))
     torch.testing.assert_close(to_keras(net(x).detach()), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_flavor_layer_defaults_are_the_frameworks_signatures():
+    conv, dense, bn = (inspect.signature(cls).parameters for cls in (layers.Conv2D, layers.Dense,
+                                                                      layers.BatchNormalization))
+    assert conv["kernel_initializer"].default == dense["kernel_initializer"].default == "glorot_uniform"
+    assert conv["bias_initializer"].default == dense["bias_initializer"].default == "zeros"
+    # TensorFlow 1.15's tf.layers (not installable here), from its documented signatures (r1.15 API reference,
+    # tensorflow/python/layers/{convolutional,core,normalization}.py): conv2d and dense kernel_initializer=None,
+    # i.e. tf.get_variable's glorot_uniform_initializer, bias_initializer=zeros_initializer();
+    # batch_normalization momentum=0.99, epsilon=0.001, fused=None (the fused kernel on 4-D inputs)
+    tf1 = {"kernel": "glorot_uniform", "bias": "zeros", "momentum": 0.99, "epsilon": 0.001}
+    keras_values = {"kernel": "glorot_uniform", "bias": "zeros", "momentum": bn["momentum"].default,
+                    "epsilon": bn["epsilon"].default}
+    for flavor, framework in (("keras", keras_values), ("tf1", tf1)):
+        ours = FLAVOR_LAYER_DEFAULTS[flavor]
+        # init glorot = Glorot uniform kernel, zero bias (models/layers.py _init_glorot)
+        assert ours["conv"]["init"] == ours["dense"]["init"] == "glorot"
+        assert (framework["kernel"], framework["bias"]) == ("glorot_uniform", "zeros")
+        assert ours["batchnorm"]["momentum"] == pytest.approx(1 - framework["momentum"])  # torch's convention
+        assert ours["batchnorm"]["eps"] == framework["epsilon"]
+    assert FLAVOR_LAYER_DEFAULTS["keras"]["batchnorm"]["variance"] == "biased"
+    tf1_bn = load_config(overrides=["defaults=tf1", "model.layers=[batchnorm]"]).model
+    assert type(build_model(tf1_bn, (5, 6, 6), 10).bn1) is torch.nn.BatchNorm2d  # fused: unbiased, as torch
+    assert type(build_model(tf1_bn, (7,), 10).bn1) is BiasedBatchNorm1d
 
 
 def test_torch_batchnorm_moving_variance_is_not_keras():

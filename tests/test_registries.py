@@ -28,7 +28,8 @@ LAYER_ARGS = {"conv": {"filters": 4}, "dense": {"units": 5}, "residual": {"layer
               "scale": {"factor": 0.5}}
 # The overrides that switch each augmentation on, alone.
 AUGMENT_ON = {"crop": ["augment.crop=2"], "flip": ["augment.flip=true"], "vflip": ["augment.vflip=true"],
-              "affine": ["augment.rotation=20"], "color": ["augment.brightness=0.3", "augment.saturation=0.3"],
+              "affine": ["augment.rotation=20"], "channel_shift": ["augment.channel_shift=40"],
+              "color": ["augment.brightness=0.3", "augment.saturation=0.3"],
               "cutout": ["augment.cutout=3"], "erasing": ["augment.erasing=1.0"]}
 
 

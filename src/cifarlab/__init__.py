@@ -21,8 +21,8 @@ _EXPORTS = {
     "export_study": "experiments", "tune": "experiments", "tune_worker": "experiments", "TuneResult": "studies.tune",
     "load_study": "studies.spec", "Study": "studies.spec",
     "dataset_info": "explore", "dataset_stats": "explore", "dataset_samples": "explore", "download_dataset": "explore",
-    "augment_figure": "explore", "presets": "explore", "model_summary": "explore", "choose_demo_data": "demo",
-    "export_run": "export", "FIGURES": "analysis.figures", "run_entry_point": "processes",
+    "augment_figure": "explore", "presets": "explore", "model_summary": "explore", "summary": "explore",
+    "choose_demo_data": "demo", "export_run": "export", "FIGURES": "analysis.figures", "run_entry_point": "processes",
     "Config": "config", "load_config": "config",
     "Callback": "hooks", "Monitor": "train.monitor", "EarlyStopping": "train.callbacks",
     "Trainer": "train.trainer",
@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
     from .experiments import StudyPlan, StudyResult, export_study, plan_study, run_study, tune, tune_worker  # noqa: F401
     from .demo import choose_demo_data  # noqa: F401
     from .explore import (augment_figure, dataset_info, dataset_samples, dataset_stats, download_dataset,  # noqa: F401
-                          model_summary, presets)
+                          model_summary, presets, summary)
     from .export import export_run  # noqa: F401
     from .processes import run_entry_point  # noqa: F401
     from .config import Config, load_config  # noqa: F401

@@ -36,6 +36,7 @@ from .data.sources import Dataset, check_dataset
 from .errors import ConfigError, DataError, WriteError
 from .evaluation import predict_logits
 from .hooks import Callback
+from .models.own import OwnModel, own_settings
 from .train import distributed, launch, trainer
 from .train.callbacks import (BestCheckpoint, DivergenceStop, EarlyStopping, LastCheckpoint, MetricsLog, NaNGuard,
                               TargetStop, TimeLimit)
@@ -69,7 +70,7 @@ def default_callbacks(config: Config, callbacks: Sequence[Any] = (), progress: P
     if t.max_time_s:
         chosen.append(TimeLimit(t.max_time_s))
     chosen += list(callbacks)
-    chosen += [BestCheckpoint(t.early_stopping.monitor, t.early_stopping.min_delta, t.early_stopping.restore_best),
+    chosen += [BestCheckpoint(t.early_stopping.monitor, t.early_stopping.min_delta, t.tested_weights() == "best"),
                LastCheckpoint()]
     if config.analysis.report:
         chosen.append(ReportCallback())
@@ -77,27 +78,39 @@ def default_callbacks(config: Config, callbacks: Sequence[Any] = (), progress: P
 
 
 def fit(config: ConfigSource = None, *, overrides: Overrides = None, callbacks: Sequence[Any] = (),
-        run_dir: Optional[PathLike] = None, progress: Progress = None, data: Optional[Data] = None) -> "Run":
+        run_dir: Optional[PathLike] = None, progress: Progress = None, data: Optional[Data] = None,
+        model: Optional[OwnModel] = None) -> "Run":
     """Train a model and return its Run. `config`: a Config, a YAML path or a dict of sections;
     `overrides`: `key.path=value` strings or a dict {"train.epochs": 5}; `callbacks`: objects with
     any of the hooks of cifarlab.Callback; `run_dir`: a new or empty folder (default
     train.out_dir/NAME-TIMESTAMP); `data`: arrays instead of data.dataset, as (x_train, y_train,
-    x_test, y_test[, class names]) with uint8 images NHWC or NCHW, or a cifarlab Dataset. Raises
+    x_test, y_test[, class names]) with uint8 images NHWC or NCHW, or a cifarlab Dataset; `model`: your
+    own network instead of model.* (an nn.Module, trained in place, or a class / function called as
+    f(input_shape, num_classes), see models/own.py; the run records it as model.module when it can be
+    imported again, else as model.given, and loading the run elsewhere then needs `model=`). Raises
     TrainingFailed when the loss becomes NaN, Interrupted on SIGINT / SIGTERM (state saved in
     last.pt; `resume` continues exactly). With train.devices=N > 1 the N ranks run as processes
     (`cifarlab train`), which take no callbacks of yours."""
     resolved = load_config(config, overrides)
     if data is not None:
         resolved = load_config(resolved, {"data.dataset": "npz", "data.root": str(stored_arrays(data))})
+    if model is not None:
+        tree = resolved.to_dict()
+        tree["model"] = {**own_settings(model), "args": resolved.model.args}
+        resolved = load_config(tree)
     if launch.launches(resolved):
         refuse_callbacks(callbacks, progress)
+        if resolved.model.given:
+            raise ConfigError(f"train.devices={resolved.train.devices}: each rank builds the model in its own "
+                              f"process, and {resolved.model.given} cannot be imported there; pass a class or "
+                              "function from a .py file (or model.module)")
         return Run(launch.launch_checked(resolved, run_dir=Path(run_dir) if run_dir is not None else None,
                                               quiet=progress is False))
     bar = progress if isinstance(progress, Callback) else default_progress(progress)
     with closing_progress(bar):
         path = trainer.fit(resolved, default_callbacks(resolved, callbacks, bar),
-                           Path(run_dir) if run_dir is not None else None)
-    return Run(path)
+                           Path(run_dir) if run_dir is not None else None, model)
+    return Run(path, model=model)
 
 
 def stored_arrays(data: Data) -> Path:
@@ -119,17 +132,19 @@ def stored_arrays(data: Data) -> Path:
 
 
 def resume(run: Union["Run", PathLike], overrides: Overrides = None, *, callbacks: Sequence[Any] = (),
-           progress: Progress = None) -> "Run":
+           progress: Progress = None, model: Optional[OwnModel] = None) -> "Run":
     """Continue a run from its last.pt exactly where it stopped (the end of an epoch, or the step of
-    an interrupt). Overrides such as train.epochs=30 train a finished run further."""
+    an interrupt). Overrides such as train.epochs=30 train a finished run further. `model`: your own
+    network, for a run that recorded it as model.given (default: the one a Run was given)."""
     path = runs.resolve_run(run.path if isinstance(run, Run) else run)
+    model = model if model is not None else getattr(run, "given_model", None)
     config = load_config(path / runs.CONFIG, overrides)
     if launch.launches(config):
         refuse_callbacks(callbacks, progress)
         return Run(launch.launch_checked(config, resume=path, overrides=overrides, quiet=progress is False))
     bar = progress if isinstance(progress, Callback) else default_progress(progress)
     with closing_progress(bar):
-        return Run(trainer.resume(path, config, default_callbacks(config, callbacks, bar)))
+        return Run(trainer.resume(path, config, default_callbacks(config, callbacks, bar), model), model=model)
 
 
 def refuse_callbacks(callbacks: Sequence[Any], progress: Progress) -> None:
@@ -149,13 +164,17 @@ def closing_progress(progress: Any) -> Iterator[None]:
             progress.close()
 
 
-def load_run(path: Union["Run", PathLike]) -> "Run":
-    """A run directory written by `fit` (or `cifarlab train`)."""
-    return path if isinstance(path, Run) else Run(path)
+def load_run(path: Union["Run", PathLike], model: Optional[OwnModel] = None) -> "Run":
+    """A run directory written by `fit` (or `cifarlab train`). `model`: your own network, for a run
+    whose model was passed in Python and cannot be imported again (model.given)."""
+    if isinstance(path, Run) and model is None:
+        return path
+    return Run(path, model=model if model is not None else getattr(path, "given_model", None))
 
 
 def evaluate_run(run: Union["Run", PathLike], split: str = "test", top_k: int = 5) -> dict[str, Any]:
-    """Accuracy, loss, top-k accuracy, per-class accuracy and the confusion matrix of a run's best.pt
+    """Accuracy, loss, top-k accuracy, per-class accuracy and the confusion matrix of the weights a run tested
+    (best.pt or last.pt: train.test_weights)
     on one split, with the run's own normalization; also written to RUN/eval_<split>.json."""
     loaded = run.loaded if isinstance(run, Run) else runs.LoadedRun(run)
     labels = loaded.split(split)[1]
@@ -163,7 +182,8 @@ def evaluate_run(run: Union["Run", PathLike], split: str = "test", top_k: int = 
     predicted = result.predictions.cpu().numpy()
     classes = loaded.classes
     k = min(top_k, len(classes))
-    report = {"run": loaded.path.name, "split": split, "epoch": loaded.checkpoint["epoch"], "images": len(labels),
+    report = {"run": loaded.path.name, "split": split, "checkpoint": loaded.checkpoint_name,
+              "epoch": loaded.checkpoint["epoch"], "images": len(labels),
               "loss": result.loss, "acc": result.acc,
               f"top{k}_acc": top_k_accuracy(result.logits.cpu().numpy(), labels, k),
               "per_class_acc": dict(zip(classes, per_class_accuracy(predicted, labels, len(classes)))),
@@ -176,8 +196,9 @@ class Run:
     """A run directory: its summary, history and config, its best model, and what can be done with it.
     In a notebook, a cell that returns a Run shows its summary and curves."""
 
-    def __init__(self, path: PathLike):
+    def __init__(self, path: PathLike, model: Optional[OwnModel] = None):
         self.path: Path = runs.resolve_run(path)
+        self.given_model = model  # your own network passed in Python (see fit), used to rebuild the model
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -199,21 +220,29 @@ class Run:
         """One record per epoch (train_loss, train_acc, val_loss, val_acc, lr, time, ...)."""
         return runs.epoch_records(self.path)
 
+    @property
+    def metrics(self) -> dict[str, list[Any]]:
+        """The history as Keras' History.history has it: a list per metric, one value per epoch
+        (run.metrics["val_acc"]; also "epoch", "train_loss", "train_acc", "lr", and test_* when scored)."""
+        records = self.history
+        keys = [k for k in dict.fromkeys(k for r in records for k in r) if k not in ("kind", "time", "lr_steps")]
+        return {key: [r.get(key) for r in records] for key in keys}
+
     @cached_property
     def config(self) -> Config:
         return runs.read_run_config(self.path)
 
     @cached_property
     def loaded(self) -> runs.LoadedRun:
-        """The run read back: best.pt's model, the data splits and each split's predictions (each read once)."""
-        return runs.LoadedRun(self.path)
+        """The run read back: the tested weights' model, the data splits and each split's predictions (each read once)."""
+        return runs.LoadedRun(self.path, model=self.given_model)
 
     @property
     def classes(self) -> list[str]:
         return self.loaded.classes
 
     def model(self) -> nn.Module:
-        """The best weights, built and in eval mode, on the run's device."""
+        """The tested weights (best.pt or last.pt: train.test_weights), built and in eval mode, on the run's device."""
         return self.loaded.model
 
     def predict(self, images: Images) -> np.ndarray:
@@ -250,8 +279,8 @@ class Run:
         return array if array.dtype == np.uint8 else array.astype(np.float32)
 
     def evaluate(self, split: str = "test", top_k: int = 5) -> dict[str, Any]:
-        """Accuracy, top-k, per-class accuracy and confusion matrix of best.pt on a split (see evaluate_run)."""
-        return evaluate_run(self.path, split, top_k)
+        """Accuracy, top-k, per-class accuracy and confusion matrix of the tested weights on a split (see evaluate_run)."""
+        return evaluate_run(self, split, top_k)
 
     def figure(self, name: str, **options: Any) -> list[Path]:
         """Draw a registered figure (curves, confusion, mistakes, featuremaps, filters, tsne, samples)
@@ -275,7 +304,8 @@ class Run:
         pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
         rows = [("status", f"{s['status']}: {s['stop_reason']}"), ("model", f"{s.get('model') or 'custom'} on "
                                                                              f"{s['dataset']}"),
-                ("best epoch / epochs", f"{s.get('best_epoch', '-')} / {s['epochs_run']}"),
+                ("tested epoch / epochs", f"{s.get('tested_epoch', s.get('best_epoch', '-'))} ({s.get('test_weights', 'best')}) "
+                                          f"/ {s['epochs_run']}"),
                 ("train / val / test accuracy", " / ".join(pct(s.get(k)) for k in ("train_acc", "val_acc", "test_acc"))),
                 ("training time", f"{s.get('train_time_s') or 0:.1f} s")]
         table = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"

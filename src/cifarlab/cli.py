@@ -41,10 +41,12 @@ def print_summary(run: "cifarlab.Run") -> None:
     s = run.summary
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     out.print(f"{s['run']}: {s['stop_reason']}")
-    table = Table(title="accuracy (best epoch's weights) and training time")
-    for column in ("best epoch", "epochs", "train", "val", "test", "time", "img/s", "params"):
+    tested = s.get("tested_epoch", s["best_epoch"])
+    which = {"best": "the best epoch's", "last": "the last epoch's"}.get(s.get("test_weights"), "the best epoch's")
+    table = Table(title=f"accuracy ({which} weights: epoch {tested}) and training time")
+    for column in ("tested epoch", "epochs", "train", "val", "test", "time", "img/s", "params"):
         table.add_column(column, justify="right")
-    table.add_row(str(s["best_epoch"]), str(s["epochs_run"]), pct(s["train_acc"]), pct(s["val_acc"]),
+    table.add_row(str(tested), str(s["epochs_run"]), pct(s["train_acc"]), pct(s["val_acc"]),
                   pct(s["test_acc"]), f"{s['train_time_s']:.1f} s", f"{s['train_img_per_s']:.0f}",
                   f"{s['params']['trainable'] + s['params']['non_trainable']:,}")
     out.print(table)
@@ -104,11 +106,11 @@ def eval_command(
     split: str = typer.Option("test", "--split", help="test | val | train"),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Also report top-k accuracy."),
 ) -> None:
-    """Accuracy, top-k, per-class accuracy and confusion matrix of a run's best checkpoint (eval_<split>.json)."""
+    """Accuracy, top-k, per-class accuracy and confusion matrix of the weights a run tested (eval_<split>.json)."""
     report = cifarlab.evaluate_run(run, split, top_k)
     top = next(k for k in report if k.startswith("top") and k.endswith("_acc"))
     out.print(f"{report['run']}: {split} accuracy {100 * report['acc']:.2f}% on {report['images']} images "
-              f"(best.pt, epoch {report['epoch']}); {top.removesuffix('_acc')} {100 * report[top]:.2f}%; "
+              f"({report['checkpoint']}, epoch {report['epoch']}); {top.removesuffix('_acc')} {100 * report[top]:.2f}%; "
               f"confusion matrix and per-class accuracy in {Path(run) / f'eval_{split}.json'}")
     table = Table("class", "accuracy")
     for name, acc in report["per_class_acc"].items():
@@ -146,6 +148,7 @@ def report(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="HTML path."),
 ) -> None:
     """Self-contained HTML report of a run (figures, tables, t-SNE), or a comparison of runs."""
+    setup_logging()  # a line as each figure and t-SNE embedding is done
     path = (cifarlab.load_run(run_dirs[0]).report(output) if len(run_dirs) == 1
             else cifarlab.compare_runs(run_dirs, output or "comparison.html"))
     out.print(f"wrote {path}")
@@ -154,7 +157,8 @@ def report(
 @app.command()
 @user_errors
 def summary(
-    model: str = typer.Argument(..., help="A preset name (see `cifarlab summary list`) or a config YAML."),
+    model: str = typer.Argument(..., help="A preset name (see `cifarlab summary list`), a config YAML, or your own model "
+                                             "(package.module:Factory or file.py:Factory)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value, e.g. model.dropout=0.2"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help=f"Input shape of: {DATASET_HELP}"),
 ) -> None:
@@ -281,7 +285,7 @@ def export(
     input_dtype: str = typer.Option("uint8", "--input", help="onnx input: uint8 (0..255) or float (float32 in [0, 1]), "
                                     "NHWC either way."),
 ) -> None:
-    """Export a run's best weights: ONNX (images -> probabilities, normalization inside), safetensors or torch."""
+    """Export the weights a run tested: ONNX (images -> probabilities, normalization inside), safetensors or torch."""
     out.print(f"wrote {cifarlab.export_run(run, fmt, output, tta, input_dtype)}")
 
 

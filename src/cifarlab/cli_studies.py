@@ -74,8 +74,13 @@ def tune(
     timeout: Optional[float] = typer.Option(None, "--timeout", min=0, help="Start no trial after this many seconds."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite in the study "
                                           "folder); postgresql://user@host/db shares one search between machines."),
-    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Processes on this machine (CPU threads are split)."),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Trial workers: processes on this machine (CPU "
+                                "threads are split), or Dask tasks / Slurm jobs with --executor."),
     out_dir: Optional[Path] = OUT,
+    executor: Optional[str] = typer.Option(None, "-e", "--executor", help="local | dask | slurm: where the trial "
+                                           "workers run (default: the study's)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join this Dask scheduler (tcp://host:8786)."),
+    scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", help="Join the Dask scheduler this file names."),
     worker_index: int = typer.Option(0, "--worker-index", hidden=True),
 ) -> None:
     """Hyperparameter search on Optuna: trials of the study's search block, pruned on each epoch's
@@ -85,7 +90,8 @@ def tune(
     if worker_index:  # one of the processes that `--workers N` started: trials only
         cifarlab.tune_worker(study_file, trials=trials or 1, worker=worker_index, **options)
         return
-    result = cifarlab.tune(study_file, trials=trials, workers=workers, **options)
+    result = cifarlab.tune(study_file, trials=trials, workers=workers, executor=executor, address=address,
+                           scheduler_file=scheduler_file, **options)
     out.print(result.table)
     out.print(", ".join(f"{n} {state}" for state, n in sorted(result.counts.items())))
     if result.best_config is not None:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .data import sources
 from .errors import ConfigError
 from .files import atomic_write
 from .settings import flat_settings
+from .sections import AUGMENT_PRESETS, AugmentConfig, Section  # noqa: F401 (AUGMENT_PRESETS: re-exported)
+from .consistency import check_across_sections
 from .validation import describe_validation_error, one_of
 from .yamlfiles import apply_override, parse_override, read_yaml
 
@@ -27,23 +29,7 @@ DATASETS = tuple(sources.DATASETS)  # the data.dataset names, from the registry 
 # train.tta: the test-time augmentations evaluation.tta_views knows (export offers the same)
 TTA_MODES = ("none", "flip", "flip-shift")
 
-AUGMENT_PRESETS = {
-    "none": {},
-    # report 001: RandomCrop(32, padding=4) + RandomHorizontalFlip()
-    "crop-flip": {"crop": 4, "flip": True},
-    # report 000: ImageDataGenerator(width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True)
-    "shift-flip": {"width_shift": 0.1, "height_shift": 0.1, "flip": True, "fill_mode": "nearest"},
-    # report 004: rotation 15, shifts 0.1, shear 0.2, zoom 0.2, horizontal flip, fill_mode nearest
-    "keras-affine": {"rotation": 15.0, "width_shift": 0.1, "height_shift": 0.1, "shear": 0.2, "zoom": 0.2,
-                     "flip": True, "fill_mode": "nearest"},
-}
-
-
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Section):
@@ -58,7 +44,11 @@ class DataConfig(Section):
     test_size: float = Field(0.2, gt=0, lt=1)  # folder with one tree of classes: the test fraction (seeded, stratified)
     val_size: float = Field(0.1, ge=0)  # fraction of the training set if < 1, else a count
     stratify: bool = True
-    normalize: bool = True  # per-channel mean/std; from the training split unless mean/std given
+    # per-channel mean/std of the raw training split unless mean/std given (Keras featurewise_center +
+    # featurewise_std_normalization); center: the mean only (featurewise_center alone); false: neither
+    normalize: Union[bool, Literal["center"]] = True
+    # per image, before normalize (Keras samplewise_center; std: samplewise_std_normalization, centering too)
+    samplewise: Literal["none", "center", "std"] = "none"
     zca: bool = False  # ZCA whitening fitted on the training split, after normalization (Keras zca_whitening)
     zca_epsilon: float = Field(1e-6, gt=0)
     mean: Optional[list[float]] = None  # in [0, 1] units, one per channel
@@ -71,6 +61,16 @@ class DataConfig(Section):
     def _known_dataset(cls, name: Any) -> Any:
         return one_of(sources.DATASETS, name)
 
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize_mode(cls, value: Any) -> Any:  # one message, not one per member of the union
+        if value == "center":
+            return value
+        try:
+            return TypeAdapter(bool).validate_python(value)  # what the plain bool key accepted
+        except ValidationError:
+            raise ValueError("must be true, false or center (the training mean only: Keras featurewise_center)") from None
+
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         if self.val_size >= 1 and self.val_size != int(self.val_size):
@@ -82,60 +82,10 @@ class DataConfig(Section):
         return self
 
 
-# An int or a float, each kept as its own type (pydantic would turn 3 into 3.0 for a float field);
-# AugmentConfig._shift_range checks it first, so a bad value gets one message.
-ShiftRange = Union[Annotated[int, Strict()], Annotated[float, Strict()]]
-
 # The framework flavors of the top-level `defaults` key (see train/formulas.py FLAVOR_OPTIM_DEFAULTS and
 # models/build.py FLAVOR_LAYER_DEFAULTS): whose defaults fill the keys a config leaves out, and whose
 # update rules the optimizers follow.
 Flavor = Literal["torch", "keras", "tf1"]
-
-
-class AugmentConfig(Section):
-    """Training-time augmentation. A preset fills the keys you leave out; keys you give win."""
-
-    preset: Literal["none", "crop-flip", "shift-flip", "keras-affine"] = "none"
-    crop: Optional[int] = Field(None, ge=0)  # pad this many pixels, then crop back at a random offset
-    crop_fill: Optional[Literal["constant", "reflect", "edge"]] = None  # how the crop padding is filled
-    flip: Optional[bool] = None  # random horizontal flip, p = 0.5
-    vflip: Optional[bool] = None  # random vertical flip, p = 0.5
-    # Keras' width_shift_range / height_shift_range rule (data/augment.py draw_shift): a float < 1 is a
-    # fraction of the size, a float >= 1 pixels from [-r, r], an int whole pixels from {-(r-1), ..., r-1}.
-    # A YAML int (3) stays an int and a YAML float (3.0) a float: the union is tried in that order, strictly.
-    width_shift: Optional[ShiftRange] = None
-    height_shift: Optional[ShiftRange] = None
-    rotation: Optional[float] = Field(None, ge=0, le=180)  # degrees, drawn from [-r, r]
-    shear: Optional[float] = Field(None, ge=0, lt=90)  # degrees (Keras shear_range), from [-s, s]
-    zoom: Optional[float] = Field(None, ge=0, lt=1)  # scale drawn from [1 - z, 1 + z] per axis
-    fill_mode: Optional[Literal["nearest", "constant", "reflect"]] = None  # outside pixels after an affine
-    cval: Optional[float] = Field(None, ge=0, le=255)  # fill value for fill_mode constant, in pixel units
-    brightness: Optional[float] = Field(None, ge=0, lt=1)  # factor from [1 - b, 1 + b]
-    contrast: Optional[float] = Field(None, ge=0, lt=1)
-    saturation: Optional[float] = Field(None, ge=0, lt=1)
-    cutout: Optional[int] = Field(None, ge=0)  # side of a square set to the mean (0: off)
-    erasing: Optional[float] = Field(None, ge=0, le=1)  # random-erasing probability per image
-    mixup: Optional[float] = Field(None, ge=0)  # Beta(alpha, alpha) mixing; 0: off
-    cutmix: Optional[float] = Field(None, ge=0)  # Beta(alpha, alpha) box pasting; 0: off
-
-    @field_validator("width_shift", "height_shift", mode="before")
-    @classmethod
-    def _shift_range(cls, value: Any) -> Any:
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
-            return value
-        raise ValueError("must be a number >= 0: an int for whole pixels, a float below 1 for a fraction "
-                         "of the size, a float of 1 or more for pixels from a continuous range")
-
-    @model_validator(mode="after")
-    def _fill_from_preset(self) -> "AugmentConfig":
-        defaults = {"crop": 0, "crop_fill": "constant", "flip": False, "vflip": False, "width_shift": 0.0,
-                    "height_shift": 0.0, "rotation": 0.0, "shear": 0.0, "zoom": 0.0, "fill_mode": "nearest",
-                    "cval": 0.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "cutout": 0,
-                    "erasing": 0.0, "mixup": 0.0, "cutmix": 0.0}
-        for key, value in {**defaults, **AUGMENT_PRESETS[self.preset]}.items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, value)
-        return self
 
 
 class ModelConfig(BaseModel):
@@ -146,21 +96,31 @@ class ModelConfig(BaseModel):
 
     preset: Optional[str] = "cnn3-avg"
     layers: Optional[list[Any]] = None
+    module: Optional[str] = None  # your nn.Module: "package.module:Factory" or "file.py:Factory" (imports it)
+    args: dict[str, Any] = {}  # keyword arguments of model.module's factory
+    given: Optional[str] = None  # recorded: a model passed to fit(model=) that cannot be imported again
     defaults: Optional[Flavor] = None  # layer defaults (init, BatchNorm) of a framework; None: the top-level `defaults`
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         from .models.build import check_model_config
 
-        if self.layers is not None:
+        if self.layers is not None or self.module is not None or self.given is not None:
             if "preset" in self.model_fields_set and self.preset is not None:
-                raise ValueError("give model.preset or model.layers, not both")
+                raise ValueError("give one of model.preset, model.layers or model.module")
             object.__setattr__(self, "preset", None)
-        check_model_config(self.preset, self.layers, dict(self.model_extra or {}))
+        module = check_model_config(self.preset, self.layers, dict(self.model_extra or {}), self.module,
+                                    self.args, self.given)
+        object.__setattr__(self, "module", module)
         return self
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    def name(self) -> str:
+        """The preset's name, your factory's name (model.module), or "custom" (model.layers)."""
+        own = self.module or self.given
+        return self.preset or (own.replace(":", ".").split(".")[-1].split()[-1] if own else "custom")
 
 
 class OptimConfig(Section):
@@ -169,7 +129,7 @@ class OptimConfig(Section):
 
     defaults: Optional[Flavor] = None  # update rules and defaults of a framework; None: the top-level `defaults`
     name: str = "adam"  # a name in train/optim.py OPTIMIZERS
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)  # keras flavor: sgd 0.01; tf1: sgd, adagrad, rmsprop, proximal-adagrad need one
     momentum: float = Field(0.0, ge=0, lt=1)  # sgd, rmsprop
     nesterov: bool = False  # sgd, needs momentum > 0
     betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
@@ -179,7 +139,7 @@ class OptimConfig(Section):
     initial_accumulator: Optional[float] = Field(None, ge=0)  # adagrad 0 (keras / tf1 0.1), rmsprop (tf1 1), prox 0.1
     prox_l1: float = Field(0.0, ge=0)  # proximal-adagrad l1_regularization_strength
     prox_l2: float = Field(0.0, ge=0)  # proximal-adagrad l2_regularization_strength
-    weight_decay: float = Field(0.0, ge=0)  # inside the optimizer step (torch semantics; decoupled for adamw)
+    weight_decay: float = Field(0.0, ge=0)  # inside the optimizer step (torch semantics; decoupled for adamw; keras adamw 0.004)
     l2: float = Field(0.0, ge=0)  # Keras kernel_regularizer: loss += l2 * sum(w**2) over conv/dense kernels
     l2_layers: Optional[list[str]] = None  # only these layers' kernels (e.g. [conv1, fc1]); default all
     clip_norm: Optional[float] = Field(None, gt=0)  # clip the global gradient norm to this
@@ -203,9 +163,12 @@ class OptimConfig(Section):
     def apply_flavor(self) -> None:
         """Fill the keys the config left out with the flavor's values for this optimizer (torch: none, so
         torch's own defaults stay), then refuse what the framework refuses."""
-        from .train.formulas import flavor_optim_values
+        from .train.formulas import flavor_optim_values, missing_required
 
         if self.defaults not in (None, "torch"):
+            missing = missing_required(self.defaults, self.name, self.model_fields_set)
+            if missing:
+                raise ValueError(missing)
             for key, value in flavor_optim_values(self.defaults, self.name).items():
                 if key not in self.model_fields_set:
                     object.__setattr__(self, key, value)
@@ -263,7 +226,7 @@ class EarlyStoppingConfig(Section):
     monitor: Literal["val_acc", "val_loss", "train_acc", "train_loss"] = "val_acc"  # also picks best.pt
     patience: int = Field(5, ge=0)  # epochs without improvement before stopping (report 001: 5)
     min_delta: float = Field(0.0, ge=0)  # an improvement must beat the best by more than this
-    restore_best: bool = True  # evaluate the test split with the best epoch's weights, not the last
+    restore_best: bool = True  # with train.test_weights=auto: test the best epoch's weights, not the last
 
 
 class TrainConfig(Section):
@@ -287,6 +250,9 @@ class TrainConfig(Section):
     # autocast: auto = bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs (T4, V100), float32 on CPU
     precision: Literal["auto", "float32", "bf16", "fp16"] = "auto"
     evaluate: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val"])  # splits scored every epoch
+    # the weights the test split scores, and eval / predict / viz / export use: best (best.pt, the best
+    # monitored epoch), last (the final epoch); auto: Keras' rule, best only when early stopping restores it
+    test_weights: Literal["auto", "best", "last"] = "auto"
     max_time_s: Optional[float] = Field(None, gt=0)  # stop after the epoch that passes this much training time
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
@@ -296,6 +262,13 @@ class TrainConfig(Section):
     histogram_every: int = Field(5, ge=0)  # tensorboard: weight histograms at epochs 1, 1 + N, ...; 0: none
     mlflow_uri: Optional[str] = None  # mlflow tracking URI; default: a file store in RUN/mlruns
     wandb_mode: Literal["offline", "online"] = "offline"  # wandb: offline unless asked (`wandb sync` uploads later)
+
+    def tested_weights(self) -> str:
+        """best | last: which weights a run tests (test_weights, with auto resolved)."""
+        stopping = self.early_stopping
+        if self.test_weights == "auto":
+            return "best" if stopping.enabled and stopping.restore_best else "last"
+        return self.test_weights
 
     @field_validator("loggers", mode="before")
     @classmethod
@@ -323,7 +296,7 @@ class TsneConfig(Section):
     layers: list[str] = Field(default_factory=list)  # e.g. [flatten, fc1]; empty: off
     split: Literal["train", "val", "test"] = "train"
     samples: Optional[int] = Field(5000, gt=0)  # null: the whole split
-    epochs: Optional[list[int]] = None  # default: the first, the middle and the last epoch
+    epochs: Optional[list[int]] = None  # default: 0 (before the first step), the middle and the last epoch
     embed: bool = True  # compute the embeddings (and their figures) when training ends
 
 
@@ -366,28 +339,11 @@ class Config(Section):
             if self.optim.defaults is None:
                 object.__setattr__(self.optim, "defaults", self.defaults)
                 self.optim.apply_flavor()
-        if self.data.val_size == 0 and "val" in self.train.evaluate:
-            object.__setattr__(self.train, "evaluate", [s for s in self.train.evaluate if s != "val"])
-        measured = {"train_acc", "train_loss"} | {f"{s}_{m}" for s in self.train.evaluate for m in ("acc", "loss")}
-        for key, metric in (("schedule.monitor", self.schedule.monitor if self.schedule.name == "plateau" else None),
-                            ("train.target.metric", self.train.target.metric)):
-            if metric is not None and metric not in measured:
-                raise ValueError(f"{key}={metric} is not measured; add its split to train.evaluate "
-                                 f"(now {self.train.evaluate})")
-        if self.analysis.tsne.layers and self.analysis.tsne.split == "val" and self.data.val_size == 0:
-            raise ValueError("analysis.tsne.split=val needs data.val_size > 0")
-        if self.train.divergence.enabled and "val" not in self.train.evaluate:
-            raise ValueError("train.divergence needs validation loss: data.val_size > 0 and val in train.evaluate")
-        es = self.train.early_stopping
-        if es.enabled and es.monitor.startswith("val_") and self.data.val_size == 0:
-            raise ValueError(
-                f"train.early_stopping.monitor={es.monitor} needs data.val_size > 0 "
-                "(or monitor a train_ metric, or set train.early_stopping.enabled=false)"
-            )
+        check_across_sections(self)
         return self
 
     def run_name(self) -> str:
-        return self.name or f"{self.model.preset or 'custom'}-{self.data.dataset}"
+        return self.name or f"{self.model.name()}-{self.data.dataset}"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -6,6 +6,7 @@ through `predict_logits`, so every number a run reports was computed the same wa
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.loader import DeviceLoader
+from .models.penalty import reported_penalty
 
 
 def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
@@ -110,3 +112,10 @@ def evaluate(model: nn.Module, loader: DeviceLoader, precision: str = "float32",
     n = max(len(predicted), 1)
     correct = (predicted == loader.labels).sum().item()
     return Evaluation(loss_sum.item() / n, correct / n, logits, predicted)
+
+
+def with_penalty(result: Evaluation, model: nn.Module, optim) -> Evaluation:
+    """`result` with the regularization its framework flavor adds to reported losses (models/penalty.py:
+    keras / tf1 add optim.l2's kernel penalty, as Keras' val_loss and evaluate() do; torch nothing)."""
+    penalty = reported_penalty(model, optim)
+    return dataclasses.replace(result, loss=result.loss + penalty) if penalty else result

@@ -14,10 +14,12 @@ from typing import Any, Callable, Optional, Union
 
 from .api import fit
 from .errors import CifarlabError
-from .studies.executors import run_jobs, run_state, slurm_job_script, study_executor
+from .studies.executors import run_jobs, run_state, study_executor
 from .studies.results import FORMATS, collect, summarize_study, write_results
+from .studies.slurm import slurm_job_script
 from .studies.spec import PlanError, Study, check_plan, load_study, study_folder
-from .studies.tune import TuneResult, run_search, work
+from .studies.search import run_search, search_executor
+from .studies.tune import TuneResult, work
 
 PathLike = Union[str, Path]
 
@@ -54,7 +56,7 @@ def run_study(study: Union[Study, PathLike], *, overrides: Optional[list[str]] =
     report.html in the study folder (default train.out_dir/STUDY-NAME)."""
     study = as_study(study, overrides, only, skip)
     folder = study_folder(study, out)
-    _, chosen, workers = study_executor(study, executor, workers, address, scheduler_file)
+    _, chosen, workers = study_executor(study, executor, workers, address, scheduler_file, folder)
     check_plan(study, reads_here(chosen))
     outcome = run_jobs(study, folder, chosen, workers, on_run)
     try:
@@ -95,7 +97,7 @@ def plan_study(study: Union[Study, PathLike], *, overrides: Optional[list[str]] 
     """Check a study as `run_study` takes it (its runs' data and models tried) and say what it would run."""
     study = as_study(study, overrides, only, skip)
     folder = study_folder(study, out)
-    name, chosen, count = study_executor(study, executor, workers, address, scheduler_file)
+    name, chosen, count = study_executor(study, executor, workers, address, scheduler_file, folder)
     rows = [(run.id, dict(run.values), run.seed, run_state(folder / run.id) if (folder / run.id).exists() else "new")
             for run in study.runs]
     try:
@@ -125,16 +127,22 @@ def export_study(study: Union[Study, PathLike], format: str = "latex", *, overri
 
 def tune(study: Union[Study, PathLike], *, overrides: Optional[list[str]] = None, out: Optional[PathLike] = None,
          trials: Optional[int] = None, timeout: Optional[float] = None, storage: Optional[str] = None,
-         workers: int = 1) -> TuneResult:
+         workers: int = 1, executor: Optional[str] = None, address: Optional[str] = None,
+         scheduler_file: Optional[PathLike] = None) -> TuneResult:
     """Hyperparameter search on Optuna over a study file's `search` block: `trials` in all (default
-    tune.trials), no new trial after `timeout` seconds, `workers` processes on this machine, the
-    Optuna study in `storage` (default: SQLite in the study folder; a PostgreSQL URL lets processes on
-    other machines join). Each trial is a run folder trained by `fit`; returns the best trial, its
+    tune.trials), no new trial after `timeout` seconds, `workers` trial workers: processes on this
+    machine (`executor="local"`), tasks of a Dask cluster (`"dask"`: a local one, or the scheduler at
+    `address` / `scheduler_file`) or Slurm jobs (`"slurm"`, from the study's `slurm:` block), the
+    Optuna study in `storage` (default: SQLite in the study folder; workers on other machines need a
+    PostgreSQL URL). Each trial is a run folder trained by `fit`; returns the best trial, its
     settings and best.yaml, with results.md and report.html in the study folder (default
     train.out_dir/NAME)."""
     study = as_study(study, overrides)
-    return run_search(study, study_folder(study, out), fit, trials=trials, timeout=timeout, storage=storage,
-                      workers=workers, overrides=overrides)
+    folder = study_folder(study, out)
+    placed = search_executor(study, folder, name=executor, workers=workers, storage=storage, address=address,
+                             scheduler_file=str(scheduler_file) if scheduler_file else None)
+    return run_search(study, folder, fit, trials=trials, timeout=timeout, storage=storage, workers=workers,
+                      overrides=overrides, executor=placed)
 
 
 def tune_worker(study: Union[Study, PathLike], *, worker: int, trials: int, overrides: Optional[list[str]] = None,

@@ -22,6 +22,7 @@ from .data.sources import SHAPES, load_dataset
 from .data.splits import channel_stats
 from .errors import ConfigError
 from .models.build import build_model, load_preset, preset_names
+from .models.own import OwnModel
 from .models.summary import format_summary, summarize
 
 PathLike = Union[str, Path]
@@ -99,17 +100,36 @@ def presets() -> list[tuple[str, str]]:
     return [(name, load_preset(name).get("description", "")) for name in preset_names()]
 
 
-def model_summary(model: str, overrides: Optional[list[str]] = None, dataset: Optional[str] = None) -> str:
+class SummaryTable(str):
+    """A model summary's text; a notebook cell that returns one shows the table itself."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def model_summary(model: Union[str, OwnModel], overrides: Optional[list[str]] = None,
+                  dataset: Optional[str] = None) -> SummaryTable:
     """Keras' summary (layers, output shapes, parameters trainable / non-trainable) of a preset by
-    name or of a config file's model, for the input shape of `dataset` (default: the config's)."""
-    is_file = model.endswith((".yaml", ".yml")) or Path(model).is_file()
-    config = load_config(model if is_file else None, ([] if is_file else [f"model.preset={model}"]) + (overrides or []))
+    name, a config file's model, your own model (a "module:Factory" reference, an nn.Module or a
+    factory), for the input shape of `dataset` (default: the config's)."""
+    given = None if isinstance(model, str) else model
+    if given is not None:
+        config = load_config(None, overrides)
+    elif model.endswith((".yaml", ".yml")) or Path(model).is_file():
+        config = load_config(model, overrides)
+    else:
+        key = "model.module" if ":" in model else "model.preset"
+        config = load_config(None, [f"{key}={model}"] + (overrides or []))
     name = dataset or config.data.dataset
     if name not in SHAPES:
         raise ConfigError(f"--dataset={name}: use one of {' | '.join(SHAPES)}")
     shape, classes = SHAPES[name]
     if name == "cifar100" and config.data.labels == "coarse":
         classes = 20
-    network = build_model(config.model, shape, classes)
-    title = f"{config.model.preset or 'custom'} for {name} ({'x'.join(map(str, shape))}, {classes} classes)"
-    return format_summary(summarize(network, shape), title)
+    network = build_model(config.model, shape, classes, given)
+    title = (f"{type(network).__name__ if given is not None else config.model.name()} for {name} "
+             f"({'x'.join(map(str, shape))}, {classes} classes)")
+    return SummaryTable(format_summary(summarize(network, shape), title))
+
+
+summary = model_summary  # cifarlab.summary(...): Keras' model.summary(), by its name

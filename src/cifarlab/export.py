@@ -1,4 +1,4 @@
-"""Export a run's best weights for use outside cifarlab.
+"""Export the weights a run tested (train.test_weights) for use outside cifarlab.
 
 - onnx: one graph from NHWC images (uint8 in [0, 255], or float32 in [0, 1] with `input_dtype="float"`)
   to softmax probabilities, with the run's normalization, ZCA and (optionally) test-time
@@ -10,7 +10,8 @@
   shape, normalization), loadable with `torch.load(..., weights_only=True)`; `load_torch` rebuilds it.
 
 The optional packages (onnx, onnxscript, safetensors) come with `pip install "cifarlab[export]"`.
-The export reads the run's config and best.pt only; the dataset does not have to be present.
+The export reads the run's config and its tested weights (best.pt or last.pt) only; the dataset does
+not have to be present.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from torch import nn
 
 from .config import TTA_MODES, Config, ModelConfig
 from .errors import ConfigError, DataError
+from .data.loader import samplewise_standardize
 from .evaluation import tta_logits
 from .files import atomic_write
 from .models.build import build_model
+from .models.own import OwnModel
 from .optional import optional_modules
 from .runs import LoadedRun, load_checkpoint, load_weights
 
@@ -55,7 +58,7 @@ PathLike = Union[str, Path]
 
 @dataclass
 class ExportSource:
-    """What an export needs of a run: its config, best.pt's model (CPU, float32, eval mode,
+    """What an export needs of a run: its config, the tested weights' model (CPU, float32, eval mode,
     contiguous layout), class names, input shape (C, H, W), normalization and epoch."""
 
     path: Path
@@ -68,31 +71,33 @@ class ExportSource:
     zca: Optional[torch.Tensor]
     epoch: int
     tta: str
+    samplewise: str = "none"  # data.samplewise: none, center or std
 
     def normalization(self, zca: Any) -> dict[str, Any]:
         """The normalization as metadata: `zca` is what stands for the matrix (a tensor name, a bool, the tensor)."""
         return {"mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std], "zca": zca,
-                "formula": NORMALIZATION_FORMULA}
+                "samplewise": self.samplewise, "formula": NORMALIZATION_FORMULA}
 
 
-NORMALIZATION_FORMULA = ("x = (pixels / 255 - mean) / std per channel, on (N, C, H, W); with a ZCA matrix (D, D), "
-                         "D = C * H * W: x = (x.reshape(N, D) @ zca).reshape(N, C, H, W)")
+NORMALIZATION_FORMULA = ("x = pixels / 255 on (N, C, H, W); samplewise center: x -= each image's mean over C, H, W; "
+                         "samplewise std: then x /= each image's std (ddof 0) + 1e-6; x = (x - mean) / std per channel; "
+                         "with a ZCA matrix (D, D), D = C * H * W: x = (x.reshape(N, D) @ zca).reshape(N, C, H, W)")
 
 
-def read_source(run_dir: PathLike, tta: Optional[str] = None) -> ExportSource:
-    """A run's config and best.pt, the model on the CPU (LoadedRun reads no data for this: the
-    checkpoint holds the normalization). `tta`: "flip-shift" / "flip" / "none", or None for
-    the run's own train.tta."""
+def read_source(run_dir: PathLike, tta: Optional[str] = None, model: Optional[OwnModel] = None) -> ExportSource:
+    """A run's config and tested weights (best.pt or last.pt), the model on the CPU (LoadedRun reads
+    no data for this: the checkpoint holds the normalization). `tta`: "flip-shift" / "flip" / "none",
+    or None for the run's own train.tta."""
     if tta is not None and tta not in TTA_MODES:
         raise ConfigError(f"--tta={tta}: use {' or '.join(TTA_MODES)}")
-    loaded = LoadedRun(run_dir, device="cpu")
+    loaded = LoadedRun(run_dir, device="cpu", model=model)
     stored = loaded.checkpoint["normalization"]
     zca = stored.get("zca")
     return ExportSource(loaded.path, loaded.config, loaded.model.to(memory_format=torch.contiguous_format),
                         [str(c) for c in loaded.classes], tuple(int(n) for n in loaded.input_shape),
                         list(stored["mean"]), list(stored["std"]),
                         zca.float().contiguous() if zca is not None else None, int(loaded.checkpoint["epoch"]),
-                        tta if tta is not None else (loaded.config.train.tta or "none"))
+                        tta if tta is not None else (loaded.config.train.tta or "none"), stored.get("samplewise", "none"))
 
 
 def default_output(run_dir: Path, format: str) -> Path:
@@ -101,14 +106,15 @@ def default_output(run_dir: Path, format: str) -> Path:
 
 
 def export_run(run_dir: PathLike, format: str, output: Optional[PathLike] = None, tta: Optional[str] = None,
-               input_dtype: str = "uint8") -> Path:
-    """Export the best weights of a run to `format` (onnx, safetensors, torch) at `output`
+               input_dtype: str = "uint8", model: Optional[OwnModel] = None) -> Path:
+    """Export the tested weights of a run to `format` (onnx, safetensors, torch) at `output`
     (default RUN/export/model.<ext>); returns the path written.
 
     `tta`: "flip" bakes the average of the logits of each image and its mirror into the ONNX graph,
     "flip-shift" that of its six views (evaluation.tta_views), "none" leaves it out; None follows
     the run's train.tta (recorded in the metadata of every format).
     `input_dtype` (onnx only): "uint8" (pixels 0..255) or "float" (float32 in [0, 1]), NHWC either way.
+    `model`: your own network, for a run that recorded it as model.given (default: a Run's own).
     """
     if format not in FORMATS:
         raise ConfigError(f"--format={format}: use one of {', '.join(FORMATS)}")
@@ -119,7 +125,7 @@ def export_run(run_dir: PathLike, format: str, output: Optional[PathLike] = None
     # Check for the optional packages before any work.
     needed = ("onnx", "onnxscript") if format == "onnx" else ("safetensors",) if format == "safetensors" else ()
     modules = optional_modules({name: name for name in needed}, f"--format {format}", "export")
-    source = read_source(run_dir, tta)
+    source = read_source(run_dir, tta, model)
     path = Path(output) if output is not None else default_output(source.path, format)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,10 +151,12 @@ class ExportedModel(nn.Module):
     model, and the test-time augmentation `tta` (evaluation.tta_views), computed as `Run.predict` computes them."""
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float], zca: Optional[torch.Tensor],
-                 tta: str, input_dtype: str = "uint8"):
+                 tta: str, input_dtype: str = "uint8", samplewise: str = "none"):
         super().__init__()
         self.model = model
         self.tta = tta
+        self.samplewise = samplewise
+        self.pixels = input_dtype != "float"
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         # As DeviceLoader.normalize: x * scale + shift, scale = 1 / (255 std) for pixels, 1 / std for [0, 1].
@@ -158,7 +166,11 @@ class ExportedModel(nn.Module):
         self.register_buffer("zca", zca)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float() * self.scale + self.shift
+        x = images.permute(0, 3, 1, 2).float()
+        if self.samplewise != "none":  # as DeviceLoader.normalize: per image first, in [0, 1] units
+            x = samplewise_standardize(x / 255 if self.pixels else x, self.samplewise == "std")
+            x = x * 255 if self.pixels else x
+        x = x * self.scale + self.shift
         if self.zca is not None:
             x = (x.reshape(x.shape[0], -1) @ self.zca).reshape(x.shape)
         return torch.softmax(tta_logits(self.model, x, self.tta), dim=1)
@@ -167,7 +179,7 @@ class ExportedModel(nn.Module):
 def export_module(source: ExportSource, input_dtype: str = "uint8") -> ExportedModel:
     """The wrapper the ONNX graph is traced from (a copy of the model; the run's is left alone)."""
     model = copy.deepcopy(source.model).float().to(memory_format=torch.contiguous_format).eval()
-    return ExportedModel(model, source.mean, source.std, source.zca, source.tta, input_dtype).eval()
+    return ExportedModel(model, source.mean, source.std, source.zca, source.tta, input_dtype, source.samplewise).eval()
 
 
 def onnx_metadata(source: ExportSource, input_dtype: str) -> dict[str, str]:
@@ -218,7 +230,7 @@ def onnx_bytes(source: ExportSource, input_dtype: str, onnx: ModuleType) -> byte
                                     dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
     proto = program.model_proto
     onnx.helper.set_model_props(proto, onnx_metadata(source, input_dtype))
-    proto.doc_string = (f"cifarlab export of {source.path.name} (best.pt, epoch {source.epoch}): "
+    proto.doc_string = (f"cifarlab export of {source.path.name} (the weights of epoch {source.epoch}): "
                         f"{INPUT_NAME} (batch, {height}, {width}, {channels}) "
                         f"{'uint8 0..255' if input_dtype == 'uint8' else 'float32 in [0, 1]'} NHWC -> "
                         f"{OUTPUT_NAME} (batch, {len(source.classes)}); see metadata_props")
@@ -262,7 +274,8 @@ def torch_bytes(source: ExportSource) -> bytes:
     return buffer.getvalue()
 
 
-def rebuild_model(info: dict[str, Any], state: dict[str, torch.Tensor], source: PathLike) -> nn.Module:
+def rebuild_model(info: dict[str, Any], state: dict[str, torch.Tensor], source: PathLike,
+                  given: Optional[OwnModel] = None) -> nn.Module:
     """The network an export's info describes, with its weights, on the CPU in eval mode."""
     try:
         model_config = ModelConfig.model_validate(info["config"]["model"])
@@ -270,7 +283,7 @@ def rebuild_model(info: dict[str, Any], state: dict[str, torch.Tensor], source: 
         classes = len(info["classes"])
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{source}: not a cifarlab export ({type(e).__name__}: {e})") from None
-    model = build_model(model_config, input_shape, classes)
+    model = build_model(model_config, input_shape, classes, given)
     load_weights(model, state, Path(source))
     return model.eval()
 
@@ -300,16 +313,16 @@ def read_safetensors(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Te
     return info, tensors
 
 
-def load_safetensors(path: PathLike) -> nn.Module:
+def load_safetensors(path: PathLike, model: Optional[OwnModel] = None) -> nn.Module:
     """Rebuild the model of a safetensors export (CPU, eval mode). It takes normalized NCHW float
     input and returns logits; `read_safetensors(path)[0]["normalization"]` says how to normalize."""
     info, tensors = read_safetensors(path)
-    return rebuild_model(info, tensors, path)
+    return rebuild_model(info, tensors, path, model)
 
 
-def load_torch(path: PathLike) -> tuple[nn.Module, dict[str, Any]]:
+def load_torch(path: PathLike, model: Optional[OwnModel] = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a torch export (weights_only load) and return it with the export's info."""
     info = load_checkpoint(Path(path), "cpu")
     if info.get("format") != FORMAT_NAME or "model" not in info:
         raise DataError(f"{path}: not a cifarlab export")
-    return rebuild_model(info, info.pop("model"), path), info
+    return rebuild_model(info, info.pop("model"), path, model), info

@@ -8,6 +8,7 @@ command reads it back.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import io
 import json
@@ -27,10 +28,11 @@ from torch import nn
 from .config import Config, load_config
 from .data.loader import DeviceLoader
 from .data.prepare import Splits, eval_loader, prepare_data, select_device
-from .evaluation import Evaluation, evaluate
+from .evaluation import Evaluation, evaluate, with_penalty
 from .errors import ConfigError, DataError, RunInUse, WriteError
 from .files import append_line, atomic_write
 from .models.build import build_model
+from .models.own import OwnModel
 
 CONFIG = "config.yaml"
 ENV = "env.json"
@@ -279,17 +281,31 @@ def check_split(split: str) -> str:
     return split
 
 
+def tested_checkpoint(run_dir: Path) -> str:
+    """best.pt or last.pt: the checkpoint whose weights the run tested (summary.json's test_weights;
+    best.pt for a run that has not tested yet or predates the key)."""
+    try:
+        status = read_summary(run_dir) if (run_dir / SUMMARY).is_file() else {}
+    except (DataError, ConfigError):  # a damaged summary.json: the commands that need it say so themselves
+        status = {}
+    return "last.pt" if status.get("test_weights") == "last" and status.get("status") == "completed" else "best.pt"
+
+
 class LoadedRun:
     """A run directory read back, each part on first use: summary, config, epoch records, the
-    checkpoint (`checkpoint_name`, default best.pt) and its model in eval mode on `device` (default:
+    checkpoint (`checkpoint_name`; default: the one holding the tested weights) and its model in eval mode on `device` (default:
     the run's train.device), the data splits with the run's own normalization, and the predictions of
     a split (scored once; `known` holds splits already scored, such as training's final test score).
     Predicting, exporting or drawing filters read no data: the checkpoint holds the normalization.
-    Every command that reads a run (eval, predict, viz, report, export, the API's Run) reads it here."""
+    Every command that reads a run (eval, predict, viz, report, export, the API's Run) reads it here.
+    `model`: your own network passed in Python (an nn.Module or a factory), for a run whose model
+    cannot be rebuilt from its config (model.given); by default a `path` object's `given_model`."""
 
-    def __init__(self, path: Union[str, Path], checkpoint_name: str = "best.pt", device: Optional[str] = None,
-                 known: Optional[dict[str, Evaluation]] = None):
+    def __init__(self, path: Union[str, Path], checkpoint_name: Optional[str] = None, device: Optional[str] = None,
+                 known: Optional[dict[str, Evaluation]] = None, model: Optional[OwnModel] = None):
         self.path = resolve_run(path)
+        checkpoint_name = checkpoint_name or tested_checkpoint(self.path)
+        self.given_model = model if model is not None else getattr(path, "given_model", None)
         self.checkpoint_name = checkpoint_name
         self.device_name = device
         self.known = dict(known or {})
@@ -327,7 +343,9 @@ class LoadedRun:
     def model(self) -> nn.Module:
         """The checkpoint's weights, built and in eval mode, on the run's device."""
         checkpoint = self.checkpoint
-        model = build_model(self.config.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]))
+        given = self.given_model  # your own model passed in Python: a copy (the checkpoint's weights go into it)
+        model = build_model(self.config.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]),
+                            copy.deepcopy(given) if isinstance(given, nn.Module) else given)
         model = model.to(self.device)
         if self.config.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -361,7 +379,8 @@ class LoadedRun:
         batch = batch.to(self.device)
         stored = self.checkpoint["normalization"]
         loader = DeviceLoader(batch, torch.zeros(len(batch), dtype=torch.long), len(batch), stored["mean"],
-                              stored["std"], channels_last=self.config.train.channels_last, whiten=stored.get("zca"))
+                              stored["std"], channels_last=self.config.train.channels_last, whiten=stored.get("zca"),
+                              samplewise=stored.get("samplewise", "none"))
         return loader.normalize(batch)
 
     def loader(self, name: str) -> DeviceLoader:
@@ -369,7 +388,8 @@ class LoadedRun:
 
     def evaluate(self, split: str) -> Evaluation:
         """The checkpoint's score on a split, with the run's precision and test-time augmentation."""
-        return evaluate(self.model, self.loader(split), self.config.train.precision, self.config.train.tta)
+        result = evaluate(self.model, self.loader(split), self.config.train.precision, self.config.train.tta)
+        return with_penalty(result, self.model, self.config.optim)
 
     def predictions(self, split: str) -> dict[str, Any]:
         """{images, labels, predicted, acc, logits} of the checkpoint on a split, scored once."""

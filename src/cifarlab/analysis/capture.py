@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import TsneConfig
 from ..models.build import check_layer_names
+from ..errors import ConfigError
 from ..evaluation import eval_mode
 from ..files import atomic_write, save_array
 from ..hooks import Callback, TrainerView
@@ -29,7 +30,7 @@ def recording(model: nn.Module, layers: list[str]) -> Iterator[dict[str, list[to
     """Within the block, every forward pass appends each named layer's output to the dict."""
     check_layers(model, layers)
     found: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    modules = dict(model.named_children())
+    modules = dict(model.named_modules())
     hooks = [modules[layer].register_forward_hook(lambda m, i, out, layer=layer: found[layer].append(out.detach()))
              for layer in layers]
     try:
@@ -43,8 +44,14 @@ def recording(model: nn.Module, layers: list[str]) -> Iterator[dict[str, list[to
 def capture(model: nn.Module, loader, layers: list[str]) -> dict[str, np.ndarray]:
     """{layer: (N, D) float16 features} of every example of an (unshuffled) loader, in eval mode."""
     with eval_mode(model), recording(model, layers) as found:
+        batches = 0
         for images, _ in loader:
             model(images)
+            batches += 1
+    for layer, outs in found.items():
+        if len(outs) != batches:  # a module the forward calls several times (one ReLU reused after each conv)
+            raise ConfigError(f"analysis.tsne.layers: layer {layer!r} runs {len(outs) // max(batches, 1)} times in "
+                              "one forward pass; name a layer that runs once")
     return {layer: torch.cat([t.flatten(1).float() for t in outs]).cpu().numpy().astype(np.float16)
             for layer, outs in found.items()}
 
@@ -60,7 +67,8 @@ def activations_of(model: nn.Module, image: torch.Tensor, layers: list[str]) -> 
 class FeatureCapture(Callback):
     """A training callback: features/<layer>-epochNNN.npy (float16) of `settings.samples` images of
     `settings.split` (a seeded pick, the same every epoch) with features/labels.npy, at the chosen
-    epochs (default: first, middle, last) and at the last epoch of a run that stopped early."""
+    epochs (default: the beginning, middle and end: 0, the network before its first step, the middle
+    and the last epoch) and at the last epoch of a run that stopped early."""
 
     state_key = "FeatureCapture"
 
@@ -74,7 +82,9 @@ class FeatureCapture(Callback):
         pick = np.sort(np.random.default_rng(config.seed).permutation(len(labels))[:s.samples])
         self.loader = trainer.loader(s.split, (images[pick], labels[pick]))
         last = config.train.epochs
-        self.epochs = set(s.epochs or [1, (last + 1) // 2, last])
+        self.epochs = set(s.epochs if s.epochs is not None else [0, (last + 1) // 2, last])
+        if 0 in self.epochs and trainer.epoch == 0 and not trainer.resuming:  # the untrained network
+            self.save(trainer, 0)
 
     def save(self, trainer: TrainerView, epoch: int) -> None:
         folder = Path(trainer.run_dir) / FEATURES

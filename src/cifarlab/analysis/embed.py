@@ -1,11 +1,14 @@
-"""2-D embeddings of captured features (PCA to 50 dimensions, then openTSNE with FFT gradients) and
-numbers for "can you see the classes": k-NN accuracy in the embedding and the silhouette score."""
+"""2-D embeddings of captured features (PCA to 50 dimensions, then openTSNE: Barnes-Hut gradients below
+10,000 points, FFT above) and numbers for "can you see the classes": k-NN accuracy in the embedding and
+the silhouette score."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +17,29 @@ import numpy as np
 from ..errors import ConfigError
 from ..files import atomic_write, save_array
 
+log = logging.getLogger(__name__)  # cifarlab.analysis.*: the analysis phase's progress lines
+
 FEATURE_FILE = re.compile(r"(?P<layer>.+)-epoch(?P<epoch>\d+)\.npy$")
 
 
 def pca(features: np.ndarray, dims: int = 50) -> np.ndarray:
     """Project centered features onto their top `dims` principal components (float32)."""
+    from scipy.linalg import eigh
+
     x = np.asarray(features, dtype=np.float32)
     x = x - x.mean(axis=0)
-    if x.shape[1] <= dims:
+    n, d = x.shape
+    dims = min(dims, n)
+    if d <= dims:
         return x
-    # the covariance route: a (D, D) eigh is cheaper than an SVD of (N, D) when N >> D; float32 products
-    # (float64 would be 2x the work for no visible change in a 2-D picture), eigh in float64
-    values, vectors = np.linalg.eigh((x.T @ x).astype(np.float64))
-    return x @ vectors[:, ::-1][:, :dims].astype(np.float32)
+    # the smaller square product (float32, eigh in float64), and only its top `dims` eigenpairs (scipy's
+    # subset driver): 1,000 x 2048 flatten features took 4.7 s with a full (2048, 2048) eigh, 0.1 s so
+    top = [min(n, d) - dims, min(n, d) - 1]
+    if n < d:  # the Gram matrix: x = U S V^T, so x V = U S, from the (N, N) eigenpairs
+        values, vectors = eigh((x @ x.T).astype(np.float64), subset_by_index=top)
+        return (vectors[:, ::-1] * np.sqrt(np.clip(values[::-1], 0, None))).astype(np.float32)
+    values, vectors = eigh((x.T @ x).astype(np.float64), subset_by_index=top)
+    return x @ vectors[:, ::-1].astype(np.float32)
 
 
 def nearest_neighbors(x: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -48,23 +61,40 @@ def nearest_neighbors(x: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndar
     return torch.cat(indices).numpy(), torch.cat(distances).double().numpy()
 
 
+BARNES_HUT_BELOW = 10_000  # points; openTSNE's own rule: FFT's fixed cost per step dominates below
+POINTS_PER_THREAD = 5_000  # gradient threads: one per this many points (more only pay in their overhead)
+
+
+def tsne_plan(points: int, n_jobs: int = 0) -> dict[str, Any]:
+    """How a t-SNE of `points` points runs: gradient method and threads sized to the input."""
+    cores = n_jobs or os.cpu_count() or 1
+    return {"method": "bh" if points < BARNES_HUT_BELOW else "fft",
+            "threads": max(1, min(cores, points // POINTS_PER_THREAD))}
+
+
 def tsne(features: np.ndarray, seed: int = 0, n_jobs: int = 0, perplexity: float = 30.0) -> np.ndarray:
     """(N, 2) t-SNE embedding: PCA to 50 dimensions, exact 3 x perplexity nearest neighbors, PCA
-    initialization, FFT-accelerated gradients, 125 early-exaggeration + 375 iterations (openTSNE's
-    default is 250 + 500; with PCA initialization and its learning rate N/12 the shorter run gave the
-    same k-NN accuracy and silhouette in benchmarks/tsne.py at 60% of the time)."""
+    initialization, 125 early-exaggeration + 375 iterations (openTSNE's default is 250 + 500; with PCA
+    initialization and its learning rate N/12 the shorter run gave the same k-NN accuracy and silhouette
+    in benchmarks/tsne.py at 60% of the time), gradients and threads as `tsne_plan` sizes them to N.
+    `n_jobs`: at most this many threads (0: the cores)."""
     from openTSNE import TSNE, affinity
     from openTSNE.nearest_neighbors import PrecomputedNeighbors
+    from threadpoolctl import threadpool_limits
 
-    reduced = pca(features, 50)
-    perplexity = min(perplexity, max(2.0, (len(reduced) - 1) / 3))
-    jobs = n_jobs or os.cpu_count() or 1
-    k = min(len(reduced) - 1, int(3 * perplexity))
-    affinities = affinity.PerplexityBasedNN(perplexity=perplexity, n_jobs=jobs, random_state=seed,
-                                            knn_index=PrecomputedNeighbors(*nearest_neighbors(reduced, k)))
-    model = TSNE(n_components=2, perplexity=perplexity, initialization="pca", negative_gradient_method="fft",
-                 early_exaggeration_iter=125, n_iter=375, n_jobs=jobs, random_state=seed, verbose=False)
-    return np.asarray(model.fit(reduced.astype(np.float64), affinities=affinities))
+    plan = tsne_plan(len(features), n_jobs)
+    # BLAS (the PCA's products and eigh) on the plan's threads too: at these sizes OpenBLAS' spare threads
+    # only spin, and on a busy machine they made a 0.1 s eigh of 1,000 points take 1-16 s
+    with threadpool_limits(plan["threads"], user_api="blas"):
+        reduced = pca(features, 50)
+        perplexity = min(perplexity, max(2.0, (len(reduced) - 1) / 3))
+        k = min(len(reduced) - 1, int(3 * perplexity))
+        affinities = affinity.PerplexityBasedNN(perplexity=perplexity, n_jobs=plan["threads"], random_state=seed,
+                                                knn_index=PrecomputedNeighbors(*nearest_neighbors(reduced, k)))
+        model = TSNE(n_components=2, perplexity=perplexity, initialization="pca",
+                     negative_gradient_method=plan["method"], early_exaggeration_iter=125, n_iter=375,
+                     n_jobs=plan["threads"], random_state=seed, verbose=False)
+        return np.asarray(model.fit(reduced.astype(np.float64), affinities=affinities))
 
 
 def separation(embedding: np.ndarray, labels: np.ndarray, k: int = 10, seed: int = 0,
@@ -99,23 +129,29 @@ def feature_files(run_dir: Path) -> dict[str, dict[int, Path]]:
 
 def embed_run(run_dir: Path, seed: int = 0, recompute: bool = False) -> list[dict[str, Any]]:
     """Embed every captured (layer, epoch) of a run (cached beside the features as .tsne.npy) and
-    score it. Rows of {layer, epoch, points, knn_acc, silhouette, embedding, labels}; the scores
-    also go to features/tsne.json."""
+    score it, logging a line as each is done. Rows of {layer, epoch, points, method, cached, seconds,
+    knn_acc, silhouette, embedding, labels}; all but the arrays also go to features/tsne.json."""
     files = feature_files(run_dir)
     if not files:
         raise ConfigError(f"{run_dir}: no captured features (set analysis.tsne.layers, e.g. [flatten, fc1])")
     labels = np.load(Path(run_dir) / "features" / "labels.npy")
+    pairs = [(layer, epoch, path) for layer, by_epoch in files.items() for epoch, path in sorted(by_epoch.items())]
     rows = []
-    for layer, by_epoch in files.items():
-        for epoch, path in sorted(by_epoch.items()):
-            cached = path.with_name(path.name.replace(".npy", ".tsne.npy"))
-            if cached.is_file() and not recompute:
-                embedding = np.load(cached)
-            else:
-                embedding = tsne(np.load(path).astype(np.float32), seed=seed)
-                atomic_write(cached, lambda tmp, e=embedding: save_array(tmp, e.astype(np.float32)))
-            rows.append({"layer": layer, "epoch": epoch, "points": len(labels),
-                         **separation(embedding, labels, seed=seed), "embedding": embedding, "labels": labels})
+    for number, (layer, epoch, path) in enumerate(pairs, start=1):
+        started = time.perf_counter()
+        cached = path.with_name(path.name.replace(".npy", ".tsne.npy"))
+        reuse = cached.is_file() and not recompute
+        if reuse:
+            embedding = np.load(cached)
+        else:
+            embedding = tsne(np.load(path).astype(np.float32), seed=seed)
+            atomic_write(cached, lambda tmp, e=embedding: save_array(tmp, e.astype(np.float32)))
+        row = {"layer": layer, "epoch": epoch, "points": len(labels), "method": tsne_plan(len(labels))["method"],
+               "cached": reuse, **separation(embedding, labels, seed=seed)}
+        row["seconds"] = round(time.perf_counter() - started, 3)
+        log.info("t-SNE %d/%d: %s epoch %d, %d points%s: %.1f s (k-NN accuracy %.1f%%)", number, len(pairs), layer,
+                 epoch, len(labels), " (cached)" if reuse else "", row["seconds"], 100 * row["knn_acc"])
+        rows.append({**row, "embedding": embedding, "labels": labels})
     scores = [{k: v for k, v in row.items() if k not in ("embedding", "labels")} for row in rows]
     atomic_write(Path(run_dir) / "features" / "tsne.json", json.dumps(scores, indent=2) + "\n")
     return rows

@@ -48,7 +48,7 @@ def samples(view: LoadedRun, split: str = "train", count: int = 32, seed: int = 
 
 
 def confusion(view: LoadedRun, split: str = "test") -> list[Path]:
-    """The confusion matrix of the best weights on a split."""
+    """The confusion matrix of the tested weights on a split."""
     from . import plots
     from .metrics import confusion_matrix
 
@@ -73,50 +73,77 @@ def mistakes(view: LoadedRun, split: str = "test", count: int = 8, seed: int = 0
                            view.summary["classes"], view.plot(f"mistakes_{split}.png"))]
 
 
-def featuremaps(view: LoadedRun, layers: int = 4, image: Union[np.ndarray, Path, None] = None,
-                index: int = 0) -> list[Path]:
-    """Feature maps of the first `layers` layers (reports 002 and 004) for one image: a uint8 (C, H, W)
-    array or a PNG / JPEG file (resized and converted), by default test image `index`; one PNG per layer."""
+def figure_folder(view: LoadedRun, output: Optional[Path], image: Optional[Path] = None) -> Path:
+    """Where a figure's PNGs go: `output`, else RUN/plots/ for the run's own data, else (a photo of
+    yours) RUN/plots/featuremaps-STEM/, so the run's own figures are never overwritten."""
+    if output is not None:
+        return Path(output)
+    return view.plot(f"featuremaps-{Path(image).stem}") if image is not None else view.plot("")
+
+
+def photo_as_given(path: Path, channels: int, longest: int = 512) -> tuple[np.ndarray, tuple[int, int]]:
+    """A photo file as uint8 (C, H, W) at its own size (at most `longest` pixels on its long side), and
+    that size (width, height)."""
+    from PIL import Image
+
+    from ..data.images import decode_image
+
+    with Image.open(path) as opened:
+        width, height = opened.size
+    scale = min(1.0, longest / max(width, height))
+    return decode_image(path, (max(1, round(height * scale)), max(1, round(width * scale))), channels), (width, height)
+
+
+def featuremaps(view: LoadedRun, layers: Union[int, str] = 4, image: Optional[Path] = None, index: int = 0,
+                output: Optional[Path] = None) -> list[Path]:
+    """Feature maps for one image (reports 002 and 004), one PNG per layer: the first N layers or the
+    named ones (`conv1,pool1`; a dotted path inside a module: `features.3`). Under the keras flavor a conv
+    layer's maps are after its activation and the activation is no layer of its own. The image: a PNG /
+    JPEG file of yours (shown as given and as resized; its figures go to RUN/plots/featuremaps-STEM/ unless
+    `output` names a folder), else test image `index`."""
     from ..data.images import read_image
     from . import plots
-    from .capture import activations_of
+    from .layer_outputs import feature_map_layers
 
     run = view
-    if isinstance(image, (str, Path)):
-        image = read_image(Path(image), run.input_shape)
-    if image is None:
+    given, size = None, None
+    if image is not None:
+        seen = read_image(Path(image), run.input_shape)  # a file that is no image fails here, by name
+        (given, size), label = photo_as_given(Path(image), run.input_shape[0]), Path(image).name
+    else:
         images, labels = run.split("test")
         if not 0 <= index < len(labels):
             raise ConfigError(f"--index={index}: the test split has {len(labels)} images (0-{len(labels) - 1})")
-        image, label = images[index], run.classes[int(labels[index])]
-    else:
-        label = "input image"
-    names = [name for name, _ in run.model.named_children()][:layers]
-    found = activations_of(run.model, run.normalize(image[None]), names)
-    paths = [plots.sample_grid(image[None], [0], [label], view.plot("featuremaps_input.png"), columns=1)]
-    for position, name in enumerate(names, start=1):
-        activation = found[name]
-        if activation.ndim != 3:
-            break
-        paths.append(plots.feature_maps(activation, view.plot(f"featuremaps_{position:02d}_{name}.png"),
-                                        f"{name}: {activation.shape[0]} maps of {activation.shape[1]}x"
-                                        f"{activation.shape[2]} for a {label}"))
+        seen, label = images[index], f"test image {index}: {run.classes[int(labels[index])]}"
+    flavor = run.config.model.defaults or run.config.defaults
+    found = feature_map_layers(run.model, run.normalize(seen[None]), layers, flavor)
+    folder = figure_folder(run, output, image)
+    paths = [plots.input_image(given, seen, folder / "featuremaps_input.png", label, size)]
+    for position, layer in enumerate(found, start=1):
+        c, h, w = layer.output.shape
+        paths.append(plots.feature_maps(layer.output, folder / f"featuremaps_{position:02d}_{layer.name}.png",
+                                        f"{layer.title}: {c} maps of {h}x{w} ({label})"))
     return paths
 
 
-def filters(view: LoadedRun, layers: int = 3) -> list[Path]:
-    """Kernels of the first `layers` conv layers: the first as RGB tiles, deeper ones as gray."""
-    import torch
-
+def filters(view: LoadedRun, layers: Union[int, str] = 3, first: int = 0, last: int = 0,
+            output: Optional[Path] = None) -> list[Path]:
+    """Kernels of the first N conv layers or of the named ones (`conv1,conv2`): the first layer's as RGB
+    tiles, deeper ones as gray (the mean over input channels); all of a layer's kernels (at most 64), or
+    its first / last N (report 002 shows the last 8)."""
     from . import plots
+    from .layer_outputs import conv_layers, kernel_range
 
+    folder = figure_folder(view, output)
     paths = []
-    convs = [(n, m) for n, m in view.model.named_children() if isinstance(m, torch.nn.Conv2d)][:layers]
-    for name, conv in convs:
+    for name, conv in conv_layers(view.model, layers):
         weights = conv.weight.detach().float().cpu().numpy()
+        chosen = kernel_range(len(weights), first, last)
         kind = "RGB" if weights.shape[1] == 3 else "mean over input channels"
-        paths.append(plots.filters(weights, view.plot(f"filters_{name}.png"),
-                                   f"{name}: {weights.shape[0]} kernels {weights.shape[2]}x{weights.shape[3]} ({kind})"))
+        which = f"kernels {chosen.start}-{chosen.stop - 1} of {len(weights)}" if len(chosen) < len(weights) \
+            else f"{len(weights)} kernels"
+        paths.append(plots.filters(weights, folder / f"filters_{name}.png",
+                                   f"{name}: {which}, {weights.shape[2]}x{weights.shape[3]} ({kind})", chosen[:64]))
     return paths
 
 
@@ -207,14 +234,21 @@ class Figure:
 
 FIGURES: dict[str, Figure] = {
     "curves": Figure(curves, "Loss and accuracy"),
-    "confusion": Figure(confusion, "Confusion matrix (test split, best weights)", options={"split": SPLIT}),
+    "confusion": Figure(confusion, "Confusion matrix (test split, tested weights)", options={"split": SPLIT}),
     "mistakes": Figure(mistakes, "Correct (top) and misclassified (bottom) test images", options={
         "split": SPLIT, "count": Option(8, "Images per row.", ("-n", "--count"), 1, 32), "seed": Option(0, "Which images.")}),
     "featuremaps": Figure(featuremaps, "Feature maps", options={
-        "image": Option(None, "A PNG / JPEG file (default: a test image).", kind=Path),
+        "image": Option(None, "A PNG / JPEG file (default: a test image); its figures go to "
+                              "RUN/plots/featuremaps-STEM/.", kind=Path),
         "index": Option(0, "Which test image, without --image.", (), 0),
-        "layers": Option(4, "The first N layers.", (), 1)}),
-    "filters": Figure(filters, "Filters", options={"layers": Option(3, "The first N conv layers.", (), 1)}),
+        "layers": Option("4", "The first N layers, or names: conv1,pool1 (a dotted path inside a module: "
+                              "features.3)."),
+        "output": Option(None, "Folder for the PNGs.", ("-o", "--output"), kind=Path)}),
+    "filters": Figure(filters, "Filters", options={
+        "layers": Option("3", "The first N conv layers, or names: conv1,conv2."),
+        "first": Option(0, "Only each layer's first N kernels.", (), 0),
+        "last": Option(0, "Only each layer's last N kernels (report 002: 8).", (), 0),
+        "output": Option(None, "Folder for the PNGs.", ("-o", "--output"), kind=Path)}),
     "tsne": Figure(tsne, "Latent space (t-SNE)", options={"recompute": Option(False, "Embed again even if cached.")},
                    notes=tsne_scores),
     "samples": Figure(samples, "Training images", report=False, options={

@@ -4,7 +4,7 @@ them changes no global state: a notebook's backend and open figures stay as they
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import matplotlib
 import numpy as np
@@ -174,40 +174,81 @@ def mistakes(correct: tuple[np.ndarray, np.ndarray], wrong: tuple[np.ndarray, np
     return save(fig, path)
 
 
-def _tiles(count: int, inches: float, columns: int = 8):
-    """A figure with a grid of `count` axes (8 per row), axes frames off."""
+def mosaic(tiles: np.ndarray, columns: int = 8, gap: int = 1) -> np.ndarray:
+    """(N, h, w) or (N, h, w, 3) tiles in [0, 1] as one image of `columns` per row, NaN between them (drawn
+    as the background). One image instead of one axes per tile: a 64-map figure draws in a tenth of the time."""
+    count, h, w = tiles.shape[:3]
     columns = min(columns, count)
     rows = -(-count // columns)
-    fig, axes = subplots(rows, columns, figsize=(inches * columns, inches * rows + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    return fig, axes
+    shape = (rows * (h + gap) - gap, columns * (w + gap) - gap, *tiles.shape[3:])
+    canvas = np.full(shape, np.nan, dtype=np.float32)
+    for index, tile in enumerate(tiles):
+        r, c = divmod(index, columns)
+        canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+    return canvas
 
 
-def feature_maps(activation: np.ndarray, path: Path, title: str, limit: int = 64) -> Path:
-    """One tile per channel of a (C, H, W) activation (at most `limit`), each with its own color scale."""
-    channels = min(len(activation), limit)
-    fig, axes = _tiles(channels, 1.3)
-    for index, ax in zip(range(channels), axes.flat):
-        ax.imshow(activation[index], cmap="viridis")
-        ax.set_title(str(index), fontsize=7)
+def scaled(tile: np.ndarray) -> np.ndarray:
+    """A tile stretched to [0, 1] on its own range (a constant tile is 0)."""
+    low, high = float(np.min(tile)), float(np.max(tile))
+    return (tile - low) / (high - low) if high > low else np.zeros_like(tile)
+
+
+def tile_figure(tiles: np.ndarray, labels: Sequence[str], path: Path, title: str, inches: float,
+                columns: int = 8, cmap: str = "viridis") -> Path:
+    """Tiles (each scaled on its own range) in a grid, each labelled in its top-left corner."""
+    repeat = max(1, -(-24 // tiles.shape[1]))  # small kernels (3x3) enlarged, so a 1-pixel gap stays thin
+    tiles = np.stack([scaled(t) for t in tiles]).astype(np.float32).repeat(repeat, axis=1).repeat(repeat, axis=2)
+    picture = mosaic(tiles, columns)
+    count, h, w = tiles.shape[:3]
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    fig, ax = subplots(figsize=(inches * columns, inches * rows + 0.5))
+    if picture.ndim == 3:  # RGB: the gaps white
+        ax.imshow(np.nan_to_num(picture, nan=1.0), interpolation="nearest")
+    else:
+        colors = matplotlib.colormaps[cmap].with_extremes(bad="white")
+        ax.imshow(np.ma.masked_invalid(picture), cmap=colors, vmin=0, vmax=1, interpolation="nearest")
+    for index, label in enumerate(labels):
+        r, c = divmod(index, columns)
+        ax.text(c * (w + 1) + 0.5, r * (h + 1) + 0.5, label, fontsize=6, color="white", va="top", ha="left",
+                bbox={"boxstyle": "square,pad=0.1", "facecolor": "black", "alpha": 0.5, "linewidth": 0})
+    ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save(fig, path)
 
 
-def filters(weights: np.ndarray, path: Path, title: str, limit: int = 64) -> Path:
-    """Convolution kernels (O, I, k, k): RGB tiles when I == 3 (first layer), else the mean over
-    input channels as gray tiles; each tile scaled to its own range."""
-    count = min(len(weights), limit)
-    fig, axes = _tiles(count, 1.1)
-    for index, ax in zip(range(count), axes.flat):
-        kernel = weights[index]
-        tile = kernel.transpose(1, 2, 0) if kernel.shape[0] == 3 else kernel.mean(axis=0)
-        low, high = tile.min(), tile.max()
-        tile = (tile - low) / (high - low + 1e-12)
-        ax.imshow(tile, cmap=None if tile.ndim == 3 else "gray", interpolation="nearest")
-    fig.suptitle(title, fontsize=10)
+def feature_maps(activation: np.ndarray, path: Path, title: str, limit: int = 64) -> Path:
+    """One tile per channel of a (C, H, W) activation (at most `limit`), each with its own color scale,
+    labelled with its channel index."""
+    channels = min(len(activation), limit)
+    return tile_figure(activation[:channels], [str(i) for i in range(channels)], path, title, 1.3)
+
+
+def filters(weights: np.ndarray, path: Path, title: str, indices: Sequence[int] = (), limit: int = 64) -> Path:
+    """Convolution kernels (O, I, k, k), the ones at `indices` (default: the first `limit`): RGB tiles when
+    I == 3 (first layer), else the mean over input channels as gray tiles; each tile scaled to its own
+    range and labelled with the kernel's index."""
+    chosen = list(indices) or list(range(min(len(weights), limit)))
+    tiles = np.stack([weights[i].transpose(1, 2, 0) if weights.shape[1] == 3 else weights[i].mean(axis=0)
+                      for i in chosen])
+    return tile_figure(tiles, [str(i) for i in chosen], path, title, 1.1, cmap="gray")
+
+
+def input_image(given: Optional[np.ndarray], seen: np.ndarray, path: Path, label: str,
+                size: Optional[tuple[int, int]] = None) -> Path:
+    """A photo as given (uint8 (C, H, W); `size`: its own width and height) beside the image the network
+    sees (resized), as report 002 shows its photo; a test image of the split alone when `given` is None."""
+    pictures = [("as given", given, size), ("as the network sees it", seen, None)] if given is not None \
+        else [(label, seen, None)]
+    fig, axes = subplots(1, len(pictures), figsize=(2.6 * len(pictures), 2.9), squeeze=False)
+    for ax, (caption, image, shown_size) in zip(axes[0], pictures):
+        _show(ax, image.astype(np.float32) / 255)
+        width, height = shown_size or (image.shape[2], image.shape[1])
+        ax.set_title(f"{caption}\n{width}x{height}", fontsize=8)
+    if given is not None:
+        fig.suptitle(label, fontsize=9)
     fig.tight_layout()
     return save(fig, path)
 

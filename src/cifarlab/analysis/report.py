@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,6 +22,8 @@ from . import plots
 from .embed import feature_files
 from .figures import FIGURES
 from .metrics import per_class_accuracy
+
+log = logging.getLogger(__name__)  # cifarlab.analysis.*: the analysis phase's progress lines
 
 
 def inline(path: Path) -> str:
@@ -47,20 +51,38 @@ def report_options(view: runs.LoadedRun) -> dict[str, Optional[dict[str, Any]]]:
     return chosen
 
 
+def timed(name: str, timings: dict[str, float], work: Any) -> Any:
+    """`work()`, its seconds kept in `timings[name]` and logged as a progress line."""
+    started = time.perf_counter()
+    result = work()
+    timings[name] = round(time.perf_counter() - started, 3)
+    log.info("%s: %.1f s", name, timings[name])
+    return result
+
+
 def build_run_report(run: Union[Path, runs.LoadedRun], output: Optional[Path] = None,
-                     known: Optional[dict[str, Evaluation]] = None) -> Path:
-    """Draw a run's figures and write report.html. `known`: splits already scored with the best
-    weights (training passes its test score, so the test split is not scored again)."""
+                     known: Optional[dict[str, Evaluation]] = None,
+                     timings: Optional[dict[str, float]] = None) -> Path:
+    """Draw a run's figures and write report.html, logging a line as each figure (each t-SNE embedding)
+    is done. `known`: splits already scored with the tested weights (training passes its test score, so
+    the test split is not scored again); `timings`: filled with the seconds of each step as it ends
+    ("figure NAME", "t-SNE LAYER epoch N", "report.html")."""
+    timings = {} if timings is None else timings
     view = run if isinstance(run, runs.LoadedRun) else runs.LoadedRun(run, known=known)
-    drawn = {name: FIGURES[name].draw(view, **options) for name, options in report_options(view).items()
-             if options is not None}
+    chosen = {name: options for name, options in report_options(view).items() if options is not None}
+    embeddings = sum(len(epochs) for epochs in feature_files(view.path).values()) if "tsne" in chosen else 0
+    log.info("analysis: %d figures%s and report.html", len(chosen),
+             f", {embeddings} t-SNE embeddings" if embeddings else "")
+    drawn = {name: timed(f"figure {name}", timings, lambda name=name, options=options: FIGURES[name].draw(view, **options))
+             for name, options in chosen.items()}
     found = view.predictions("test")
     classes = view.summary["classes"]
     per_class = per_class_accuracy(found["predicted"], found["labels"], len(classes))
     counts = np.bincount(found["labels"], minlength=len(classes))
     tsne_rows = json.loads((view.path / "features" / "tsne.json").read_text()) if "tsne" in drawn else []
+    timings.update({f"t-SNE {r['layer']} epoch {r['epoch']}": r["seconds"] for r in tsne_rows if "seconds" in r})
     sections = {"featuremaps": "featuremaps_", "filters": "filters_"}
-    return render_html(
+    return timed("report.html", timings, lambda: render_html(
         "run.html", output or view.path / "report.html", run=view.path.name, summary=view.summary,
         config_text=yaml.safe_dump(view.config.to_dict(), sort_keys=False),
         figures=[{"title": FIGURES[name].title, "data": inline(paths[0])} for name, paths in drawn.items()
@@ -72,7 +94,7 @@ def build_run_report(run: Union[Path, runs.LoadedRun], output: Optional[Path] = 
         tsne_rows=tsne_rows,
         tsne_panels=[{"title": p.stem.removeprefix("tsne_"), "data": inline(p)} for p in drawn.get("tsne", [])
                      if "_epoch" not in p.stem],
-        env=json.loads((view.path / runs.ENV).read_text()))
+        env=json.loads((view.path / runs.ENV).read_text())))
 
 
 class ReportCallback(Callback):
@@ -81,9 +103,14 @@ class ReportCallback(Callback):
     as failed in summary.json (the run stays completed), logs it, and `cifarlab report RUN` finishes it."""
 
     def on_fit_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
-        # training's test score is best.pt's only when the tested weights are best.pt's (restore_best)
-        known = {"test": trainer.test_result} if trainer.selected_epoch == trainer.best_epoch else None
-        build_run_report(trainer.run_dir, known=known)
+        # the report reads the tested weights (summary.json's test_weights), which training just scored
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        try:
+            path = build_run_report(trainer.run_dir, known={"test": trainer.test_result}, timings=timings)
+            log.info("analysis done in %.1f s: %s", time.perf_counter() - started, path)
+        finally:  # the steps done so far, also when a figure failed or a signal stopped the phase
+            summary.setdefault("analysis", {})["steps"] = timings
 
 
 def build_comparison(run_dirs: list[Path], output: Path) -> Path:

@@ -2,8 +2,9 @@
 torch.Generator, and no Python runs per sample.
 
 Images enter as uint8 (N, C, H, W) and leave as float in [0, 1]. Crop and flips are index
-operations; shift, rotation, shear and zoom are one affine_grid + grid_sample call per batch, with
-the Keras (scipy.ndimage) fill modes nearest, constant (cval) and reflect. Mixup and cutmix act later, on the
+operations; shift, rotation, shear and zoom are one grid_sample call per batch, with the Keras
+(scipy.ndimage) fill modes nearest, constant (cval), reflect and wrap; Keras' channel shift follows
+the warp, as in its apply_transform. Mixup and cutmix act later, on the
 normalized batch and its labels (see `mix_batch`), because they change the targets too.
 
 The per-sample steps are the AUGMENTATIONS registry, in application order: a new one is one entry there
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 from .loader import Augment
 
-GRID_PADDING = {"nearest": "border", "constant": "zeros", "reflect": "reflection"}
+# grid_sample padding per fill mode; constant and wrap sample inside the image (warp decides the rest)
+GRID_PADDING = {"nearest": "border", "constant": "border", "reflect": "reflection", "wrap": "border"}
 PAD_MODE = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
 
 
@@ -57,60 +59,92 @@ def random_flip(images: torch.Tensor, generator: torch.Generator, dim: int = 3, 
     return torch.where(flip[:, None, None, None], images.flip(dim), images)
 
 
+def _matmul3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) products summed left to right in plain float64 operations: the same rounding on every device
+    (a BLAS or GPU matmul may fuse multiply-adds), which decides points that land exactly on the border."""
+    return torch.stack([torch.stack([a[:, i, 0] * b[:, 0, j] + a[:, i, 1] * b[:, 1, j] + a[:, i, 2] * b[:, 2, j]
+                                     for j in range(3)], -1) for i in range(3)], -2)
+
+
+def _matrix(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+    return torch.stack([torch.stack(row, -1) for row in rows], -2)
+
+
 def affine_matrices(height: int, width: int, angle: torch.Tensor, shear: torch.Tensor, zoom_x: torch.Tensor,
                     zoom_y: torch.Tensor, shift_x: torch.Tensor, shift_y: torch.Tensor) -> torch.Tensor:
-    """(N, 3, 3) matrices mapping an output pixel, in pixel units about the image center (x right,
+    """(N, 3, 3) float64 matrices mapping an output pixel, in pixel units about the image center (x right,
     y down), to the input pixel it samples, composed as Keras' apply_affine_transform composes them:
 
         input = R(angle) (Sh(shear) Z(zoom) output - shift)
 
     Angles are degrees, positive counter-clockwise as displayed (Keras). Zoom < 1 enlarges the
     content (Keras). Without rotation a shift (dx, dy) moves the content right and down; with one,
-    the shift is applied before the rotation, as in Keras (its tx, ty are -dx, -dy)."""
+    the shift is applied before the rotation, as in Keras (its tx, ty are -dx, -dy). Computed in float64
+    from the parameters, as Keras does (cos 90 degrees is 6e-17 there, not float32's -4e-8)."""
+    angle, shear, zoom_x, zoom_y, shift_x, shift_y = (t.to(torch.float64) for t in
+                                                      (angle, shear, zoom_x, zoom_y, shift_x, shift_y))
     a, s = torch.deg2rad(angle), torch.deg2rad(shear)
     cos, sin = torch.cos(a), torch.sin(a)
     zero, one = torch.zeros_like(a), torch.ones_like(a)
     # Sampling input R(a) @ out with y pointing down turns the content counter-clockwise on screen.
-    rotate = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1),
-                          torch.stack([zero, zero, one], -1)], -2)
-    shear_m = torch.stack([torch.stack([one, -torch.sin(s), zero], -1), torch.stack([zero, torch.cos(s), zero], -1),
-                           torch.stack([zero, zero, one], -1)], -2)
-    zoom_m = torch.stack([torch.stack([zoom_x, zero, zero], -1), torch.stack([zero, zoom_y, zero], -1),
-                          torch.stack([zero, zero, one], -1)], -2)
-    shift_m = torch.stack([torch.stack([one, zero, -shift_x], -1), torch.stack([zero, one, -shift_y], -1),
-                           torch.stack([zero, zero, one], -1)], -2)
-    return rotate @ shift_m @ shear_m @ zoom_m
+    rotate = _matrix([[cos, -sin, zero], [sin, cos, zero], [zero, zero, one]])
+    shear_m = _matrix([[one, -torch.sin(s), zero], [zero, torch.cos(s), zero], [zero, zero, one]])
+    zoom_m = _matrix([[zoom_x, zero, zero], [zero, zoom_y, zero], [zero, zero, one]])
+    shift_m = _matrix([[one, zero, -shift_x], [zero, one, -shift_y], [zero, zero, one]])
+    return _matmul3(_matmul3(_matmul3(rotate, shift_m), shear_m), zoom_m)
 
 
-# A sample point counts as inside the image (fill_mode constant) up to this far past the outermost pixel
-# centers: float rounding of an exact border position must not turn an edge pixel into the fill.
-INSIDE_TOLERANCE = 1e-6
+def sample_points(height: int, width: int, matrices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y), each (N, H, W) float64: the input column and row (0 = the first pixel's center) that each
+    output pixel samples, computed as Keras (transform_matrix_offset_center) and scipy.ndimage.affine_transform
+    compute them: T = offset @ M @ reset, then (T[., 2] + row * T[., 1]) + column * T[., 0], in that order,
+    so that a point landing on the border in exact arithmetic (a rotation by 90 degrees) rounds to the same side.
+    (Keras centers the column on (height - 1) / 2; the two agree on square images, and cifarlab uses the
+    image's own center.)"""
+    m = matrices.to(device=device, dtype=torch.float64)
+    n = len(m)
+    zero, one = torch.zeros(n, dtype=m.dtype, device=device), torch.ones(n, dtype=m.dtype, device=device)
+    ox, oy = zero + (width / 2 - 0.5), zero + (height / 2 - 0.5)
+    offset = _matrix([[one, zero, ox], [zero, one, oy], [zero, zero, one]])
+    reset = _matrix([[one, zero, -ox], [zero, one, -oy], [zero, zero, one]])
+    t = _matmul3(_matmul3(offset, m), reset)[:, :2, :, None, None]  # (N, 2, 3, 1, 1)
+    rows = torch.arange(height, dtype=m.dtype, device=device)[:, None]
+    cols = torch.arange(width, dtype=m.dtype, device=device)[None, :]
+    x = (t[:, 0, 2] + rows * t[:, 0, 1]) + cols * t[:, 0, 0]
+    y = (t[:, 1, 2] + rows * t[:, 1, 1]) + cols * t[:, 1, 0]
+    return x, y
+
+
+def wrap_coordinates(coord: torch.Tensor, size: int) -> torch.Tensor:
+    """scipy.ndimage's mode "wrap" (the mode Keras' fill_mode="wrap" passes on): a coordinate outside
+    [0, size - 1] moves by whole periods of size - 1 (not size: the first and last pixel centers meet)."""
+    if size <= 1:
+        return torch.zeros_like(coord)
+    period = size - 1
+    below = coord + period * (torch.trunc(-coord / period) + 1)
+    above = coord - period * torch.trunc(coord / period)
+    return torch.where(coord < 0, below, torch.where(coord > period, above, coord))
 
 
 def warp(images: torch.Tensor, matrices: torch.Tensor, fill: str = "nearest", cval: float = 0.0) -> torch.Tensor:
     """Resample float images through pixel-space matrices (see affine_matrices), bilinear, with the
     fill modes of scipy.ndimage (which Keras' ImageDataGenerator uses): nearest repeats the edge pixel,
-    reflect mirrors about the border (d c b a | a b c d | d c b a), and constant gives `cval` to every
-    sample point outside the outermost pixel centers while points inside interpolate inside pixels
-    only (no blend of the image into the fill color). Sample points are computed in float64."""
+    reflect mirrors about the border (d c b a | a b c d | d c b a), wrap repeats with period size - 1,
+    and constant gives `cval` to every sample point outside the outermost pixel centers (exactly, as
+    scipy decides it) while points inside interpolate inside pixels only (no blend of the image into the
+    fill color). Sample points are computed in float64 (sample_points)."""
     n, _, h, w = images.shape
-    device = images.device
-    m = matrices.to(device=device, dtype=torch.float64)
-    ys = torch.arange(h, device=device, dtype=torch.float64) + 0.5 - h / 2
-    xs = torch.arange(w, device=device, dtype=torch.float64) + 0.5 - w / 2
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    points = torch.stack([gx, gy, torch.ones_like(gx)], -1).reshape(-1, 3)  # (H*W, 3) output pixels
-    source = points @ m[:, :2, :].transpose(1, 2)  # (N, H*W, 2): input pixel about the center
-    x = source[..., 0] + (w / 2 - 0.5)  # input pixel index (column), 0 = the first pixel's center
-    y = source[..., 1] + (h / 2 - 0.5)
+    x, y = sample_points(h, w, matrices, images.device)
+    if fill == "wrap":
+        x, y = wrap_coordinates(x, w), wrap_coordinates(y, h)
     # normalized coordinates of grid_sample(align_corners=False): -1 and 1 are the outer pixel edges
-    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1).view(n, h, w, 2).to(images.dtype)
+    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1).to(images.dtype)
+    padding = GRID_PADDING.get(fill, "border")
+    sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
     if fill == "constant":
-        tol = INSIDE_TOLERANCE
-        inside = (x >= -tol) & (x <= w - 1 + tol) & (y >= -tol) & (y <= h - 1 + tol)
-        sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
         return sampled.masked_fill(~inside.view(n, 1, h, w), cval)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode=GRID_PADDING[fill], align_corners=False)
+    return sampled
 
 
 def draw_shift(n: int, limit, size: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -128,17 +162,40 @@ def draw_shift(n: int, limit, size: int, generator: torch.Generator, device) -> 
     return _uniform(n, -limit * size, limit * size, generator, device)
 
 
+def zoom_bounds(zoom) -> tuple[float, float]:
+    """Keras' zoom_range rule: a number z is the interval [1 - z, 1 + z], a pair [lo, hi] is taken as is."""
+    if isinstance(zoom, (list, tuple)):
+        return float(zoom[0]), float(zoom[1])
+    return 1 - zoom, 1 + zoom
+
+
 def draw_affine(n: int, height: int, width: int, c, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
     """Per-sample affine parameters from an AugmentConfig's ranges (Keras ImageDataGenerator rules:
-    shifts per draw_shift; zoom z draws each axis from [1-z, 1+z]; rotation and shear from [-r, r])."""
+    shifts per draw_shift; each axis's zoom from zoom_bounds; rotation and shear from [-r, r])."""
+    low, high = zoom_bounds(c.zoom)
     return {
         "angle": _uniform(n, -c.rotation, c.rotation, generator, device),
         "shear": _uniform(n, -c.shear, c.shear, generator, device),
-        "zoom_x": _uniform(n, 1 - c.zoom, 1 + c.zoom, generator, device),
-        "zoom_y": _uniform(n, 1 - c.zoom, 1 + c.zoom, generator, device),
+        "zoom_x": _uniform(n, low, high, generator, device),
+        "zoom_y": _uniform(n, low, high, generator, device),
         "shift_x": draw_shift(n, c.width_shift, width, generator, device),
         "shift_y": draw_shift(n, c.height_shift, height, generator, device),
     }
+
+
+def shift_channels(images: torch.Tensor, intensity: torch.Tensor) -> torch.Tensor:
+    """Keras' apply_channel_shift per sample: intensity[i] (in the images' units) added to every channel of
+    image i, the result clipped to that image's own minimum and maximum over all its channels and pixels."""
+    n = len(images)
+    flat = images.reshape(n, -1)
+    low, high = flat.amin(1).view(n, 1, 1, 1), flat.amax(1).view(n, 1, 1, 1)
+    shifted = images + intensity.to(images.dtype).view(n, 1, 1, 1)
+    return torch.minimum(torch.maximum(shifted, low), high)
+
+
+def channel_shift(images: torch.Tensor, limit: float, generator: torch.Generator) -> torch.Tensor:
+    """Keras' channel_shift_range: shift_channels by an intensity from [-limit, limit] per sample."""
+    return shift_channels(images, _uniform(len(images), -limit, limit, generator, images.device))
 
 
 def jitter_color(images: torch.Tensor, generator: torch.Generator, brightness: float, contrast: float,
@@ -205,7 +262,7 @@ def random_erasing(images: torch.Tensor, p: float, generator: torch.Generator, f
 
 
 def _affine_enabled(c) -> bool:
-    return bool(c.rotation or c.shear or c.zoom or c.width_shift or c.height_shift)
+    return bool(c.rotation or c.shear or zoom_bounds(c.zoom) != (1, 1) or c.width_shift or c.height_shift)
 
 
 def _affine(x: torch.Tensor, c, generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
@@ -230,6 +287,9 @@ AUGMENTATIONS: dict[str, Augmentation] = {
     "flip": Augmentation(lambda c: bool(c.flip), lambda x, c, g, fill: random_flip(x, g, dim=3)),
     "vflip": Augmentation(lambda c: bool(c.vflip), lambda x, c, g, fill: random_flip(x, g, dim=2)),
     "affine": Augmentation(_affine_enabled, _affine),
+    # after the affine warp, as Keras' apply_transform (flips commute with it: the clip bounds are the image's)
+    "channel_shift": Augmentation(lambda c: bool(c.channel_shift),
+                                  lambda x, c, g, fill: channel_shift(x, c.channel_shift / 255.0, g)),
     "color": Augmentation(lambda c: bool(c.brightness or c.contrast or c.saturation),
                           lambda x, c, g, fill: jitter_color(x, g, c.brightness, c.contrast, c.saturation)),
     "cutout": Augmentation(lambda c: bool(c.cutout), lambda x, c, g, fill: cutout(x, c.cutout, g, fill)),

@@ -23,6 +23,16 @@ def shard(length: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + size + (rank < extra)
 
 
+def samplewise_standardize(images: torch.Tensor, scale: bool) -> torch.Tensor:
+    """Keras' samplewise_center (and with `scale` samplewise_std_normalization) on float images in [0, 1]:
+    each image minus its own mean over all channels and pixels, then divided by its std (ddof 0) + 1e-6."""
+    dims = tuple(range(1, images.dim()))
+    centered = images - images.mean(dim=dims, keepdim=True)
+    if scale:
+        centered = centered / (centered.std(dim=dims, keepdim=True, correction=0) + 1e-6)
+    return centered
+
+
 class DeviceLoader:
     """Batches of a split on its device. `batch_size` is the global batch; with `world` > 1 this
     loader yields part `rank` of each global batch (`shard`). The permutation is drawn from
@@ -32,7 +42,7 @@ class DeviceLoader:
                  std: list[float], shuffle: bool = False, generator: Optional[torch.Generator] = None,
                  augment: Optional[Augment] = None, channels_last: bool = True,
                  whiten: Optional[torch.Tensor] = None, augment_generator: Optional[torch.Generator] = None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, samplewise: str = "none"):
         if shuffle and generator is None:
             raise ValueError("a shuffling loader needs a torch.Generator")
         self.images = images  # uint8 (N, C, H, W) on the device
@@ -45,6 +55,7 @@ class DeviceLoader:
         self.rank, self.world = rank, world
         self.channels_last = channels_last
         self.whiten = whiten.to(images.device) if whiten is not None else None  # (D, D) ZCA matrix
+        self.samplewise = samplewise  # none, center or std: per image, before the per-channel normalization
         device = images.device
         # x / 255 normalized is x * scale + shift with scale = 1 / (255 std), shift = -mean / std.
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -63,7 +74,11 @@ class DeviceLoader:
         return min(self.batch_size, len(self.labels) - step * self.batch_size)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels, or floats in [0, 1] from an augmentation, to normalized floats."""
+        """uint8 pixels, or floats in [0, 1] from an augmentation, to normalized floats: Keras'
+        ImageDataGenerator.standardize order (per-image centering and scaling, then per channel, then ZCA)."""
+        if self.samplewise != "none":
+            batch = samplewise_standardize(batch.float() / 255 if batch.dtype == torch.uint8 else batch,
+                                           self.samplewise == "std")
         if batch.dtype == torch.uint8:
             out = torch.addcmul(self.shift, batch.float(), self.scale)
         else:

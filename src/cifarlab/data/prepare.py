@@ -29,10 +29,11 @@ class Splits:
     mean: list[float]
     std: list[float]
     whiten: Optional[torch.Tensor] = None  # ZCA matrix fitted on the training split
+    samplewise: str = "none"  # data.samplewise: per image, before mean / std (loader.samplewise_standardize)
 
     def normalization(self) -> dict[str, Any]:
         """What a checkpoint stores so that evaluation and prediction normalize as training did."""
-        return {"mean": self.mean, "std": self.std, "zca": self.whiten}
+        return {"mean": self.mean, "std": self.std, "zca": self.whiten, "samplewise": self.samplewise}
 
 
 def select_device(name: str) -> torch.device:
@@ -51,19 +52,21 @@ def prepare_data(config: Config, stored: Optional[dict[str, Any]] = None) -> Spl
     x_train = ds.x_train[train_idx]
     arrays = ((x_train, ds.y_train[train_idx]), (ds.x_train[val_idx], ds.y_train[val_idx]), (ds.x_test, ds.y_test))
     if stored is not None:
-        return Splits(ds, *arrays, stored["mean"], stored["std"], stored.get("zca"))
+        return Splits(ds, *arrays, stored["mean"], stored["std"], stored.get("zca"), stored.get("samplewise", "none"))
     channels = ds.image_shape[0]
     if config.data.mean is not None:
         if len(config.data.mean) != channels or len(config.data.std) != channels:
             raise ConfigError(f"data.mean/data.std: {ds.name} has {channels} channel(s), "
                               f"got {len(config.data.mean)} and {len(config.data.std)} values")
         mean, std = list(config.data.mean), list(config.data.std)
+    elif config.data.normalize == "center":  # Keras featurewise_center alone: the training mean, no std
+        mean, std = channel_stats(x_train)[0], [1.0] * channels
     elif config.data.normalize:
         mean, std = channel_stats(x_train)
     else:
         mean, std = [0.0] * channels, [1.0] * channels
     whiten = torch.from_numpy(zca_matrix(x_train, mean, std, config.data.zca_epsilon)) if config.data.zca else None
-    return Splits(ds, *arrays, mean, std, whiten)
+    return Splits(ds, *arrays, mean, std, whiten, config.data.samplewise)
 
 
 def to_device(arrays: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,4 +79,4 @@ def eval_loader(arrays: tuple[np.ndarray, np.ndarray], splits: Splits, config: C
     """An unshuffled, unaugmented loader of `arrays` with the run's normalization."""
     images, labels = to_device(arrays, device)
     return DeviceLoader(images, labels, config.train.eval_batch_size, splits.mean, splits.std,
-                        channels_last=config.train.channels_last, whiten=splits.whiten)
+                        channels_last=config.train.channels_last, whiten=splits.whiten, samplewise=splits.samplewise)

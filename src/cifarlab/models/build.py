@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .layers import LAYER_KINDS, build_items, parse_layer
+from .own import OwnModel, absolute_reference, build_own
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -51,15 +52,27 @@ def load_preset(name: str) -> dict[str, Any]:
     return {**spec, "params": dict(spec.get("params", {})), "layers": list(spec["layers"])}
 
 
-def check_model_config(preset: Optional[str], layers: Optional[list], params: dict[str, Any]) -> None:
-    """Fail on an unknown preset, an unknown or ill-typed preset parameter, or a bad layer item."""
+def check_model_config(preset: Optional[str], layers: Optional[list], params: dict[str, Any],
+                       module: Optional[str] = None, args: Optional[dict] = None,
+                       given: Optional[str] = None) -> Optional[str]:
+    """Fail on an unknown preset, an unknown or ill-typed preset parameter, a bad layer item or a
+    malformed model.module; returns model.module with a .py file's path made absolute."""
+    if module is not None or given is not None:
+        if layers is not None:
+            raise ValueError("give one of model.preset, model.layers or model.module")
+        if params:
+            raise ValueError(f"model.{next(iter(params))}: unknown key for your own model "
+                             "(its factory's arguments go in model.args)")
+        return absolute_reference(module) if module is not None else None
+    if args:
+        raise ValueError("model.args: the arguments of model.module's factory; give model.module too")
     if layers is not None:
         if params:
             raise ValueError(f"model.{next(iter(params))}: preset parameters need model.preset, "
                              "and model.layers replaces the preset")
         for index, item in enumerate(layers):
             parse_layer(item, f"model.layers[{index}]")
-        return
+        return None
     if preset is None:
         raise ValueError("give model.preset or model.layers")
     spec = load_preset(preset)
@@ -74,6 +87,7 @@ def check_model_config(preset: Optional[str], layers: Optional[list], params: di
     for index, item in enumerate(expand_layers(spec["layers"], {**defaults, **params, "classes": 10,
                                                                  "channels": 3})):
         parse_layer(item, f"preset {preset} layer {index}")
+    return None
 
 
 def _same_type(default: Any, value: Any) -> bool:
@@ -128,9 +142,13 @@ def resolve_layers(preset: Optional[str], layers: Optional[list], params: dict[s
     return expand_layers(spec["layers"], values)
 
 
-def build_model(model_config, input_shape: tuple[int, int, int], classes: int) -> nn.Sequential:
+def build_model(model_config, input_shape: tuple[int, int, int], classes: int,
+                given: Optional[OwnModel] = None) -> nn.Module:
     """The network a ModelConfig describes, for inputs of `input_shape` (C, H, W), with the layer
-    defaults of its framework flavor (`model_config.defaults`; None: torch)."""
+    defaults of its framework flavor (`model_config.defaults`; None: torch). Your own model
+    (model.module, or `given`: an nn.Module or a factory passed in Python) is built by models/own.py."""
+    if given is not None or model_config.module or model_config.given:
+        return build_own(model_config, input_shape, classes, given)
     layers = resolve_layers(model_config.preset, model_config.layers, model_config.params(),
                             input_shape[0], classes)
     flavor = getattr(model_config, "defaults", None) or "torch"
@@ -139,14 +157,16 @@ def build_model(model_config, input_shape: tuple[int, int, int], classes: int) -
 
 # What each framework flavor gives the layer arguments a spec leaves out (torch: LAYER_KINDS' own defaults).
 # BatchNorm momentum is in torch's convention (the weight of the new batch): Keras' momentum 0.99 is 0.01 here.
-# Keras 3's BatchNormalization moves its variance with the biased batch variance; TensorFlow 1's fused
-# batch norm (tf.layers.batch_normalization on conv outputs) with the unbiased one, as torch does.
+# Keras 3's BatchNormalization moves its variance with the biased batch variance; TensorFlow 1's
+# tf.layers.batch_normalization with its fused kernel's unbiased one on conv outputs (as torch does) and the
+# biased one after a dense layer, where the fused kernel cannot run (layers.py variance "fused").
+# tests/test_keras_parity.py checks these against Keras' signatures and TF 1.15's documented ones.
 FLAVOR_LAYER_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "torch": {},
     "keras": {"conv": {"init": "glorot"}, "dense": {"init": "glorot"},
               "batchnorm": {"momentum": 0.01, "eps": 1e-3, "variance": "biased"}},
     "tf1": {"conv": {"init": "glorot"}, "dense": {"init": "glorot"},
-            "batchnorm": {"momentum": 0.01, "eps": 1e-3, "variance": "unbiased"}},
+            "batchnorm": {"momentum": 0.01, "eps": 1e-3, "variance": "fused"}},
 }
 
 
@@ -182,13 +202,21 @@ def apply_flavor(items: list, flavor: str) -> list:
 
 
 def check_layer_names(model: nn.Module, names: Sequence[str], key: str = "analysis.tsne.layers") -> None:
-    """Every one of `names` is a layer of `model` (its top-level children); else a ConfigError naming
-    `key` (the setting that names them; "" for none) and the first name that is not there."""
-    known = [name for name, _ in model.named_children()]
-    missing = [name for name in names if name not in known]
+    """Every one of `names` is a layer of `model` (a module name: `conv1`, or a dotted path inside it:
+    `features.3`); else a ConfigError naming `key` (the setting that names them; "" for none) and the
+    first name that is not there."""
+    known = dict(model.named_modules())
+    missing = [name for name in names if name not in known or not name]
     if missing:
+        shown = [name for name, _ in model.named_children()]
         raise ConfigError(f"{key + ': ' if key else ''}layer {missing[0]!r} is not in the model "
-                          f"(layers: {', '.join(known)})")
+                          f"(layers: {', '.join(shown)}{', or a dotted path inside one' if len(known) > len(shown) + 1 else ''})")
+
+
+def layer(model: nn.Module, name: str) -> nn.Module:
+    """The module of `model` a layer name addresses (see check_layer_names)."""
+    check_layer_names(model, [name], "")
+    return model.get_submodule(name)
 
 
 def build_layers(items: list, input_shape: tuple[int, int, int]) -> nn.Sequential:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..validation import LAYER_ARGUMENTS, LAYER_NAMES, suggestion
 
 # ---------------------------------------------------------------- layer items
 
@@ -32,7 +33,8 @@ def parse_layer(item: Any, where: str) -> tuple[str, dict[str, Any]]:
     else:
         raise ConfigError(f"{where}: expected a layer kind or a one-key mapping, got {item!r}")
     if kind not in LAYER_KINDS:
-        raise ConfigError(f"{where}: unknown layer kind {kind!r} (known: {', '.join(LAYER_KINDS)})")
+        hint = suggestion(str(kind), LAYER_KINDS, LAYER_NAMES, quote=True)
+        raise ConfigError(f"{where}: unknown layer kind {kind!r}{hint} (known: {', '.join(LAYER_KINDS)})")
     entry = LAYER_KINDS[kind]
     if given is None:
         given = {}
@@ -42,7 +44,9 @@ def parse_layer(item: Any, where: str) -> tuple[str, dict[str, Any]]:
         given = {entry.bare: given}
     unknown = set(given) - set(entry.args)
     if unknown:
-        raise ConfigError(f"{where}: {kind} has no argument {sorted(unknown)[0]!r} "
+        first = sorted(unknown)[0]
+        hint = suggestion(str(first), entry.args, {k: v for k, v in LAYER_ARGUMENTS.items() if v in entry.args})
+        raise ConfigError(f"{where}: {kind} has no argument {first!r}{hint} "
                           f"(allowed: {', '.join(entry.args) or 'none'})")
     args = {**entry.defaults, **given}
     missing = [a for a in entry.args if a not in args]
@@ -223,8 +227,14 @@ class BiasedBatchNorm2d(_BiasedVariance, nn.BatchNorm2d):
     pass
 
 
+# How a batchnorm's moving variance moves: torch's unbiased batch variance, Keras 3's biased one, or
+# TensorFlow 1's tf.layers rule (fused): its fused kernel, unbiased, on image (4-D) inputs, where it can run,
+# and nn.moments' biased variance on flat (2-D) inputs.
+VARIANCES = ("unbiased", "biased", "fused")
+
+
 def _batchnorm(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
-    if a["variance"] == "biased":
+    if a["variance"] == "biased" or (a["variance"] == "fused" and len(shape) != 3):
         norm = BiasedBatchNorm2d if len(shape) == 3 else BiasedBatchNorm1d
     else:
         norm = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
@@ -232,8 +242,8 @@ def _batchnorm(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, 
 
 
 def _check_batchnorm(a: dict[str, Any], where: str) -> None:
-    if a["variance"] not in ("unbiased", "biased"):
-        raise ConfigError(f"{where}: batchnorm variance={a['variance']!r} must be unbiased or biased")
+    if a["variance"] not in VARIANCES:
+        raise ConfigError(f"{where}: batchnorm variance={a['variance']!r} must be unbiased, biased or fused")
     if not 0 < float(a["momentum"]) <= 1 or float(a["eps"]) <= 0:
         raise ConfigError(f"{where}: batchnorm needs 0 < momentum <= 1 and eps > 0 "
                           f"(got momentum={a['momentum']}, eps={a['eps']}; momentum in torch's convention: "

@@ -7,6 +7,7 @@ Counts follow Keras: a BatchNorm layer's moving mean and variance are non-traina
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -16,13 +17,21 @@ from torch import nn
 class LayerRow:
     name: str
     kind: str
-    output_shape: tuple[int, ...]  # per example, Keras order: (H, W, C) or (units,)
+    output_shape: Optional[tuple[int, ...]]  # per example, Keras order: (H, W, C) or (units,); None: see `calls`
     trainable: int
     non_trainable: int
+    calls: int = 1  # forward calls of the layer in one pass of the model
 
     @property
     def params(self) -> int:
         return self.trainable + self.non_trainable
+
+    @property
+    def shape(self) -> str:
+        """The output shape as text: "16x16x32", "multiple" (called more than once, as Keras says) or "unused"."""
+        if self.calls > 1:
+            return "multiple"
+        return "x".join(str(s) for s in self.output_shape) if self.calls else "unused"
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
@@ -33,32 +42,64 @@ def count_params(module: nn.Module) -> tuple[int, int]:
     return trainable, frozen + stats
 
 
-def summarize(model: nn.Sequential, input_shape: tuple[int, int, int]) -> list[LayerRow]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [
-        module.register_forward_hook(lambda m, i, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:])))
-        for name, module in model.named_children()
-    ]
+def layers_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The rows of a summary: a Sequential's layers; for any other module its leaf modules (every
+    module without children: conv1, features.3), each by its module name."""
+    if isinstance(model, nn.Sequential):
+        return list(model.named_children())
+    return [(name, m) for name, m in model.named_modules() if name and next(m.children(), None) is None]
+
+
+def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> list[LayerRow]:
+    """One row per layer (see layers_of), in the order the forward pass first calls them (layers it
+    never calls last), with output shapes from that pass. A module's own parameters (outside any
+    row's module) are a row named after the module."""
+    layers = layers_of(model)
+    shapes: dict[str, list[tuple[int, ...]]] = {name: [] for name, _ in layers}
+    order: list[str] = []
+
+    def record(name: str, out: Any) -> None:
+        if not shapes[name]:
+            order.append(name)
+        shapes[name].append(tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ())
+
+    hooks = [module.register_forward_hook(lambda m, i, out, name=name: record(name, out)) for name, module in layers]
     was_training = model.training
     try:
         model.eval()
+        parameter = next(iter(model.parameters()), None)
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+            model(torch.zeros(1, *input_shape, device=parameter.device if parameter is not None else "cpu"))
     finally:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
+    modules = dict(layers)
     rows = []
-    for name, module in model.named_children():
-        shape = shapes[name]
-        keras_shape = (shape[1], shape[2], shape[0]) if len(shape) == 3 else shape
-        rows.append(LayerRow(name, type(module).__name__, keras_shape, *count_params(module)))
+    for name in order + [name for name, _ in layers if name not in order]:
+        seen = shapes[name]
+        shape = seen[0] if seen else None
+        if shape is not None and len(shape) == 3:
+            shape = (shape[1], shape[2], shape[0])
+        rows.append(LayerRow(name, type(modules[name]).__name__, shape, *count_params(modules[name]), calls=len(seen)))
+    if not isinstance(model, nn.Sequential):  # parameters held by a module with children, outside every row
+        own = [own_params(module) for _, module in model.named_modules() if next(module.children(), None) is not None]
+        trainable, non_trainable = sum(t for t, _ in own), sum(n for _, n in own)
+        if trainable or non_trainable:
+            rows.append(LayerRow(type(model).__name__, "own parameters", None, trainable, non_trainable, calls=0))
     return rows
+
+
+def own_params(module: nn.Module) -> tuple[int, int]:
+    """(trainable, non_trainable) of a module's own parameters and statistics, not its children's."""
+    own = list(module.parameters(recurse=False))
+    stats = sum(b.numel() for name, b in module.named_buffers(recurse=False) if name in ("running_mean", "running_var"))
+    return sum(p.numel() for p in own if p.requires_grad), sum(p.numel() for p in own if not p.requires_grad) + stats
 
 
 def format_summary(rows: list[LayerRow], title: str = "") -> str:
     header = ("Layer (type)", "Output shape", "Param #")
-    body = [(f"{r.name} ({r.kind})", "x".join(str(s) for s in r.output_shape), f"{r.params:,}") for r in rows]
+    body = [(f"{r.name} ({r.kind})", r.shape, f"{r.params:,}") for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) + 2 for i in range(3)]
     rule = "-" * sum(widths)
 

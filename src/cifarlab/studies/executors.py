@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,12 +29,15 @@ from .. import processes, runs
 from ..config import write_config
 from ..errors import ConfigError
 from .reach import connect_timeout, reach_scheduler, slurm_reachable
+from .slurm import check_slurm, slurm_cluster, slurm_cores, slurm_jobs
 from .spec import Study
 
 IN_USE = 75  # exit code of a job whose run another process kept writing (EX_TEMPFAIL)
 EXECUTORS = ("local", "dask", "slurm")
-SLURM_KEYS = {"partition", "time", "memory", "cores", "gpus_per_run", "jobs", "account", "interface", "python",
-              "job_extra", "setup"}
+# a run stopped by the machine it ran on (scancel, a Slurm job's time limit, preemption: SIGTERM, then SIGKILL)
+# is placed again, up to PLACES times in all: it resumes from its last.pt
+STOPPED = {128 + signal.SIGTERM, -signal.SIGTERM, -signal.SIGKILL}
+PLACES = 3
 
 
 def run_state(run_dir: Path) -> str:
@@ -202,6 +206,7 @@ class DaskExecutor:
     gpu_workers: bool = False  # the cluster's workers will have GPUs (Slurm with gpus_per_run)
     retries_s: float = 600.0  # how long to wait for a first worker
     check_cluster: Optional[Callable[[], None]] = None  # raises when make_cluster's machines cannot be reached
+    jobs: int = 0  # workers make_cluster's cluster keeps (Slurm: a job that ended early is replaced)
 
     @property
     def run_threads(self) -> Optional[int]:
@@ -236,9 +241,11 @@ class DaskExecutor:
         results: dict[str, Any] = {}
         try:
             client.wait_for_workers(1, timeout=self.retries_s)
-            pending, running = list(jobs), {}
+            pending, running, placed = list(jobs), {}, {job.id: 0 for job in jobs}
             gpus_exist = self.gpu_workers or bool(self.gpus)
             while pending or running:
+                if cluster is not None and self.jobs:  # a cancelled or timed-out job is submitted again
+                    cluster.scale(jobs=self.jobs)
                 gpu_slots, cpu_slots = slots(client)
                 gpus_exist = gpus_exist or gpu_slots > 0
                 for job in list(pending):
@@ -247,11 +254,12 @@ class DaskExecutor:
                     if busy >= (gpu_slots if gpu else cpu_slots):
                         continue
                     pending.remove(job)
+                    placed[job.id] += 1
                     future = client.submit(dask_task, job, key=f"cifarlab-{job.id}-{os.urandom(4).hex()}",
                                            pure=False, resources={"GPU": 1} if gpu else None)
                     running[future] = job
                 if not running:
-                    if gpu_slots == 0 and any(j.wants_gpu(gpus_exist) for j in pending):
+                    if gpu_slots == 0 and not self.jobs and any(j.wants_gpu(gpus_exist) for j in pending):
                         raise ConfigError("the Dask cluster has no worker with the GPU resource for the GPU runs "
                                           "(start workers with --resources GPU=1)")
                     time.sleep(1.0)
@@ -263,10 +271,14 @@ class DaskExecutor:
                 for future in ended:
                     job = running.pop(future)
                     try:
-                        results[job.id] = future.result()
+                        result = future.result()
                     except Exception as e:  # KilledWorker: the task's workers died too often
-                        results[job.id] = f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                        result = f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                     future.release()  # a finished run's result must not be recomputed if its worker dies
+                    if result in STOPPED and placed[job.id] < PLACES:  # its machine stopped it: elsewhere, resumed
+                        pending.append(job)
+                        continue
+                    results[job.id] = result
                     if done is not None:
                         done(job.id, results[job.id])
         finally:
@@ -303,54 +315,10 @@ def local_cluster(workers: int, gpus: list[str]):
     return SpecCluster(workers=spec, scheduler=scheduler, silence_logs=quiet, name="cifarlab")
 
 
-def slurm_options(settings: dict[str, Any], source: str = "study") -> dict[str, Any]:
-    """dask-jobqueue keyword arguments from a study's `slurm:` block: one Slurm job per worker,
-    one run at a time per worker, `gpus_per_run` GPUs per job."""
-    unknown = set(settings) - SLURM_KEYS
-    if unknown:
-        raise ConfigError(f"{source}: unknown slurm key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(SLURM_KEYS))})")
-    gpus = int(settings.get("gpus_per_run", 0))
-    directives = list(settings.get("job_extra", []))
-    if gpus:
-        directives.append(f"--gres=gpu:{gpus}")
-    # one single-thread worker per job (one run at a time), the job's `cores` for that run's threads
-    options = {"queue": settings.get("partition"), "walltime": str(settings.get("time", "01:00:00")),
-               "memory": str(settings.get("memory", "16GB")), "cores": 1, "job_cpu": slurm_cores(settings),
-               "processes": 1, "job_extra_directives": directives, "job_name": "cifarlab",
-               "worker_extra_args": ["--resources", "GPU=1"] if gpus else [],
-               "python": settings.get("python", sys.executable), "job_script_prologue": list(settings.get("setup", [])),
-               "account": settings.get("account")}
-    if settings.get("interface"):
-        options["interface"] = settings["interface"]
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def slurm_cores(settings: dict[str, Any]) -> int:
-    return int(settings.get("cores", 4))
-
-
-def slurm_job_script(settings: dict[str, Any], scheduler: str = "tcp://SCHEDULER:8786") -> str:
-    """The batch script each Slurm job of the study runs (what `sbatch` gets)."""
-    from dask_jobqueue.slurm import SLURMJob
-
-    options = slurm_options(settings)
-    options.pop("interface", None)
-    return SLURMJob(scheduler=scheduler, name="cifarlab-worker", **options).job_script()
-
-
-def slurm_cluster(settings: dict[str, Any]):
-    """A SLURMCluster scaled to the study's `jobs` (default 1)."""
-    _dask()
-    from dask_jobqueue import SLURMCluster
-
-    cluster = SLURMCluster(**slurm_options(settings), scheduler_options={"dashboard_address": None})
-    cluster.scale(jobs=int(settings.get("jobs", 1)))
-    return cluster
-
-
 def make_executor(name: str, *, workers: int = 1, gpus: Optional[list[str]] = None, address: Optional[str] = None,
-                  scheduler_file: Optional[str] = None, slurm: Optional[dict[str, Any]] = None) -> Executor:
-    """The executor a study asks for: local | dask | slurm."""
+                  scheduler_file: Optional[str] = None, slurm: Optional[dict[str, Any]] = None,
+                  logs: Optional[Path] = None) -> Executor:
+    """The executor a study asks for: local | dask | slurm (the Slurm jobs' output in `logs`)."""
     gpus = list(gpus or [])
     if name not in EXECUTORS:
         raise ConfigError(f"unknown executor {name!r} (choose from: {', '.join(EXECUTORS)})")
@@ -362,8 +330,9 @@ def make_executor(name: str, *, workers: int = 1, gpus: Optional[list[str]] = No
         address = address or (None if scheduler_file else os.environ.get("DASK_SCHEDULER_ADDRESS"))
         return DaskExecutor(workers=workers, gpus=gpus, address=address, scheduler_file=scheduler_file)
     slurm = slurm or {}
-    return DaskExecutor(make_cluster=lambda: slurm_cluster(slurm), threads=slurm_cores(slurm),
-                        gpu_workers=int(slurm.get("gpus_per_run", 0)) > 0,
+    check_slurm(slurm)
+    return DaskExecutor(make_cluster=lambda: slurm_cluster(slurm, logs), threads=slurm_cores(slurm),
+                        gpu_workers=int(slurm.get("gpus_per_run", 0)) > 0, jobs=slurm_jobs(slurm),
                         check_cluster=lambda: slurm_reachable(connect_timeout()))
 
 
@@ -424,17 +393,21 @@ def describe_exit(job_id: str, code: Any) -> str:
 
 
 def study_executor(study: Study, name: Optional[str] = None, workers: Optional[int] = None,
-                   address: Optional[str] = None, scheduler_file: Optional[Any] = None) -> tuple[str, Executor, int]:
-    """The executor's name, the executor and the worker count for `study`: the arguments, else the
-    study's `executor:` block, else local with one worker."""
+                   address: Optional[str] = None, scheduler_file: Optional[Any] = None,
+                   folder: Optional[Path] = None) -> tuple[str, Executor, int]:
+    """The executor's name, the executor and the worker count for `study` (Slurm jobs write their output
+    to `folder`/logs/slurm): the arguments, else the study's `executor:` block, else local with one worker."""
     settings = study.executor
     name = name or settings.get("name") or ("dask" if address or scheduler_file else "local")
     workers = int(workers or settings.get("workers") or 1)
     if workers < 1:
         raise ConfigError(f"{study.path}: executor workers must be >= 1")
     scheduler_file = scheduler_file or settings.get("scheduler_file")
+    if name == "slurm":
+        check_slurm(study.slurm, str(study.path))
     executor = make_executor(name, workers=workers, gpus=local_gpus(), address=address or settings.get("address"),
-                             scheduler_file=str(scheduler_file) if scheduler_file else None, slurm=study.slurm)
+                             scheduler_file=str(scheduler_file) if scheduler_file else None, slurm=study.slurm,
+                             logs=folder / "logs" / "slurm" if folder is not None else None)
     return name, executor, workers
 
 

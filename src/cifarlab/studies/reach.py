@@ -83,7 +83,8 @@ def slurm_reachable(seconds: float) -> None:
     except subprocess.TimeoutExpired:
         raise ConfigError(f"executor slurm: the Slurm controller did not answer `scontrol ping` within {seconds:g} s "
                           f"(${CONNECT_TIMEOUT_ENV} sets the wait)") from None
-    answer = " ".join((found.stdout + found.stderr).split())
+    lines = (found.stdout + found.stderr).strip().splitlines()
+    answer = " ".join(lines[0].split()) if lines else ""  # its first line (a DOWN answer adds a banner of asterisks)
     if found.returncode != 0 or " DOWN" in answer:
         raise ConfigError(f"executor slurm: the Slurm controller cannot be reached (scontrol ping: "
                           f"{answer or f'exit {found.returncode}'})")

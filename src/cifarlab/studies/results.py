@@ -67,6 +67,7 @@ def settings_used(run: RunSpec) -> dict[str, Any]:
     """Every setting of a run's config by its dotted key, with the preset's own parameter values
     (model.batchnorm, model.kernels, ...) where the run left them at the preset's default."""
     used = flat_settings(run.config.to_dict())
+    used["model.args"] = run.config.model.args  # your factory's arguments: one column, as the study sets them
     preset = run.config.model.preset
     if preset:
         for name, value in load_preset(preset).get("params", {}).items():

@@ -91,7 +91,7 @@ class Study:
     reference: Reference = field(default_factory=Reference)  # what the report itself measured
     path: Optional[Path] = None
     executor: dict[str, Any] = field(default_factory=dict)  # name (local | dask | slurm), workers, address, ...
-    slurm: dict[str, Any] = field(default_factory=dict)  # the Slurm jobs' settings (see executors.slurm_options)
+    slurm: dict[str, Any] = field(default_factory=dict)  # the Slurm jobs' settings (see slurm.slurm_options)
     search: dict[str, Any] = field(default_factory=dict)  # `cifarlab tune`'s search space and settings
     tune: dict[str, Any] = field(default_factory=dict)
     base: dict[str, Any] = field(default_factory=dict)  # the base config tree (before axes and variants)
@@ -103,6 +103,10 @@ def value_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "-".join(map(str, value))
+    if isinstance(value, dict):  # model.args: {p: 0.2} -> p=0.2
+        return " ".join(f"{k}={value_text(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, str) and ".py:" in value:  # model.module's file, by its name (the path is in config.yaml)
+        return value.rsplit("/", 1)[-1]
     return str(value)
 
 
@@ -165,8 +169,12 @@ def load_study(path: Path, overrides: Optional[list[str]] = None, only: Optional
 
 def config_with(base: dict[str, Any], values: dict[str, Any], overrides: Optional[list[str]], source: str) -> Config:
     """The validated config of a study's `base` tree with `values` ({key.path: value}) set and then
-    `overrides`; a bad key or value is a ConfigError naming `source`."""
+    `overrides`; a bad key or value is a ConfigError naming `source`. Values that set model.module or
+    model.layers replace the base's preset (and its parameters)."""
     tree = json.loads(json.dumps(base))  # a deep copy of plain YAML data
+    if {"model.module", "model.layers"} & set(values) and isinstance(tree.get("model"), dict):
+        # a run with its own network next to a preset: the base's preset and its parameters do not apply
+        tree["model"] = {k: v for k, v in tree["model"].items() if k in ("defaults", "args")}
     for key, value in values.items():
         apply_override(tree, key.split("."), value)
     return load_config(tree, overrides, source=source)

@@ -19,18 +19,19 @@ callbacks plus the pruning callback), so this module never imports the API above
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
-import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
-from .. import processes, runs
+from .. import runs
 from ..config import Config, write_config
-from ..errors import CifarlabError, ConfigError
+from ..errors import CifarlabError, ConfigError, Interrupted
 from .reach import connect_timeout
 from .results import COLUMNS, write_report, write_results
 from .space import check_search, finite_number, trial_config
@@ -38,7 +39,8 @@ from .spec import Study, value_text
 
 log = logging.getLogger(__name__)
 TUNE_KEYS = {"metric", "direction", "sampler", "pruner", "trials", "timeout", "startup_trials", "warmup_epochs",
-             "enqueue", "seed"}
+             "enqueue", "seed", "heartbeat"}
+RETRIES = 2  # times a trial whose worker died (no heartbeat for 2 x tune.heartbeat s) or was stopped is tried again
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "halving", "none")
 
@@ -73,6 +75,7 @@ class Settings:
     warmup_epochs: int = 0  # epochs of a trial the pruner never stops
     enqueue: tuple = ()  # settings of the first trials, e.g. the recipe's own
     seed: Optional[int] = None
+    heartbeat: int = 60  # seconds between a running trial's heartbeats; silent for twice that: failed and retried
 
 
 def tune_settings(study: Study) -> Settings:
@@ -86,12 +89,12 @@ def tune_settings(study: Study) -> Settings:
                           f"not {metric!r}: the test split never chooses")
     settings = Settings(metric=metric, direction=spec.get("direction", "minimize" if metric.endswith("loss") else "maximize"),
                         **{k: spec[k] for k in ("sampler", "pruner", "trials", "timeout", "startup_trials",
-                                                "warmup_epochs", "seed") if k in spec},
+                                                "warmup_epochs", "seed", "heartbeat") if k in spec},
                         enqueue=tuple(spec.get("enqueue") or ()))
     for key, allowed in (("direction", ("maximize", "minimize")), ("sampler", SAMPLERS), ("pruner", PRUNERS)):
         if getattr(settings, key) not in allowed:
             raise ConfigError(f"{where}: tune.{key} is {getattr(settings, key)!r}; choose from: {', '.join(allowed)}")
-    for key, least in (("trials", 1), ("startup_trials", 0), ("warmup_epochs", 0)):
+    for key, least in (("trials", 1), ("startup_trials", 0), ("warmup_epochs", 0), ("heartbeat", 1)):
         value = getattr(settings, key)
         if finite_number(value, integer=True) is None or value < least:
             raise ConfigError(f"{where}: tune.{key} must be an integer >= {least}, got {value!r}")
@@ -140,26 +143,37 @@ def storage_url(out: Path, storage: Optional[str]) -> str:
 
 
 def open_study(study: Study, settings: Settings, out: Path, storage: Optional[str], worker: int = 0):
-    """The Optuna study (created by the first process, joined by the others)."""
+    """The Optuna study (created by the first process, joined by the others). Its storage keeps each
+    running trial's heartbeat: a trial whose worker died is failed and tried again (RETRIES times)."""
     optuna = _optuna()
     url = storage_url(out, storage)
     engine: dict[str, Any] = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if url.startswith("postgresql") and "connect_timeout" not in url:  # a server that does not answer: bounded wait
         engine["connect_args"] = {"connect_timeout": max(2, math.ceil(connect_timeout()))}  # libpq: whole seconds, >= 2
     try:
-        backend = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        with quiet():
+            backend = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=settings.heartbeat,
+                                                 grace_period=2 * settings.heartbeat,
+                                                 heartbeat_stale_trial_callback=retry_class()(max_retry=RETRIES))
     except Exception as e:  # noqa: BLE001 - a wrong URL, an unreachable server, a missing driver
         raise ConfigError(f"--storage {url}: cannot open the Optuna storage ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    seed = settings.seed if settings.seed is not None else study.runs[0].config.seed
-    sampler = (optuna.samplers.TPESampler(seed=seed + worker, n_startup_trials=settings.startup_trials)
-               if settings.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed + worker))
+    seed = (settings.seed if settings.seed is not None else study.runs[0].config.seed) + worker
+
+    def sampler(seed: int):
+        return (optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.startup_trials)
+                if settings.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed))
+
     pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials,
                                                             n_warmup_steps=settings.warmup_epochs),
               "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
               "none": lambda: optuna.pruners.NopPruner()}[settings.pruner]()
     opened = optuna.create_study(study_name=study.name, storage=backend, direction=settings.direction,
-                                 sampler=sampler, pruner=pruner, load_if_exists=True)
+                                 sampler=sampler(seed), pruner=pruner, load_if_exists=True)
+    waiting = optuna.trial.TrialState.WAITING
+    started = sum(1 for t in opened.get_trials(deepcopy=False) if t.state != waiting)
+    if started:  # joining a search under way (again, after a worker died): not the samples its first start drew
+        opened.sampler = sampler(seed + 7919 * started)
     if worker == 0 and settings.enqueue and not opened.trials:
         for values in settings.enqueue:
             opened.enqueue_trial(values, skip_if_exists=True)
@@ -172,8 +186,10 @@ def trial_folder(out: Path, number: int) -> Path:
 
 def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[float], storage: Optional[str],
          worker: int = 0, overrides: Optional[list[str]] = None) -> int:
-    """One worker's loop: ask for a trial, train it with `fit`, tell the result, until the study has
-    `trials` trials or `timeout` seconds have passed. Returns how many trials this worker ran."""
+    """One worker's loop: ask for a trial, train it with `fit` (its heartbeat in the storage meanwhile),
+    tell the result, until the study has `trials` trials or `timeout` seconds have passed. A trial whose
+    worker died is failed and tried again (it counts once), so a worker with nothing left to ask for waits
+    while others' trials run. Returns how many trials this worker ran."""
     optuna = _optuna()
     settings = tune_settings(study)
     search = check_search(study)
@@ -183,10 +199,21 @@ def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[fl
         (out / "logs" / f"worker-{worker}.ready").touch()
     deadline = time.monotonic() + timeout if timeout else None
     ran = 0
-    started = tuple(s for s in optuna.trial.TrialState if s != optuna.trial.TrialState.WAITING)  # enqueued ones wait
-    while len(opened.get_trials(deepcopy=False, states=started)) < trials and \
-            (deadline is None or time.monotonic() < deadline):
-        trial = opened.ask()
+    while deadline is None or time.monotonic() < deadline:
+        with quiet():
+            optuna.storages.fail_stale_trials(opened)  # trials whose worker died: failed, and queued again
+        current = counting(opened.get_trials(deepcopy=False))
+        if sum(1 for t in current if t.state != optuna.trial.TrialState.WAITING) >= trials:  # enqueued ones wait
+            if not any(t.state == optuna.trial.TrialState.RUNNING for t in current):
+                break
+            time.sleep(1.0)  # another worker's trial: should that worker die, it is failed and retried
+            continue
+        with quiet():
+            trial = opened.ask()
+        if sum(1 for t in counting(opened.get_trials(deepcopy=False)) if t.number < trial.number) >= trials:
+            trial.set_user_attr("surplus", True)  # another worker asked for the last trial at the same moment
+            opened.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
         try:
             values = suggest(trial, search)
         except Exception as e:  # noqa: BLE001 - check_search should have refused it; the trial must not stay RUNNING
@@ -197,7 +224,14 @@ def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[fl
         trial.set_user_attr("worker", worker)
         pruning = Pruning(trial, settings.metric)
         try:
-            fit(trial_config(study, values, overrides), run_dir=folder, callbacks=[pruning], progress=False)
+            with Heartbeat(opened, trial, settings.heartbeat):
+                fit(trial_config(study, values, overrides), run_dir=folder, callbacks=[pruning], progress=False)
+        except Interrupted:  # SIGTERM (scancel, a job's time limit) or SIGINT: failed, retried by another worker
+            trial.set_user_attr("error", "its worker was stopped")
+            frozen = opened.tell(trial, state=optuna.trial.TrialState.FAIL)
+            with quiet():
+                retry_class()(max_retry=RETRIES)(opened, frozen)
+            raise
         except CifarlabError as e:  # diverged, a bad value combination: this trial failed, the search goes on
             log.warning("trial %d failed: %s", trial.number, e)
             trial.set_user_attr("error", str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -205,26 +239,71 @@ def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[fl
             ran += 1
             continue
         summary = runs.read_summary(folder)
+        # skip_if_finished: a trial whose heartbeats came late was failed (and queued again) by another worker
         if pruning.pruned_at is not None:
-            opened.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            opened.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
         else:
-            opened.tell(trial, summary[settings.metric])
+            opened.tell(trial, summary[settings.metric], skip_if_finished=True)
         ran += 1
     return ran
 
 
-WORKER_START_S = 120.0  # how long the first process waits for the others to open the study
+@contextlib.contextmanager
+def quiet():
+    """Optuna without its warnings that heartbeats and retries are experimental (or renamed), and that
+    heartbeats are meant for Study.optimize (this module beats them itself: Heartbeat)."""
+    optuna = _optuna()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*RetryFailedTrialCallback")
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        yield
 
 
-def wait_until_ready(helpers: list, out: Path, limit_s: float = WORKER_START_S) -> None:
-    """Wait until every other worker process opened the study (or ended, or `limit_s` passed), so that
-    all ask for their first trial together: otherwise the first process, already running, may take
-    every trial of a short search before the others have imported torch."""
-    deadline = time.monotonic() + limit_s
-    for index, helper in enumerate(helpers, start=1):
-        ready = out / "logs" / f"worker-{index}.ready"
-        while not ready.exists() and helper.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+def retry_class():
+    """Optuna's callback that queues a failed trial again (renamed in Optuna 4.9)."""
+    storages = _optuna().storages
+    return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+
+
+def retried_as(trials: list) -> dict[int, int]:
+    """Failed trial number -> the number of the trial that tries it again (the last of its retry history)."""
+    with quiet():
+        history = {t.number: retry_class().retry_history(t) for t in trials}
+    return {numbers[-1]: new for new, numbers in history.items() if numbers}
+
+
+def counting(trials: list) -> list:
+    """The trials that count toward the search's number: all but those tried again and the surplus ones
+    (asked by two workers at the same moment for the last place)."""
+    again = retried_as(trials)
+    return [t for t in trials if t.number not in again and not t.user_attrs.get("surplus")]
+
+
+class Heartbeat:
+    """While a trial trains: its heartbeat in the storage every `interval` seconds, from a thread."""
+
+    def __init__(self, opened, trial, interval: float):
+        self.storage, self.trial_id, self.interval = opened._storage, trial._trial_id, interval  # Optuna's own ids
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.beat, name="optuna-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        while True:
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as e:  # noqa: BLE001 - a storage hiccup: the next beat may get through
+                log.warning("trial heartbeat not recorded: %s", e)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 @dataclass
@@ -243,48 +322,14 @@ class TuneResult:
         return (self.path / "results.md").read_text()
 
 
-def run_search(study: Study, out: Path, fit: Fit, *, trials: Optional[int] = None, timeout: Optional[float] = None,
-               storage: Optional[str] = None, workers: int = 1, overrides: Optional[list[str]] = None) -> TuneResult:
-    """Run the search with `workers` processes on this machine (this one, training its trials with
-    `fit`, and workers - 1 more), then write results.csv, results.md, best.yaml, plots/ and report.html."""
-    settings = tune_settings(study)
-    check_search(study)
-    trials = trials or settings.trials
-    timeout = timeout if timeout is not None else settings.timeout
-    url = storage_url(out, storage)
-    if storage is None:  # SQLite in the study folder; a server's storage is reached before the folder is made
-        out.mkdir(parents=True, exist_ok=True)
-    open_study(study, settings, out, url)  # created (and its first trials enqueued) before any worker joins
-    out.mkdir(parents=True, exist_ok=True)
-    # the study's runs carry the overrides: a train.threads given there is kept
-    given = [] if study.runs[0].config.train.threads else [f"train.threads={processes.cores_per(workers)}"]
-    helpers = []
-    for index in range(1, workers):
-        command = [sys.executable, "-m", "cifarlab.cli", "tune", str(study.path), *(overrides or []), *given,
-                   "--trials", str(trials), "--storage", url, "--out", str(out), "--worker-index", str(index)]
-        if timeout:
-            command += ["--timeout", str(timeout)]
-        (out / "logs").mkdir(exist_ok=True)
-        helpers.append(processes.start(command, dict(os.environ), open(out / "logs" / f"worker-{index}.log", "a")))
-    try:
-        wait_until_ready(helpers, out)
-        work(study, out, fit, trials=trials, timeout=timeout, storage=url, overrides=[*(overrides or []), *given])
-        for helper in helpers:
-            helper.wait()
-    except BaseException:
-        for helper in helpers:
-            processes.stop(helper)
-        raise
-    return summarize_tune(study, out, url)
-
-
 def summarize_tune(study: Study, out: Path, storage: Optional[str] = None) -> TuneResult:
     """results.csv, results.md, best.yaml, plots/ and report.html from the study's trials so far."""
     optuna = _optuna()
     settings = tune_settings(study)
     opened = optuna.load_study(study_name=study.name, storage=storage_url(out, storage))
-    finished = opened.get_trials(deepcopy=False)
-    rows = [trial_row(t, out) for t in finished]
+    finished = [t for t in opened.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    again = retried_as(finished)
+    rows = [trial_row(t, out, again.get(t.number)) for t in finished]
     counts: dict[str, int] = {}
     for t in finished:
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
@@ -308,15 +353,18 @@ def summarize_tune(study: Study, out: Path, storage: Optional[str] = None) -> Tu
                       best_config, counts)
 
 
-def trial_row(trial, out: Path) -> dict[str, Any]:
-    """A trial as a row of the study table: its settings, state and the run's figures."""
+def trial_row(trial, out: Path, retried_as: Optional[int] = None) -> dict[str, Any]:
+    """A trial as a row of the study table: its settings, state and the run's figures (and the trial
+    that tried it again)."""
     folder = trial_folder(out, trial.number)
     summary = runs.read_summary(folder) if (folder / runs.SUMMARY).is_file() else {}
     state = trial.state.name.lower()
     if state == "pruned":
         status = f"pruned at epoch {summary.get('epochs_run', '?')}"
     elif state == "fail":
-        status = f"failed: {trial.user_attrs.get('error') or summary.get('stop_reason', 'no summary')}"
+        reason = trial.user_attrs.get("error") or ("its worker died" if retried_as is not None else None)
+        status = f"failed: {reason or summary.get('stop_reason', 'no summary')}"
+        status += f"; tried again as trial {retried_as}" if retried_as is not None else ""
     else:
         status = "completed" if state == "complete" else state
     row: dict[str, Any] = {"variant": f"trial {trial.number}",

@@ -155,36 +155,111 @@ class FrameworkOptimizer(torch.optim.Optimizer):
 
 # ---------------------------------------------------------------- framework flavors
 # optim.defaults (from the config's top-level `defaults`) picks the defaults of the keys a config leaves
-# out and the update rule. None / torch: torch's defaults and torch.optim. The values are those of
-# keras.optimizers (Keras 3) and tf.compat.v1.train (TensorFlow 1); "rule" names the FrameworkOptimizer
-# rule (None: the torch optimizer, whose formula is the framework's too).
+# out and the update rule. None / torch: torch's defaults and torch.optim. The keras and tf1 values come from
+# the frameworks' own constructor signatures below (each in the framework's argument names), mapped onto
+# OptimConfig's keys by `signature_values`; "rule" names the FrameworkOptimizer rule (None: the torch
+# optimizer, whose formula is the framework's too).
+
+REQUIRED = "required"  # an argument the framework's constructor has no default for
+
+# Keras 3 (keras.optimizers.<class>): tests/test_keras_parity.py compares every value with
+# inspect.signature of the installed Keras.
+KERAS_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("SGD", {"learning_rate": 0.01, "momentum": 0.0, "nesterov": False, "weight_decay": None}),
+    "adam": ("Adam", {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "weight_decay": None}),
+    "adamw": ("AdamW", {"learning_rate": 0.001, "weight_decay": 0.004, "beta_1": 0.9, "beta_2": 0.999,
+                        "epsilon": 1e-7}),
+    "adagrad": ("Adagrad", {"learning_rate": 0.001, "initial_accumulator_value": 0.1, "epsilon": 1e-7,
+                            "weight_decay": None}),
+    "rmsprop": ("RMSprop", {"learning_rate": 0.001, "rho": 0.9, "momentum": 0.0, "epsilon": 1e-7,
+                            "weight_decay": None}),
+    "adadelta": ("Adadelta", {"learning_rate": 0.001, "rho": 0.95, "epsilon": 1e-7, "weight_decay": None}),
+}
+
+# TensorFlow 1.15 (tf.compat.v1.train.<class>, and tf.contrib.opt.AdamWOptimizer for adamw), written from
+# its documented signatures: the r1.15 API reference (tensorflow.org/versions/r1.15/api_docs/python/tf/train)
+# and tensorflow/python/training/{gradient_descent,momentum,adam,adagrad,rmsprop,adadelta,proximal_adagrad}.py
+# and tensorflow/contrib/opt/python/training/weight_decay_optimizers.py at v1.15.0. TensorFlow 1 does not
+# install on this Python, so the table is the reference. momentum > 0 makes sgd MomentumOptimizer (its
+# momentum is given then); GradientDescentOptimizer has no other argument.
+TF1_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("GradientDescentOptimizer", {"learning_rate": REQUIRED, "use_nesterov": False}),
+    "adam": ("AdamOptimizer", {"learning_rate": 0.001, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}),
+    "adamw": ("contrib.opt.AdamWOptimizer", {"weight_decay": REQUIRED, "learning_rate": 0.001, "beta1": 0.9,
+                                             "beta2": 0.999, "epsilon": 1e-8}),
+    "adagrad": ("AdagradOptimizer", {"learning_rate": REQUIRED, "initial_accumulator_value": 0.1}),
+    "rmsprop": ("RMSPropOptimizer", {"learning_rate": REQUIRED, "decay": 0.9, "momentum": 0.0, "epsilon": 1e-10}),
+    "adadelta": ("AdadeltaOptimizer", {"learning_rate": 0.001, "rho": 0.95, "epsilon": 1e-8}),
+    "proximal-adagrad": ("ProximalAdagradOptimizer", {"learning_rate": REQUIRED, "initial_accumulator_value": 0.1,
+                                                      "l1_regularization_strength": 0.0,
+                                                      "l2_regularization_strength": 0.0}),
+}
+
+# a framework argument -> the OptimConfig key (rho / decay: alpha for rmsprop, rho for adadelta; betas below)
+ARGUMENT_KEYS = {"learning_rate": "lr", "momentum": "momentum", "nesterov": "nesterov", "use_nesterov": "nesterov",
+                 "epsilon": "eps", "initial_accumulator_value": "initial_accumulator", "weight_decay": "weight_decay",
+                 "l1_regularization_strength": "prox_l1", "l2_regularization_strength": "prox_l2"}
+
+
+def signature_values(name: str, arguments: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(OptimConfig values, keys without a default) of optimizer `name` from a framework signature table."""
+    values: dict[str, Any] = {}
+    required: list[str] = []
+    betas = [arguments.get("beta_1", arguments.get("beta1")), arguments.get("beta_2", arguments.get("beta2"))]
+    for argument, value in arguments.items():
+        if argument in ("beta_1", "beta1", "beta_2", "beta2"):
+            continue
+        key = ("alpha" if name == "rmsprop" else "rho") if argument in ("rho", "decay") else ARGUMENT_KEYS[argument]
+        if value == REQUIRED:
+            required.append(key)
+        else:
+            values[key] = 0.0 if value is None else value  # Keras' weight_decay=None: none
+    if betas[0] is not None:
+        values["betas"] = tuple(betas)
+    return values, required
+
+
+def _flavor(table: dict[str, tuple[str, dict[str, Any]]], extra: dict[str, dict[str, Any]]) -> dict[str, dict]:
+    return {name: {**signature_values(name, arguments)[0], **extra.get(name, {})}
+            for name, (_, arguments) in table.items()}
+
+
 FLAVOR_OPTIM_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "torch": {
         "sgd": {}, "adam": {}, "adamw": {}, "adadelta": {"rho": 0.9},
         "adagrad": {"initial_accumulator": 0.0}, "rmsprop": {"alpha": 0.99, "initial_accumulator": 0.0},
         "proximal-adagrad": {"initial_accumulator": 0.1},
     },
-    "keras": {
-        "sgd": {"rule": "sgd"},
-        "adam": {"eps": 1e-7, "rule": "adam"},
-        "adamw": {"eps": 1e-7, "rule": "adam"},
-        "adagrad": {"eps": 1e-7, "initial_accumulator": 0.1, "rule": "adagrad"},
-        "rmsprop": {"alpha": 0.9, "eps": 1e-7, "initial_accumulator": 0.0, "rule": "rmsprop"},
-        "adadelta": {"rho": 0.95, "eps": 1e-7, "rule": "adadelta"},
-        "proximal-adagrad": {"initial_accumulator": 0.1},  # Keras has none: TensorFlow's
-    },
-    "tf1": {
-        "sgd": {},  # tf1 MomentumOptimizer: accum = mu accum + g; w -= lr accum (torch's form)
-        "adam": {"eps": 1e-8, "rule": "adam"},
-        "adamw": {"eps": 1e-8, "rule": "adam"},
-        "adagrad": {"eps": 0.0, "initial_accumulator": 0.1, "rule": "adagrad"},  # no epsilon in TF 1's Adagrad
-        "rmsprop": {"alpha": 0.9, "eps": 1e-10, "initial_accumulator": 1.0, "rule": "rmsprop"},  # ms starts at 1
-        "adadelta": {"rho": 0.95, "eps": 1e-8},
-        "proximal-adagrad": {"initial_accumulator": 0.1},
-    },
+    # Keras has no proximal Adagrad: TensorFlow's, with cifarlab's lr when none is given
+    "keras": {**_flavor(KERAS_OPTIMIZERS, {
+        "sgd": {"rule": "sgd"}, "adam": {"rule": "adam"}, "adamw": {"rule": "adam"}, "adagrad": {"rule": "adagrad"},
+        "rmsprop": {"initial_accumulator": 0.0, "rule": "rmsprop"}, "adadelta": {"rule": "adadelta"}}),
+        "proximal-adagrad": {"initial_accumulator": 0.1}},
+    # beyond the signatures: TF 1's Adagrad has no epsilon, its RMSProp starts its average at 1; its
+    # MomentumOptimizer (accum = mu accum + g; w -= lr accum) and Adadelta are torch's formulas
+    "tf1": _flavor(TF1_OPTIMIZERS, {
+        "adam": {"rule": "adam"}, "adamw": {"rule": "adam"}, "adagrad": {"eps": 0.0, "rule": "adagrad"},
+        "rmsprop": {"initial_accumulator": 1.0, "rule": "rmsprop"}}),
 }
+
+SIGNATURES = {"keras": ("Keras 3", KERAS_OPTIMIZERS), "tf1": ("TensorFlow 1", TF1_OPTIMIZERS)}
 
 
 def flavor_optim_values(flavor: Optional[str], name: str) -> dict[str, Any]:
-    """The OptimConfig values (eps, alpha, rho, initial_accumulator) the flavor gives optimizer `name`."""
+    """The OptimConfig values the flavor gives optimizer `name` (every key its framework has a default for)."""
     return {k: v for k, v in FLAVOR_OPTIM_DEFAULTS[flavor or "torch"].get(name, {}).items() if k != "rule"}
+
+
+def missing_required(flavor: Optional[str], name: str, given: set[str]) -> Optional[str]:
+    """Why a config under `flavor` must give a key it left out (the framework's constructor has no default
+    for it), or None."""
+    framework, table = SIGNATURES.get(flavor or "torch", ("", {}))
+    if name not in table:
+        return None
+    cls, arguments = table[name]
+    for argument, value in arguments.items():
+        key = ARGUMENT_KEYS.get(argument)
+        if value == REQUIRED and key not in given:
+            return (f"optim.{key}: {framework}'s {cls} has no default {argument} (defaults: {flavor}); "
+                    f"set optim.{key}")
+    return None

@@ -1,4 +1,4 @@
-"""Optimizers and the Keras-style L2 kernel penalty.
+"""Optimizers (the Keras-style L2 kernel penalty is models/penalty.py).
 
 The optimizers are the OPTIMIZERS registry: a new one is one entry there (the config takes its allowed
 names from it). The formulas torch lacks are in formulas.py, the learning-rate schedules in schedules.py."""
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.penalty import kernels, l2_penalty  # noqa: F401 (the trainer and recipes take them from here)
 from .formulas import FLAVOR_OPTIM_DEFAULTS, FrameworkOptimizer, ProximalAdagrad, flavor_optim_values
 
 
@@ -115,19 +116,3 @@ def make_optimizer(c, model: nn.Module) -> torch.optim.Optimizer:
     if c.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={c.name}: unknown optimizer (known: {', '.join(OPTIMIZERS)})")
     return OPTIMIZERS[c.name](c, [p for p in model.parameters() if p.requires_grad])
-
-
-def kernels(model: nn.Module, layers: Optional[list[str]] = None) -> list[torch.Tensor]:
-    """The weights Keras' kernel_regularizer applies to: conv and dense kernels (not biases or BN),
-    of all such layers or of the named ones."""
-    found = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    if layers is None:
-        return [m.weight for m in found.values()]
-    missing = [name for name in layers if name not in found]
-    if missing:
-        raise ConfigError(f"optim.l2_layers: no conv or dense layer {missing[0]!r} (have: {', '.join(found)})")
-    return [found[name].weight for name in layers]
-
-
-def l2_penalty(weights: list[torch.Tensor], l2: float) -> torch.Tensor:
-    return l2 * sum((w * w).sum() for w in weights)

@@ -19,15 +19,18 @@ log = logging.getLogger(__name__)
 
 def format_epoch(record: dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}", f"acc {100 * record['train_acc']:.2f}%"]
-    if "val_loss" in record:
-        parts += [f"val_loss {record['val_loss']:.4f}", f"val_acc {100 * record['val_acc']:.2f}%"]
+    for split in ("val", "test"):  # every split train.evaluate scores each epoch (report 004: the test set too)
+        if f"{split}_loss" in record:
+            parts += [f"{split}_loss {record[f'{split}_loss']:.4f}", f"{split}_acc {100 * record[f'{split}_acc']:.2f}%"]
     parts.append(f"{record['time']['img_per_s']:.0f} img/s")
     return "  ".join(parts)
 
 
 def format_result(summary: dict[str, Any]) -> str:
     test = summary.get("test_acc")
-    return f"{summary['stop_reason']}: test accuracy " + ("-" if test is None else f"{100 * test:.2f}%")
+    tested = (f" (epoch {summary['tested_epoch']}'s weights: {summary.get('test_weights')})"
+              if summary.get("tested_epoch") is not None else "")
+    return f"{summary['stop_reason']}: test accuracy " + ("-" if test is None else f"{100 * test:.2f}%") + tested
 
 
 class LogProgress(Callback):

@@ -22,20 +22,20 @@ import torch
 from torch import nn
 
 from .. import runs
-from ..config import Config, write_config
+from ..config import Config
 from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
-from ..data.local import content_checksum
 from ..data.prepare import eval_loader, prepare_data, select_device, to_device
 from ..data.sources import SHAPES
 from ..errors import CifarlabError, Interrupted, TrainingFailed
 from ..hooks import HOOKS, Callback
-from ..evaluation import Evaluation, autocast, autocast_dtype
+from ..evaluation import Evaluation, autocast, autocast_dtype, with_penalty
 from ..models.build import build_model, check_layer_names
-from ..models.summary import count_params
+from ..models.own import OwnModel
 from . import distributed
-from .checkpoint import Checkpointing, check_resumable, state_keys
+from .checkpoint import check_resumable, state_keys
 from .compiling import CompiledOrEager, compile_pays
+from .rundir import RunDirectory
 from .optim import kernels, l2_penalty, make_optimizer
 from .schedules import LRSchedule
 from .signals import SignalFlag, signal_name, stoppable
@@ -44,12 +44,12 @@ from .strategy import strategy_for
 log = logging.getLogger(__name__)
 
 
-class Trainer(Checkpointing):
+class Trainer(RunDirectory):
     """One training run. `fit()` runs it from the start, `resume_from(run_dir)` from the run's last.pt.
     Callbacks are called in list order for every hook. With train.devices > 1 this process is one rank
     (it joins the process group here) and only rank 0 keeps the callbacks."""
 
-    def __init__(self, config: Config, callbacks: Sequence[Callback] = ()):
+    def __init__(self, config: Config, callbacks: Sequence[Callback] = (), model: Optional[OwnModel] = None):
         self.config = config
         self.started = time.perf_counter()
         self.strategy = strategy = strategy_for(config.train.devices)
@@ -59,15 +59,15 @@ class Trainer(Checkpointing):
         self.callback_keys = state_keys(self.callbacks)
         # a callback may define any subset of the hooks (the Callback base class defines them all)
         self.hooks = {hook: [getattr(cb, hook) for cb in self.callbacks if hasattr(cb, hook)] for hook in HOOKS}
-        if config.analysis.tsne.layers and config.data.dataset in SHAPES:  # a shape known before any data is read
-            check_layer_names(build_model(config.model, *SHAPES[config.data.dataset]), config.analysis.tsne.layers)
+        if config.data.dataset in SHAPES and (config.analysis.tsne.layers or config.model.module):  # before any data
+            check_layer_names(build_model(config.model, *SHAPES[config.data.dataset], model), config.analysis.tsne.layers)
         self.splits = splits = prepare_data(config)
         self.classes = splits.dataset.classes
         self.input_shape = splits.dataset.image_shape
 
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
-        model = build_model(config.model, self.input_shape, len(self.classes)).to(device)
+        model = build_model(config.model, self.input_shape, len(self.classes), model).to(device)
         check_layer_names(model, config.analysis.tsne.layers)  # your own data: as soon as it is read
         self.model = model.to(memory_format=torch.channels_last) if config.train.channels_last else model
         self.optimizer = make_optimizer(config.optim, self.model)
@@ -84,7 +84,7 @@ class Trainer(Checkpointing):
                                          splits.std, shuffle=True, generator=self.generator, augment=augment,
                                          channels_last=config.train.channels_last, whiten=splits.whiten,
                                          augment_generator=self.augment_generator, rank=strategy.rank,
-                                         world=strategy.world)
+                                         world=strategy.world, samplewise=splits.samplewise)
         self.schedule = LRSchedule(config.schedule, config.optim.lr, config.train.epochs, len(self.train_loader))
         self.compiling = compile_pays(config.train.compile, device, config.train.epochs * len(self.train_loader))
         trained = strategy.wrap(self.model)  # what the training forward calls: the model, or its DDP wrapper
@@ -123,8 +123,8 @@ class Trainer(Checkpointing):
     def score(self, split: str, loader: DeviceLoader) -> Evaluation:
         """The whole split's score from its `eval_part` loader, with the run's precision and TTA."""
         t = self.config.train
-        return self.strategy.score(self.model, loader, len(getattr(self.splits, split)[1]), len(self.classes),
-                                   t.precision, t.tta)
+        return with_penalty(self.strategy.score(self.model, loader, len(getattr(self.splits, split)[1]),
+                                                len(self.classes), t.precision, t.tta), self.model, self.config.optim)
 
     def elapsed(self) -> float:
         """Seconds since the Trainer was created (data loading included)."""
@@ -137,55 +137,6 @@ class Trainer(Checkpointing):
     def dispatch(self, hook: str, *args: Any) -> None:
         for method in self.hooks[hook]:
             method(self, *args)
-
-    # ---------------------------------------------------------------- run directory
-
-    def summary_base(self) -> dict[str, Any]:
-        trainable, non_trainable = count_params(self.model)
-        sizes = {name: len(getattr(self.splits, name)[1]) for name in ("train", "val", "test")}
-        return {"run": self.run_dir.name, "dataset": self.splits.dataset.name, "model": self.config.model.preset,
-                "sizes": sizes, "params": {"trainable": trainable, "non_trainable": non_trainable},
-                "normalization": {"mean": self.splits.mean, "std": self.splits.std}, "classes": self.classes,
-                "input_shape": list(self.input_shape), "device": str(self.device),
-                "devices": self.config.train.devices, "world_size": self.strategy.world,
-                "monitor": self.config.train.early_stopping.monitor}
-
-    def write_summary(self, status: str, stop_reason: str, **fields: Any) -> dict[str, Any]:
-        """summary.json (written by rank 0 only); returns its contents."""
-        summary = {**self.summary_base(), "status": status, "stop_reason": stop_reason, "epochs_run": self.epoch,
-                   **fields}
-        if self.strategy.is_main:
-            runs.write_json(self.run_dir / runs.SUMMARY, summary)
-        return summary
-
-    def start(self, run_dir: Optional[Path] = None) -> Path:
-        """A new run directory (`run_dir` if given) with config.yaml and env.json, made by rank 0 (the
-        other ranks learn its path)."""
-        if self.strategy.is_main:
-            self.run_dir = runs.create_run_dir(self.config.train.out_dir, self.config.run_name(), run_dir)
-            self.lock = runs.RunLock(self.run_dir).acquire()
-            try:
-                write_config(self.config, self.run_dir / runs.CONFIG)
-                runs.write_json(self.run_dir / runs.ENV, {**runs.environment(str(self.device), self.config.seed),
-                                                          "data_origin": self.splits.dataset.origin,
-                                                          "data_sha256": content_checksum(self.splits.dataset)})
-            except BaseException:
-                self.lock.release()
-                raise
-        self.run_dir = Path(self.strategy.share(str(self.run_dir)))
-        return self.run_dir
-
-    def resume_from(self, run_dir: Path, state: dict[str, Any], lock: Optional[runs.RunLock]) -> Path:
-        """Take up `run_dir` from its last.pt `state` (end of an epoch, or the step of an interrupt),
-        holding its `lock` until fit() ends."""
-        self.lock = lock
-        self.restore(state, run_dir / runs.CHECKPOINTS / "last.pt")
-        self.check_unfinished(run_dir)
-        self.run_dir, self.resuming = run_dir, True
-        if self.strategy.is_main:
-            write_config(self.config, run_dir / runs.CONFIG)
-            (run_dir / runs.SUMMARY).unlink(missing_ok=True)
-        return run_dir
 
     # ---------------------------------------------------------------- training
 
@@ -347,7 +298,8 @@ class Trainer(Checkpointing):
         self.test_result = self.score("test", self.eval_part("test"))
         chosen = next(r for r in self.history if r["epoch"] == self.selected_epoch)
         summary = self.write_summary(
-            "completed", stop_reason, best_epoch=self.selected_epoch, best_value=self.best_value,
+            "completed", stop_reason, best_epoch=self.best_epoch or self.selected_epoch, best_value=self.best_value,
+            tested_epoch=self.selected_epoch, test_weights=self.tested_weights(),
             train_loss=chosen["train_loss"], train_acc=chosen["train_acc"], val_loss=chosen.get("val_loss"),
             val_acc=chosen.get("val_acc"), test_loss=self.test_result.loss, test_acc=self.test_result.acc,
             train_time_s=round(self.train_time, 3), wall_time_s=round(self.elapsed(), 3),
@@ -356,6 +308,10 @@ class Trainer(Checkpointing):
         self.analyse(summary)
         return self.run_dir
 
+    def tested_weights(self) -> str:
+        """best | last: the checkpoint holding the tested weights (best.pt only where a BestCheckpoint wrote it)."""
+        return "best" if self.config.train.tested_weights() == "best" and self.best_epoch is not None else "last"
+
     def analyse(self, summary: dict[str, Any]) -> None:
         """The on_fit_end hooks (report, t-SNE), timed, their status in summary.json; the run stays completed:
         a failing hook is logged, a signal stops them at once (Interrupted); `cifarlab report RUN` finishes."""
@@ -363,8 +319,8 @@ class Trainer(Checkpointing):
         status, reason, signum = stoppable(lambda: self.dispatch("on_fit_end", summary))
         if status == "failed":
             log.warning("the analysis after training failed (%s); finish it with: cifarlab report %s", reason, self.run_dir)
-        summary.update(analysis={"status": status, "reason": reason, "seconds": round(time.perf_counter() - started, 3)},
-                       wall_time_s=round(self.elapsed(), 3))
+        summary.update(analysis={**summary.get("analysis", {}), "status": status, "reason": reason,  # a hook's steps stay
+                                 "seconds": round(time.perf_counter() - started, 3)}, wall_time_s=round(self.elapsed(), 3))
         try:
             if self.strategy.is_main:
                 runs.write_json(self.run_dir / runs.SUMMARY, summary)
@@ -375,14 +331,15 @@ class Trainer(Checkpointing):
                               "t-SNE are not)", signum, self.run_dir, f"finish them with: cifarlab report {self.run_dir}")
 
 
-def fit(config: Config, callbacks: Sequence[Callback] = (), run_dir: Optional[Path] = None) -> Path:
-    """Train as `config` says with `callbacks` into a new run directory (`run_dir` if given)."""
-    trainer = Trainer(config, callbacks)
+def fit(config: Config, callbacks: Sequence[Callback] = (), run_dir: Optional[Path] = None,
+        model: Optional[OwnModel] = None) -> Path:
+    """Train as `config` says (the network: `model` if given) with `callbacks` into a new run directory."""
+    trainer = Trainer(config, callbacks, model)
     trainer.start(run_dir)
     return trainer.fit()
 
 
-def resume(run_dir: Path, config: Config, callbacks: Sequence[Callback] = ()) -> Path:
+def resume(run_dir: Path, config: Config, callbacks: Sequence[Callback] = (), model: Optional[OwnModel] = None) -> Path:
     """Continue a run from its last.pt exactly where it stopped, with `config` (the run's own,
     possibly with overrides such as train.epochs=30)."""
     # a second writer is refused before anything is read; with several ranks rank 0 holds the lock
@@ -391,7 +348,7 @@ def resume(run_dir: Path, config: Config, callbacks: Sequence[Callback] = ()) ->
     try:
         state = runs.load_checkpoint(run_dir / runs.CHECKPOINTS / "last.pt")
         check_resumable(state.get("config", {}), config, run_dir)  # before the data is read
-        trainer = Trainer(config, callbacks)
+        trainer = Trainer(config, callbacks, model)
         trainer.resume_from(run_dir, state, lock)
     except BaseException:
         if lock is not None:
