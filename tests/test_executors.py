@@ -133,7 +133,7 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
 
 @pytest.mark.parametrize("kill", ["worker", "worker-group"])
 def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_head, tmp_path):
-    path = write_study(tmp_path, cifar10_head, limit=600, epochs=4, repeats=2)
+    path = write_study(tmp_path, cifar10_head, limit=300, epochs=4, repeats=2)
     study = load_study(path)
     out = tmp_path / "out"
     scheduler_file, cluster = start_cli_cluster(tmp_path)

@@ -23,6 +23,7 @@ def test_quickstart_notebook_executes_every_cell(tmp_path, monkeypatch):
     pages = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any("test accuracy" in p and "data:image/png;base64," in p for p in pages)  # the Run's summary and curves
     assert any("epoch 1  loss" in p and "val_acc" in p for p in pages)  # the notebook progress display
+    assert any("epoch 1  loss" in p and "weights: best)" in p for p in pages)  # ... ending with the tested weights
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the predictions figure and the t-SNE panel
     runs = list((tmp_path / "examples" / "runs").iterdir())

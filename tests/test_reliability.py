@@ -10,10 +10,10 @@ waits are bounded by $CIFARLAB_CONNECT_TIMEOUT, and no test asserts on how long 
 import io
 import json
 import pickle
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -217,11 +217,11 @@ def test_a_scheduler_file_that_never_appears(cifar10_head, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.skipif(shutil.which("scontrol") is not None, reason="this machine has Slurm's commands")
 def test_slurm_where_there_is_no_slurm(cifar10_head, tmp_path):
     pytest.importorskip("dask_jobqueue")
     out = tmp_path / "study"
-    result = run_cli("sweep", study_file(tmp_path, cifar10_head), "--executor", "slurm", "--out", out, env=WAIT)
+    no_slurm = {**WAIT, "PATH": str(Path(sys.executable).parent)}  # a PATH without Slurm's commands, even where it has them
+    result = run_cli("sweep", study_file(tmp_path, cifar10_head), "--executor", "slurm", "--out", out, env=no_slurm)
     assert_error(result, 2, "executor slurm: no scontrol on this machine")
     assert not out.exists()
 
@@ -301,6 +301,7 @@ def test_sigterm_while_embedding_ends_truthfully_and_report_finishes_it(cifar10_
     print(json.dumps(summary["analysis"]))
     assert summary["status"] == "completed" and summary["analysis"]["status"] == "done"
     assert summary["analysis"]["reason"] == "finished by cifarlab report; before that: interrupted by SIGTERM"
+    assert {"figure tsne", "report.html"} <= set(summary["analysis"]["steps"])  # each step of the report, timed
     assert (run / "report.html").is_file() and len(list((run / "features").glob("*.tsne.npy"))) == 3
     assert len(json.loads((run / "features" / "tsne.json").read_text())) == 3
 

@@ -140,3 +140,18 @@ def test_keras_flavor_losses_include_the_l2_penalty_as_keras_does(cifar10_head, 
     assert plain.evaluate("val").loss == pytest.approx(
         torch.nn.functional.cross_entropy(plain.evaluate("val").logits.float(),
                                           torch.as_tensor(plain.split("val")[1])).item(), rel=1e-5)
+
+
+def test_the_notebook_display_shows_the_analysis_lines(monkeypatch):
+    import logging
+
+    from cifarlab.train.progress import NotebookProgress
+
+    shown = NotebookProgress()
+    monkeypatch.setattr(shown, "show", lambda: None)  # no IPython display here: the lines are what it would show
+    shown.on_fit_end(None, {"stop_reason": "max epochs", "test_acc": 0.5, "tested_epoch": 3, "test_weights": "last"})
+    logging.getLogger("cifarlab.analysis.embed").info("t-SNE %d/%d: fc1 epoch 0", 1, 3)
+    shown.close()
+    logging.getLogger("cifarlab.analysis.embed").info("after the run")
+    assert shown.lines == ["max epochs: test accuracy 50.00% (epoch 3's weights: last)", "t-SNE 1/3: fc1 epoch 0"]
+    assert not logging.getLogger("cifarlab.analysis").handlers

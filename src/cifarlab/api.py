@@ -293,10 +293,10 @@ class Run:
         it is written holding the run's lock (RunInUse while another process writes the run)."""
         if output:
             return build_run_report(self.loaded, Path(output))
-        started = time.perf_counter()
+        started, steps = time.perf_counter(), {}
         with runs.RunLock(self.path):
-            path = build_run_report(self.loaded)
-            runs.analysis_done(self.path, time.perf_counter() - started)
+            path = build_run_report(self.loaded, timings=steps)
+            runs.analysis_done(self.path, time.perf_counter() - started, steps)
         return path
 
     def _repr_html_(self) -> str:

@@ -179,16 +179,16 @@ def read_summary(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def analysis_done(run_dir: Path, seconds: float) -> None:
+def analysis_done(run_dir: Path, seconds: float, steps: Optional[dict[str, float]] = None) -> None:
     """summary.json's `analysis` (the report and t-SNE after training: running, done, interrupted or
-    failed) set to done by `cifarlab report RUN`, saying what it was before; a run whose analysis was done
-    (or that has no such record) is left as it is."""
+    failed) set to done by `cifarlab report RUN`, saying what it was before, with the seconds of each of
+    its `steps`; a run whose analysis was done (or that has no such record) is left as it is."""
     summary = read_summary(run_dir)
     before = summary.get("analysis") or {"status": "done"}
     if before.get("status") != "done":
         was = before.get("reason") or f"left {before.get('status')}"  # "left running": its process was killed
         summary["analysis"] = {"status": "done", "reason": f"finished by cifarlab report; before that: {was}",
-                               "seconds": round(seconds, 3)}
+                               "seconds": round(seconds, 3), **({"steps": steps} if steps else {})}
         write_json(Path(run_dir) / SUMMARY, summary)
 
 

@@ -127,9 +127,21 @@ class TerminalProgress(BarProgress):
             self.progress, self.task, self.epoch_text = None, None, ""
 
 
+class ShownLines(logging.Handler):
+    """Log records of one logger shown as lines by a progress display (`show(text)`)."""
+
+    def __init__(self, show):
+        super().__init__(logging.INFO)
+        self.show = show
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.show(record.getMessage())
+
+
 class NotebookProgress(BarProgress):
     """An HTML bar in the notebook cell's output (IPython display, updated in place), with the
-    epoch lines below it. Redraws at most every `every_s` seconds."""
+    epoch lines below it, then the result and the analysis phase's lines (a line per figure and
+    t-SNE embedding, from the cifarlab.analysis logger). Redraws at most every `every_s` seconds."""
 
     def __init__(self, every_s: float = 0.25):
         self.every_s = every_s
@@ -137,6 +149,14 @@ class NotebookProgress(BarProgress):
         self.handle = None
         self.last_draw = 0.0
         self.bar = ""
+        self.analysis: Optional[tuple[logging.Logger, ShownLines, int]] = None
+
+    def on_fit_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
+        self.line(format_result(summary))
+        logger = logging.getLogger("cifarlab.analysis")  # the report callback runs after this one
+        self.analysis = (logger, ShownLines(self.line), logger.level)
+        logger.addHandler(self.analysis[1])
+        logger.setLevel(logging.INFO)
 
     def draw(self, epoch: str, done: int, total: int, stats: str) -> None:
         now = time.perf_counter()
@@ -155,6 +175,11 @@ class NotebookProgress(BarProgress):
     def close(self) -> None:
         self.bar = ""
         self.show()
+        if self.analysis is not None:  # the run is over (api.fit closes its progress display)
+            logger, handler, level = self.analysis
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            self.analysis = None
 
     def show(self) -> None:
         from IPython.display import HTML, display
