@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Real CIFAR-10 images used by `make demo` when the full set is not in the cache.
 CIFAR10_HEAD ?= ../shared/data/cifar10-head
 
-.PHONY: demo test bench bench-peers lint clean
+.PHONY: demo test bench bench-peers bench-gpu lint clean
 
 $(CORE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compile_start.py
 	$(BIN)/python benchmarks/study_overhead.py
 	$(BIN)/python benchmarks/peers.py
+
+# every CUDA path (precisions and resume, compile cold / warm, ranks, the recipes' MFU, t-SNE): on a GPU machine only
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 # cifarlab against the reports' tf.keras pipeline; makes .venv-peers (tensorflow-cpu, tf-keras) on first use
 bench-peers: $(STAMP)

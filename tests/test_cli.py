@@ -26,7 +26,7 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: config: train.epochz: unknown key, did you mean train.epochs? (allowed: epochs, batch_size, "
         "eval_batch_size, log_every, out_dir, device, channels_last, compile, threads, devices, label_smoothing, tta, "
-        "precision, evaluate, test_weights, max_time_s, early_stopping, divergence, target, loggers, histogram_every, "
+        "precision, evaluate, test_weights, max_time_s, early_stopping, divergence, target, lookahead, loggers, histogram_every, "
         "mlflow_uri, wandb_mode)"]
     assert not out.exists()
     missing = invoke("train", "data.dataset=cifar10", f"data.root={tmp_path / 'nope'}", f"train.out_dir={out}")

@@ -29,8 +29,8 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=3", "train.epoch: unknown key, did you mean train.epochs? (allowed: epochs, batch_size"),
-    ("optim.name=adamx", "optim.name: Input should be 'sgd', 'adam', 'adamw', 'adagrad', 'rmsprop', 'adadelta' or "
-                         "'proximal-adagrad' (got 'adamx')"),
+    ("optim.name=adamx", "optim.name: Input should be 'sgd', 'adam', 'adamw', 'adagrad', 'rmsprop', 'adadelta', "
+                         "'proximal-adagrad' or 'muon' (got 'adamx')"),
     ("model.dropuot=0.1", "model.dropuot: unknown key for preset cnn3-avg"),
     ("model.preset=resnet999", "no such preset"),
     ("model.batchnorm=maybe", "model.batchnorm='maybe': expected bool"),
@@ -66,8 +66,8 @@ def test_bad_yaml_names_the_file_and_line(tmp_path):
     ("data.samplewise_std_normalization=true", "did you mean data.samplewise=std?"),
     ("optim.learning_rate=0.1", "optim.learning_rate: unknown key, did you mean optim.lr?"),
     ("train.early_stopping.restore_best_weights=false", "did you mean train.early_stopping.restore_best?"),
-    ("optim.name=gd", "optim.name: Input should be 'sgd', 'adam', 'adamw', 'adagrad', 'rmsprop', 'adadelta' or "
-                      "'proximal-adagrad' (got 'gd'), did you mean 'sgd'?"),
+    ("optim.name=gd", "optim.name: Input should be 'sgd', 'adam', 'adamw', 'adagrad', 'rmsprop', 'adadelta', "
+                      "'proximal-adagrad' or 'muon' (got 'gd'), did you mean 'sgd'?"),
     ("optim.name=GradientDescentOptimizer", "(got 'GradientDescentOptimizer'), did you mean 'sgd'?"),
     ("optim.name=RMSprop", "(got 'RMSprop'), did you mean 'rmsprop'?"),
     ("schedule.name=ReduceLROnPlateau", "(got 'ReduceLROnPlateau'), did you mean 'plateau'?"),

@@ -158,7 +158,9 @@ def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_
             return None
 
         victim, trainer_pid = wait_for(training_with_an_epoch_done, "a run to finish an epoch", timeout=120)
-        worker_pid = parent_of(trainer_pid)
+        warm_pid = parent_of(trainer_pid)  # the worker's warm process (studies/warm.py) forked the run
+        assert "cifarlab.studies.warm" in Path(f"/proc/{warm_pid}/cmdline").read_bytes().decode()
+        worker_pid = parent_of(warm_pid)
         assert parent_of(worker_pid) in {p.pid for p in cluster[1:3]}  # a worker process of a `dask worker`
         finished_before = {r.id: (out / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs if finished(r.id)}
         assert finished_before
@@ -166,9 +168,10 @@ def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_
             os.kill(worker_pid, signal.SIGKILL)
         else:  # the `dask worker` command with its nanny and worker: the other worker takes over
             os.killpg(os.getpgid(worker_pid), signal.SIGKILL)
-        wait_for(lambda: not Path(f"/proc/{trainer_pid}").exists() or
-                 Path(f"/proc/{trainer_pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
-                 "the killed worker's training process to die", timeout=30)
+        wait_for(lambda: all(not Path(f"/proc/{pid}").exists() or
+                             Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+                             for pid in (trainer_pid, warm_pid)),
+                 "the killed worker's warm process and training process to die", timeout=30)
         output, _ = sweep.communicate(timeout=300)
         assert sweep.returncode == 0, output
     finally:
@@ -181,15 +184,23 @@ def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_
     for run_id, mtime in finished_before.items():
         assert (out / run_id / runs.SUMMARY).stat().st_mtime_ns == mtime  # not trained again
     assert (out / "logs" / f"{victim}.log").read_text().count("-m cifarlab.cli train") == 2  # started, then redone
-    assert processes_naming(out) == []  # no training process outlived the sweep
+    # no training process outlived the sweep; the workers' warm processes die with the stopped cluster
+    wait_for(lambda: processes_naming(out) == [], "every process holding a file of the study to end", timeout=30)
 
 
 def processes_naming(folder: Path) -> list[int]:
+    """Processes whose command line names `folder`, or that hold a file in it open (a run forked from a
+    warm process has the warm process' command line, and its log as stdout)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if str(folder) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
                 found.append(int(pid))
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(folder)):
+                    found.append(int(pid))
+                    break
         except OSError:
             continue
     return found

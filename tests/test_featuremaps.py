@@ -74,6 +74,11 @@ def test_layers_by_dotted_name_in_your_own_module(test_image):
     counted = feature_map_layers(net, x, 3, "keras")
     assert [layer.title for layer in counted] == ["features.0 + act", "features.1", "features.2 + act"]
     assert [layer.title for layer in feature_map_layers(net, x, 3, "torch")] == ["features.0", "act", "features.1"]
+    net.act.inplace = True  # ReLU(inplace=True), common in PyTorch code: the conv's own map stays as the conv gave it
+    inplace = feature_map_layers(net, x, 2, "torch")
+    np.testing.assert_allclose(inplace[0].output, first, atol=1e-6)
+    assert (inplace[0].output < 0).any() and [layer.title for layer in feature_map_layers(net, x, 1, "keras")] == [
+        "features.0 + act"]
 
 
 def test_filters_of_named_convs_first_and_last_kernels(trained_run):

@@ -184,7 +184,7 @@ def test_summary_of_an_own_module_follows_keras(capsys):
     assert rows["activation"][2] == "multiple"  # one ReLU module called after every layer, as Keras says
     assert rows["fc1"][-1] == "131,584" and "Total params: 534,378" in lines
     assert repr(table) == str(table)  # a notebook cell shows the table, not a quoted string
-    result = invoke("summary", "examples/own_model.py:ONModelDrop1")
+    result = invoke("summary", MODULE)
     assert result.returncode == 0 and "multiple" in result.stdout
 
 
@@ -210,3 +210,40 @@ def test_a_study_compares_an_own_module_with_a_preset(cifar10_head, tmp_path):
     rows = [dict(zip(header, line.split(","))) for line in table[1:]]
     assert {r["variant"] for r in rows} == {"mine", "preset"}
     assert all(r["status"] == "completed" for r in rows)
+
+
+def test_what_a_script_passes_is_recorded_only_when_importing_it_runs_nothing(tmp_path):
+    from cifarlab.models.own import import_file, reference_of
+
+    (tmp_path / "blocks.py").write_text("from torch import nn\ndef block():\n    return nn.Linear(3 * 32 * 32, 10)\n")
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("from torch import nn\nfrom blocks import block\n\nclass Net(nn.Module):\n"
+                       "    def __init__(self):\n        super().__init__()\n        self.fc = block()\n"
+                       "    def forward(self, x):\n        return self.fc(x.flatten(1))\n\n"
+                       "if __name__ == '__main__':\n    print('training')\n")
+    unguarded = tmp_path / "unguarded.py"
+    unguarded.write_text(guarded.read_text().replace("if __name__ == '__main__':\n    print('training')\n",
+                                                     "print('training at import')\n"))
+    # a sibling module imports as under `python guarded.py`
+    net = import_file(guarded).Net
+    assert reference_of(net) == f"{guarded.resolve()}:Net"
+    assert reference_of(import_file(unguarded).Net) is None  # importing it again would train again: model.given
+
+
+def test_a_study_switches_between_an_own_module_and_presets(tmp_path):
+    from cifarlab.studies.spec import config_with
+
+    base = {"model": {"module": MODULE, "args": {"p": 0.2}}}
+    assert config_with(base, {"model.preset": "cnn4"}, None, "study").model.preset == "cnn4"
+    with_preset = {"model": {"preset": "cnn3", "dropout": 0.3}}
+    mine = config_with(with_preset, {"model.module": MODULE, "model.args": {"p": 0.5}}, None, "study").model
+    assert mine.module == MODULE and mine.args == {"p": 0.5} and mine.preset is None
+    assert config_with(with_preset, {"model.preset": "cnn3-fast"}, None, "study").model.params() == {"dropout": 0.3}
+
+
+def test_own_models_on_coarse_cifar100_have_20_classes():
+    from cifarlab.data.sources import known_shape
+
+    config = cifarlab.load_config(None, ["data.dataset=cifar100", "data.labels=coarse"])
+    assert known_shape(config.data) == ((3, 32, 32), 20)
+    assert known_shape(cifarlab.load_config(None, ["data.dataset=folder", "data.root=x"]).data) is None

@@ -17,7 +17,8 @@ from cifarlab.config import load_config
 from cifarlab.errors import ConfigError
 from cifarlab.train.callbacks import DivergenceStop, EarlyStopping, TargetStop
 from cifarlab.train.formulas import ProximalAdagrad
-from cifarlab.train.optim import kernels, make_optimizer
+from cifarlab.models.penalty import kernels
+from cifarlab.train.optim import make_optimizer
 from cifarlab.train.schedules import LRSchedule
 from cifarlab.api import evaluate_run, fit, resume
 from conftest import copy_run

@@ -13,7 +13,7 @@ from torch import nn
 from cifarlab import config as config_module
 from cifarlab.config import load_config
 from cifarlab.data import sources
-from cifarlab.data.augment import AUGMENTATIONS, build_augment
+from cifarlab.data.augment import AUGMENTATIONS, Batch, build_augment
 from cifarlab.data.downloads import ARCHIVES
 from cifarlab.errors import ConfigError, DataError
 from cifarlab.models.build import build_layers
@@ -167,8 +167,9 @@ def test_augmentations_run_in_registry_order():
     expected = images.float() / 255
     fill = torch.tensor([0.5, 0.4, 0.3])
     by_hand = torch.Generator().manual_seed(0)
+    at = Batch(torch.arange(len(images)), 1, 0)  # where the images come from: indices, epoch, seed
     for step in AUGMENTATIONS.values():
-        expected = step.apply(expected, c, by_hand, fill)
+        expected = step.apply(expected, c, by_hand, fill, at)
     out = build_augment(c, [0.5, 0.4, 0.3])(images, torch.Generator().manual_seed(0))
     assert torch.equal(out, expected)
 

@@ -347,3 +347,13 @@ def test_a_tsne_layer_not_in_the_model_of_your_data_leaves_no_run_folder(cifar10
                     f"train.out_dir={tmp_path / 'runs'}", *QUICK)
     assert_error(result, 2, "analysis.tsne.layers: layer 'fc9' is not in the model")
     assert not (tmp_path / "runs").exists()  # no run folder left "failed"
+
+
+def test_a_damaged_summary_is_one_line_and_the_weights_stay_usable(small_run, tmp_path):
+    from conftest import copy_run
+
+    run = copy_run(small_run, tmp_path)
+    (run / runs.SUMMARY).write_text('{"status": "compl')  # cut short by a full disk or a copy
+    assert_error(invoke("report", run), 2, f"{run / runs.SUMMARY}: damaged (JSONDecodeError")
+    exported = invoke("export", run, "--format", "torch")  # the export needs only the config and a checkpoint
+    assert exported.returncode == 0, exported.stderr

@@ -16,8 +16,8 @@ from cifarlab.errors import ConfigError
 from cifarlab.train.progress import format_epoch
 from helpers import invoke
 
-# cnn3 with SGD at a learning rate that makes the validation accuracy peak at epoch 2 of 4
-# ([0.16, 0.31, 0.26, 0.27] on these images): the best epoch and the last differ
+# cnn3 with SGD at a learning rate that makes the validation accuracy jump about (here it peaks at epoch 2
+# of 4: [0.16, 0.31, 0.26, 0.27]), so the best epoch and the last differ
 BUMPY = {"data.train_limit": 400, "data.test_limit": 200, "data.val_size": 100, "model.preset": "cnn3",
          "optim.name": "sgd", "optim.lr": 0.05, "optim.momentum": 0.9, "train.epochs": 4, "analysis.report": False}
 
@@ -39,10 +39,13 @@ def no_stopping(cifar10_head, tmp_path_factory):
 
 def test_without_early_stopping_the_last_weights_are_tested(no_stopping):
     run = no_stopping
-    s = run.summary
-    assert s["best_epoch"] == 2 and s["tested_epoch"] == 4 and s["test_weights"] == "last"
-    assert s["val_acc"] == pytest.approx(run.metrics["val_acc"][-1])  # the summary's scores are the tested epoch's
-    assert s["test_acc"] == pytest.approx(score_of(run, "last.pt")) != pytest.approx(score_of(run, "best.pt"))
+    s, val = run.summary, run.metrics["val_acc"]
+    assert s["tested_epoch"] == s["epochs_run"] == 4 and s["test_weights"] == "last"
+    assert s["best_epoch"] == 1 + val.index(max(val))  # the best monitored epoch, named beside the tested one
+    assert s["val_acc"] == pytest.approx(val[-1])  # the summary's scores are the tested epoch's
+    assert s["test_acc"] == pytest.approx(score_of(run, "last.pt"))
+    if s["best_epoch"] != 4:  # (on this machine: epoch 2) best.pt holds other weights, with another score
+        assert s["test_acc"] != pytest.approx(score_of(run, "best.pt"))
     # eval, predict and the model read the tested weights
     result = invoke("eval", run.path)
     assert result.returncode == 0 and "(last.pt, epoch 4)" in result.stdout
@@ -54,8 +57,8 @@ def test_without_early_stopping_the_last_weights_are_tested(no_stopping):
 
 def test_early_stopping_that_restores_tests_the_best_weights(cifar10_head, tmp_path):
     run = fit(cifar10_head, tmp_path, **{"train.early_stopping.patience": 10})
-    s = run.summary
-    assert s["best_epoch"] == s["tested_epoch"] == 2 and s["test_weights"] == "best"
+    s, val = run.summary, run.metrics["val_acc"]
+    assert s["best_epoch"] == s["tested_epoch"] == 1 + val.index(max(val)) and s["test_weights"] == "best"
     assert s["test_acc"] == pytest.approx(score_of(run, "best.pt"))
     assert json.loads(json.dumps(cifarlab.evaluate_run(run)))["checkpoint"] == "best.pt"
 
@@ -79,7 +82,7 @@ def test_test_weights_refuses_other_values():
 def test_keras_views_of_a_run(no_stopping):
     metrics = no_stopping.metrics
     assert metrics["epoch"] == [1, 2, 3, 4]
-    assert len(metrics["val_acc"]) == 4 and metrics["val_acc"][1] == pytest.approx(0.31)
+    assert len(metrics["val_acc"]) == 4 and metrics["val_acc"] == [r["val_acc"] for r in no_stopping.history]
     assert set(metrics) >= {"train_loss", "train_acc", "val_loss", "val_acc", "lr"}
 
 

@@ -155,11 +155,17 @@ def read_pid(path: Path) -> Optional[int]:
 
 def stop_daemons(slurm: Slurm) -> None:
     """Cancel what is still queued, then stop slurmd, slurmctld and munged by pid (SIGTERM, then SIGKILL)."""
-    if "slurmd" in slurm.pids:
-        leftover = slurm.queue()
-        if leftover:
-            slurm.run("scancel", *leftover, check=False)
-            wait_for(lambda: not slurm.queue(), "the cancelled jobs to leave squeue", timeout=120, interval=0.2)
+    try:
+        if "slurmd" in slurm.pids:
+            leftover = slurm.queue()
+            if leftover:
+                slurm.run("scancel", *leftover, check=False)
+                wait_for(lambda: not slurm.queue(), "the cancelled jobs to leave squeue", timeout=120, interval=0.2)
+    finally:  # the daemons stop even when the queue would not empty
+        stop_pids(slurm)
+
+
+def stop_pids(slurm: Slurm) -> None:
     for name in ("slurmd", "slurmctld", "munged"):
         pid = slurm.pids.get(name)
         if pid is None:
@@ -274,6 +280,12 @@ def test_a_study_on_slurm_completes_on_127_0_0_1_and_a_rerun_submits_nothing(slu
     assert slurm.known_jobs() <= submitted and not slurm.queue()  # nothing was submitted
 
 
+def job_of(pid: int) -> str:
+    """The Slurm job a process runs in (SLURM_JOB_ID, which the job's processes inherit)."""
+    variables = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
+    return variables[b"SLURM_JOB_ID"].decode()
+
+
 def test_a_cancelled_job_s_run_is_resumed_and_the_study_completes(slurm, cifar10_head, tmp_path):
     path = write_study(tmp_path, cifar10_head, epochs=4, jobs=1, limit=600)
     ids = [run.id for run in load_study(path).runs]
@@ -290,7 +302,7 @@ def test_a_cancelled_job_s_run_is_resumed_and_the_study_completes(slurm, cifar10
             return None
 
         victim, trainer = wait_for(running(sweep, mid_run), "a run to finish an epoch in a Slurm job", timeout=300)
-        job = next(j for j in slurm.queue() if trainer in slurm.job_pids(j))
+        job = job_of(trainer)
         print(slurm.run("squeue"))
         slurm.run("scancel", job)
         output = finish(sweep)
@@ -319,7 +331,7 @@ base:
 search:
   optim.lr: {{float: [3.0e-4, 3.0e-3], log: true}}
   train.batch_size: {{choice: [32, 64]}}
-tune: {{sampler: random, heartbeat: 2}}
+tune: {{sampler: random, heartbeat: 5}}
 slurm: {{interface: lo, cores: 1, memory: 2GB, time: '00:30:00'}}
 """
 

@@ -133,7 +133,8 @@ def test_trial_workers_as_tasks_of_a_local_dask_cluster(cifar10_head, tmp_path):
                      "--trials", "3", "--out", out)
     assert result.returncode == 0, result.stderr
     trials = check_trials(out, f"sqlite:///{out / 'optuna.db'}", 3)
-    assert {t.user_attrs["worker"] for t in trials} == {1, 2}  # two worker processes placed by Dask; none here
+    # trained by the worker processes Dask placed (one may take every trial when the other starts late), none here
+    assert {t.user_attrs["worker"] for t in trials} <= {1, 2}
     for index in (1, 2):
         assert f"--worker-index {index}" in (out / "logs" / f"worker-{index}.log").read_text()
 

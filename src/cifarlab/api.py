@@ -38,8 +38,8 @@ from .evaluation import predict_logits
 from .hooks import Callback
 from .models.own import OwnModel, own_settings
 from .train import distributed, launch, trainer
-from .train.callbacks import (BestCheckpoint, DivergenceStop, EarlyStopping, LastCheckpoint, MetricsLog, NaNGuard,
-                              TargetStop, TimeLimit)
+from .train.callbacks import (BestCheckpoint, DivergenceStop, EarlyStopping, LastCheckpoint, Lookahead, MetricsLog,
+                              NaNGuard, TargetStop, TimeLimit)
 from .train.progress import default_progress
 
 PathLike = Union[str, Path]
@@ -61,6 +61,8 @@ def default_callbacks(config: Config, callbacks: Sequence[Any] = (), progress: P
                          progress if isinstance(progress, Callback) else default_progress(progress), NaNGuard()]
     if config.analysis.tsne.layers:
         chosen.append(FeatureCapture(config.analysis.tsne))
+    if t.lookahead.every:
+        chosen.append(Lookahead(t.lookahead.every, t.lookahead.decay, t.lookahead.power))
     if t.early_stopping.enabled:
         chosen.append(EarlyStopping(t.early_stopping.monitor, t.early_stopping.patience, t.early_stopping.min_delta))
     if t.divergence.enabled:
@@ -193,7 +195,7 @@ def evaluate_run(run: Union["Run", PathLike], split: str = "test", top_k: int = 
 
 
 class Run:
-    """A run directory: its summary, history and config, its best model, and what can be done with it.
+    """A run directory: its summary, history and config, its tested model, and what can be done with it.
     In a notebook, a cell that returns a Run shows its summary and curves."""
 
     def __init__(self, path: PathLike, model: Optional[OwnModel] = None):
@@ -320,7 +322,7 @@ class Run:
 
 def predict_files(run: Union[Run, PathLike], paths: Sequence[PathLike], top_k: int = 3,
                   output: Optional[PathLike] = None) -> dict[str, Any]:
-    """Class probabilities of image files with a run's best model, and a figure of the images with
+    """Class probabilities of image files with a run's tested model, and a figure of the images with
     their top-k classes (default RUN/plots/predict.png)."""
     from .analysis.plots import predictions
 

@@ -119,8 +119,9 @@ class ModelConfig(BaseModel):
 
     def name(self) -> str:
         """The preset's name, your factory's name (model.module), or "custom" (model.layers)."""
-        own = self.module or self.given
-        return self.preset or (own.replace(":", ".").split(".")[-1].split()[-1] if own else "custom")
+        own = (self.module or self.given or "").replace(":", ".").split(".")[-1].split()
+        name = own[-1] if own else ""
+        return self.preset or (name if PLAIN_NAME.fullmatch(name) else "custom")
 
 
 class OptimConfig(Section):
@@ -143,6 +144,9 @@ class OptimConfig(Section):
     l2: float = Field(0.0, ge=0)  # Keras kernel_regularizer: loss += l2 * sum(w**2) over conv/dense kernels
     l2_layers: Optional[list[str]] = None  # only these layers' kernels (e.g. [conv1, fc1]); default all
     clip_norm: Optional[float] = Field(None, gt=0)  # clip the global gradient norm to this
+    # biases (every parameter named *.bias) at this x lr, with weight_decay / this (airbench: 64)
+    bias_lr_scale: float = Field(1.0, gt=0)
+    muon_lr: float = Field(0.05, gt=0)  # muon: the learning rate of the 4-D conv filters (optim.lr: the rest)
 
     @field_validator("name", mode="before")
     @classmethod
@@ -153,8 +157,8 @@ class OptimConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "OptimConfig":
-        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
-            raise ValueError("optim.nesterov=true needs optim.name=sgd and optim.momentum > 0")
+        if self.nesterov and (self.name not in ("sgd", "muon") or self.momentum == 0):
+            raise ValueError("optim.nesterov=true needs optim.name=sgd (or muon) and optim.momentum > 0")
         if (self.prox_l1 or self.prox_l2) and self.name != "proximal-adagrad":
             raise ValueError("optim.prox_l1 / prox_l2 need optim.name=proximal-adagrad (for Keras L2 use optim.l2)")
         self.apply_flavor()
@@ -229,6 +233,14 @@ class EarlyStoppingConfig(Section):
     restore_best: bool = True  # with train.test_weights=auto: test the best epoch's weights, not the last
 
 
+class LookaheadConfig(Section):
+    """airbench's lookahead of the weights towards their moving average (train/callbacks.py Lookahead)."""
+
+    every: int = Field(0, ge=0)  # steps between updates; 0: off (airbench: 5)
+    decay: float = Field(0.95 ** 5, ge=0, le=1)  # the average's decay at the last step (airbench: 0.95^5)
+    power: float = Field(3.0, ge=0)  # decay at step s: decay x (s / total steps)^power
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -257,11 +269,19 @@ class TrainConfig(Section):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)
+    lookahead: LookaheadConfig = Field(default_factory=LookaheadConfig)
     # experiment loggers (train/loggers.py LOGGERS): csv, tensorboard, mlflow, wandb; callbacks after the metrics log
     loggers: list[str] = Field(default_factory=list)
     histogram_every: int = Field(5, ge=0)  # tensorboard: weight histograms at epochs 1, 1 + N, ...; 0: none
     mlflow_uri: Optional[str] = None  # mlflow tracking URI; default: a file store in RUN/mlruns
     wandb_mode: Literal["offline", "online"] = "offline"  # wandb: offline unless asked (`wandb sync` uploads later)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.lookahead.every and self.devices > 1:
+            raise ValueError("train.lookahead.every needs train.devices=1 (it moves the weights from a callback, "
+                             "and callbacks run on rank 0 only)")
+        return self
 
     def tested_weights(self) -> str:
         """best | last: which weights a run tests (test_weights, with auto resolved)."""

@@ -18,7 +18,7 @@ from .analysis.plots import sample_grid
 from .config import DATASETS, Overrides, load_config
 from .data.dataset import Dataset
 from .data.downloads import download
-from .data.sources import SHAPES, load_dataset
+from .data.sources import SHAPES, known_shape, load_dataset
 from .data.splits import channel_stats
 from .errors import ConfigError
 from .models.build import build_model, load_preset, preset_names
@@ -121,11 +121,10 @@ def model_summary(model: Union[str, OwnModel], overrides: Optional[list[str]] = 
         key = "model.module" if ":" in model else "model.preset"
         config = load_config(None, [f"{key}={model}"] + (overrides or []))
     name = dataset or config.data.dataset
-    if name not in SHAPES:
+    known = known_shape(config.data.model_copy(update={"dataset": name}))
+    if known is None:
         raise ConfigError(f"--dataset={name}: use one of {' | '.join(SHAPES)}")
-    shape, classes = SHAPES[name]
-    if name == "cifar100" and config.data.labels == "coarse":
-        classes = 20
+    shape, classes = known
     network = build_model(config.model, shape, classes, given)
     title = (f"{type(network).__name__ if given is not None else config.model.name()} for {name} "
              f"({'x'.join(map(str, shape))}, {classes} classes)")

@@ -37,10 +37,13 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def start(command: list[str], env: dict[str, str], log: Optional[IO] = None) -> subprocess.Popen:
-    """Start `command` in a new process group that dies with this process."""
+def start(command: list[str], env: dict[str, str], log: Optional[IO] = None, pass_fds: tuple[int, ...] = ()
+          ) -> subprocess.Popen:
+    """Start `command` in a new process group that dies with this process (and with the thread that
+    starts it: PR_SET_PDEATHSIG); `pass_fds` stay open in it."""
     return subprocess.Popen(command, env={**env, PARENT_ENV: str(os.getpid())}, stdout=log,
-                            stderr=subprocess.STDOUT if log is not None else None, start_new_session=True)
+                            stderr=subprocess.STDOUT if log is not None else None, start_new_session=True,
+                            pass_fds=pass_fds)
 
 
 def stop(process: subprocess.Popen, grace_s: float = 30.0) -> int:

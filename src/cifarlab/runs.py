@@ -29,7 +29,7 @@ from .config import Config, load_config
 from .data.loader import DeviceLoader
 from .data.prepare import Splits, eval_loader, prepare_data, select_device
 from .evaluation import Evaluation, evaluate, with_penalty
-from .errors import ConfigError, DataError, RunInUse, WriteError
+from .errors import CifarlabError, ConfigError, DataError, RunInUse, WriteError
 from .files import append_line, atomic_write
 from .models.build import build_model
 from .models.own import OwnModel
@@ -176,7 +176,13 @@ def read_summary(run: Path) -> dict:
     path = Path(run) / SUMMARY
     if not path.is_file():
         raise ConfigError(f"{run}: no {SUMMARY} (the run did not finish)")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # cut short or not text (UnicodeDecodeError is a ValueError)
+        raise DataError(f"{path}: damaged ({type(e).__name__}: {e})") from None
+    if not isinstance(summary, dict):
+        raise DataError(f"{path}: damaged (holds a {type(summary).__name__}, not an object)")
+    return summary
 
 
 def analysis_done(run_dir: Path, seconds: float, steps: Optional[dict[str, float]] = None) -> None:
@@ -282,13 +288,19 @@ def check_split(split: str) -> str:
 
 
 def tested_checkpoint(run_dir: Path) -> str:
-    """best.pt or last.pt: the checkpoint whose weights the run tested (summary.json's test_weights;
-    best.pt for a run that has not tested yet or predates the key)."""
+    """best.pt or last.pt: the checkpoint holding the weights the run tests (summary.json's test_weights
+    once it has tested; before that, or with a damaged summary.json, its config's train.test_weights;
+    best.pt for a run that predates the key or whose config cannot be read)."""
     try:
-        status = read_summary(run_dir) if (run_dir / SUMMARY).is_file() else {}
-    except (DataError, ConfigError):  # a damaged summary.json: the commands that need it say so themselves
-        status = {}
-    return "last.pt" if status.get("test_weights") == "last" and status.get("status") == "completed" else "best.pt"
+        summary = read_summary(run_dir) if (run_dir / SUMMARY).is_file() else {}
+    except CifarlabError:  # damaged: the commands that need the summary say so themselves
+        summary = {}
+    if summary.get("status") == "completed":
+        return "last.pt" if summary.get("test_weights") == "last" else "best.pt"
+    try:
+        return f"{read_run_config(run_dir).train.tested_weights()}.pt"
+    except CifarlabError:
+        return "best.pt"
 
 
 class LoadedRun:
@@ -333,6 +345,9 @@ class LoadedRun:
     @cached_property
     def checkpoint(self) -> dict[str, Any]:
         path = self.path / CHECKPOINTS / self.checkpoint_name
+        if self.checkpoint_name == "last.pt" and not path.is_file():
+            raise DataError(f"{path}: checkpoint not found; the run tests its last epoch's weights "
+                            "(train.test_weights), which last.pt holds")
         checkpoint = load_checkpoint(path, str(self.device))
         missing = [k for k in ("model", "normalization", "input_shape", "classes", "epoch") if k not in checkpoint]
         if missing:

@@ -41,7 +41,8 @@ class AugmentConfig(Section):
     preset: Literal["none", "crop-flip", "shift-flip", "keras-affine"] = "none"
     crop: Optional[int] = Field(None, ge=0)  # pad this many pixels, then crop back at a random offset
     crop_fill: Optional[Literal["constant", "reflect", "edge"]] = None  # how the crop padding is filled
-    flip: Optional[bool] = None  # random horizontal flip, p = 0.5
+    # horizontal flip: true = random, p = 0.5; alternate = each image on alternate epochs (airbench)
+    flip: Optional[Union[bool, Literal["alternate"]]] = None
     vflip: Optional[bool] = None  # random vertical flip, p = 0.5
     # Keras' width_shift_range / height_shift_range rule (data/augment.py draw_shift): a float < 1 is a
     # fraction of the size, a float >= 1 pixels from [-r, r], an int whole pixels from {-(r-1), ..., r-1}.
@@ -73,6 +74,15 @@ class AugmentConfig(Section):
             return value
         raise ValueError("must be a number >= 0: an int for whole pixels, a float below 1 for a fraction "
                          "of the size, a float of 1 or more for pixels from a continuous range")
+
+    @field_validator("flip", mode="before")
+    @classmethod
+    def _flip_mode(cls, value: Any) -> Any:  # one message, not one per member of the union
+        if value is None or isinstance(value, bool) or value == "alternate":
+            return value
+        if value in ("true", "false"):
+            return value == "true"
+        raise ValueError("must be true (random, p = 0.5), false or alternate (each image on alternate epochs)")
 
     @field_validator("zoom", mode="before")
     @classmethod

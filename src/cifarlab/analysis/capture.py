@@ -31,8 +31,12 @@ def recording(model: nn.Module, layers: list[str]) -> Iterator[dict[str, list[to
     check_layers(model, layers)
     found: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     modules = dict(model.named_modules())
-    hooks = [modules[layer].register_forward_hook(lambda m, i, out, layer=layer: found[layer].append(out.detach()))
-             for layer in layers]
+    def keep(layer: str, out: Any) -> None:
+        if not isinstance(out, torch.Tensor):  # a module returning a tuple (an LSTM, an attention block)
+            raise ConfigError(f"analysis.tsne.layers: layer {layer!r} gives a {type(out).__name__}, not a tensor")
+        found[layer].append(out.detach().clone())  # a copy: an in-place activation called next must not change it
+
+    hooks = [modules[layer].register_forward_hook(lambda m, i, out, layer=layer: keep(layer, out)) for layer in layers]
     try:
         yield found
     finally:

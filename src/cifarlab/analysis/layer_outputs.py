@@ -18,6 +18,9 @@ from ..errors import ConfigError
 from ..evaluation import eval_mode
 from ..models.build import check_layer_names
 
+# one call of a module in a forward pass: name, module, id of its input, its output, the output's values then
+Call = tuple[str, nn.Module, int, torch.Tensor, np.ndarray]
+
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
                nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.PReLU, nn.Softmax)
 FOLDS_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # Keras' Conv2D / Dense take an `activation=`
@@ -44,19 +47,20 @@ def is_leaf(module: nn.Module) -> bool:
 
 
 @torch.inference_mode()
-def forward_calls(model: nn.Module, image: torch.Tensor, names: list[str]) -> list[tuple[str, nn.Module, int, torch.Tensor]]:
+def forward_calls(model: nn.Module, image: torch.Tensor, names: list[str]) -> list[Call]:
     """(name, module, id of its input, output) of every call of a leaf module and of the named modules,
     in the order the forward pass finishes them, for one normalized image (1, C, H, W)."""
     modules = dict(model.named_modules())
     watched = {name for name, module in modules.items() if name and is_leaf(module)} | set(names)
-    calls: list[tuple[str, nn.Module, int, torch.Tensor]] = []
+    calls: list[Call] = []
 
     def hook(name):
         def record(module, inputs, output):
             if isinstance(output, torch.Tensor):
                 # the output object itself: kept alive, so no later tensor takes its id, and the next call's
                 # input is this very object when it applies to this output (how an activation is folded)
-                calls.append((name, module, id(inputs[0]) if inputs else 0, output))
+                # and its values now: an in-place activation called next would change the object's
+                calls.append((name, module, id(inputs[0]) if inputs else 0, output, output[0].float().cpu().numpy().copy()))
         return record
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in modules if name in watched]
@@ -69,19 +73,19 @@ def forward_calls(model: nn.Module, image: torch.Tensor, names: list[str]) -> li
     return calls
 
 
-def fold_activations(calls: list[tuple[str, nn.Module, int, torch.Tensor]], flavor: str) -> list[LayerOutput]:
+def fold_activations(calls: list[Call], flavor: str) -> list[LayerOutput]:
     """The layers as the flavor counts them: under keras / tf1 an activation whose input is the output
     of the conv / dense call just before it is folded into that call (its output becomes the layer's)."""
     layers: list[LayerOutput] = []
-    previous: Union[tuple[str, nn.Module, int, torch.Tensor], None] = None
+    previous: Union[Call, None] = None
     for call in calls:
-        name, module, input_id, output = call
+        name, module, input_id, _, values = call
         folds = (flavor in FOLDING_FLAVORS and isinstance(module, ACTIVATIONS) and previous is not None
                  and isinstance(previous[1], FOLDS_INTO) and input_id == id(previous[3]) and not layers[-1].activation)
         if folds:
-            layers[-1].output, layers[-1].activation = output[0].float().cpu().numpy(), name
+            layers[-1].output, layers[-1].activation = values, name
         else:
-            layers.append(LayerOutput(name, type(module).__name__, output[0].float().cpu().numpy()))
+            layers.append(LayerOutput(name, type(module).__name__, values))
         previous = call
     return layers
 
@@ -117,7 +121,9 @@ def feature_map_layers(model: nn.Module, image: torch.Tensor, layers: Union[int,
         return found
     found = []
     for name in names:
-        at = next(index for index, call in enumerate(calls) if call[0] == name)  # its first call
+        at = next((index for index, call in enumerate(calls) if call[0] == name), None)  # its first call
+        if at is None:
+            raise ConfigError(f"--layers: {name!r} is not called in the forward pass, or gives no tensor")
         # the named layer and, for a folding flavor, the activation the next call applies to its output
         layer = fold_activations([calls[at], *calls[at + 1:at + 2]], flavor)[0]
         if layer.output.ndim != 3:

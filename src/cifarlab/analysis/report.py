@@ -120,9 +120,9 @@ def build_comparison(run_dirs: list[Path], output: Path) -> Path:
         run_dir = runs.resolve_run(run_dir)
         s = runs.read_summary(run_dir)
         config = runs.read_run_config(run_dir)
-        rows.append({"run": run_dir.name, "model": config.model.preset or "custom", "optim": config.optim.name,
+        rows.append({"run": run_dir.name, "model": config.model.name(), "optim": config.optim.name,
                      "augment": config.augment.preset, **{k: s.get(k) for k in (
-                         "train_acc", "val_acc", "test_acc", "best_epoch", "epochs_run", "train_time_s",
+                         "train_acc", "val_acc", "test_acc", "best_epoch", "tested_epoch", "epochs_run", "train_time_s",
                          "train_img_per_s")}, "stop": s.get("stop_reason", ""), "status": s.get("status", "")})
         epochs = [r for r in runs.epoch_records(run_dir) if "val_acc" in r]
         series_acc.append((run_dir.name, [r["epoch"] for r in epochs], [100 * r["val_acc"] for r in epochs]))

@@ -265,51 +265,83 @@ def _affine_enabled(c) -> bool:
     return bool(c.rotation or c.shear or zoom_bounds(c.zoom) != (1, 1) or c.width_shift or c.height_shift)
 
 
-def _affine(x: torch.Tensor, c, generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
+def _affine(x: torch.Tensor, c, generator: torch.Generator, fill: torch.Tensor, at: "Batch") -> torch.Tensor:
     n, _, h, w = x.shape
     params = draw_affine(n, h, w, c, generator, x.device)
     return warp(x, affine_matrices(h, w, **params), c.fill_mode, c.cval / 255.0)
 
 
 @dataclass(frozen=True)
+class Batch:
+    """Where a batch's images come from: their indices in the training split, the epoch (1-based) and
+    the run's seed (for steps decided per image rather than drawn: the alternating flip)."""
+
+    index: torch.Tensor
+    epoch: int
+    seed: int
+
+
+def flip_phase(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed pseudo-random bit (0 / 1, int64) per image index and seed: an LCG's bit 16, in integers
+    small enough for int64 on any device (index < 2**31), so that every device and resume agree."""
+    mixed = (index.long() + (seed % 65536) * 65537) % 2**31
+    return ((mixed * 1103515245 + 12345) % 2**31 >> 16) & 1
+
+
+def alternate_flip(images: torch.Tensor, at: Batch) -> torch.Tensor:
+    """airbench's alternating flip: image i is mirrored in the epochs where epoch + its phase is odd, so
+    it is seen mirrored every other epoch (half of the images in each epoch) and no flip is left to chance."""
+    flip = (flip_phase(at.index, at.seed) + at.epoch) % 2 == 1
+    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(3), images)
+
+
+def _flip(x: torch.Tensor, c, generator: torch.Generator, fill: torch.Tensor, at: Batch) -> torch.Tensor:
+    return alternate_flip(x, at) if c.flip == "alternate" else random_flip(x, generator, dim=3)
+
+
+@dataclass(frozen=True)
 class Augmentation:
     """One step of the training augmentation: whether an AugmentConfig turns it on, and the step itself
-    (float images in [0, 1], the config, the generator, the per-channel erase fill) -> images."""
+    (float images in [0, 1], the config, the generator, the per-channel erase fill, the Batch) -> images."""
 
     enabled: Callable[[Any], bool]
-    apply: Callable[[torch.Tensor, Any, torch.Generator, torch.Tensor], torch.Tensor]
+    apply: Callable[[torch.Tensor, Any, torch.Generator, torch.Tensor, Batch], torch.Tensor]
 
 
 # The steps in the order they run, which fixes the order of the generator's draws: reordering them or
 # inserting one before others changes every augmented batch (and the resume of a run in progress).
 AUGMENTATIONS: dict[str, Augmentation] = {
-    "crop": Augmentation(lambda c: bool(c.crop), lambda x, c, g, fill: random_crop(x, c.crop, g, c.crop_fill)),
-    "flip": Augmentation(lambda c: bool(c.flip), lambda x, c, g, fill: random_flip(x, g, dim=3)),
-    "vflip": Augmentation(lambda c: bool(c.vflip), lambda x, c, g, fill: random_flip(x, g, dim=2)),
+    "crop": Augmentation(lambda c: bool(c.crop), lambda x, c, g, fill, at: random_crop(x, c.crop, g, c.crop_fill)),
+    # true: random, p = 0.5 (one draw per image); alternate: per image on alternate epochs (no draw)
+    "flip": Augmentation(lambda c: bool(c.flip), _flip),
+    "vflip": Augmentation(lambda c: bool(c.vflip), lambda x, c, g, fill, at: random_flip(x, g, dim=2)),
     "affine": Augmentation(_affine_enabled, _affine),
     # after the affine warp, as Keras' apply_transform (flips commute with it: the clip bounds are the image's)
     "channel_shift": Augmentation(lambda c: bool(c.channel_shift),
-                                  lambda x, c, g, fill: channel_shift(x, c.channel_shift / 255.0, g)),
+                                  lambda x, c, g, fill, at: channel_shift(x, c.channel_shift / 255.0, g)),
     "color": Augmentation(lambda c: bool(c.brightness or c.contrast or c.saturation),
-                          lambda x, c, g, fill: jitter_color(x, g, c.brightness, c.contrast, c.saturation)),
-    "cutout": Augmentation(lambda c: bool(c.cutout), lambda x, c, g, fill: cutout(x, c.cutout, g, fill)),
-    "erasing": Augmentation(lambda c: bool(c.erasing), lambda x, c, g, fill: random_erasing(x, c.erasing, g, fill)),
+                          lambda x, c, g, fill, at: jitter_color(x, g, c.brightness, c.contrast, c.saturation)),
+    "cutout": Augmentation(lambda c: bool(c.cutout), lambda x, c, g, fill, at: cutout(x, c.cutout, g, fill)),
+    "erasing": Augmentation(lambda c: bool(c.erasing), lambda x, c, g, fill, at: random_erasing(x, c.erasing, g, fill)),
 }
 
 
-def build_augment(c, mean: Optional[list[float]] = None) -> Optional[Augment]:
+def build_augment(c, mean: Optional[list[float]] = None, seed: int = 0) -> Optional[Augment]:
     """The training-time augmentation an AugmentConfig describes (uint8 in, float [0, 1] out): its
     enabled AUGMENTATIONS in their order, or None when none is. Erased pixels take the channel mean:
-    zero after normalization."""
+    zero after normalization. The loader passes each batch's indices in its split and the epoch
+    (default: 0..N-1 and epoch 1)."""
     steps = [step.apply for step in AUGMENTATIONS.values() if step.enabled(c)]
     if not steps:
         return None
 
-    def apply(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def apply(images: torch.Tensor, generator: torch.Generator, index: Optional[torch.Tensor] = None,
+              epoch: int = 1) -> torch.Tensor:
         x = images.float().div_(255)
         fill = torch.tensor(mean if mean is not None else [0.0] * x.shape[1], device=x.device, dtype=x.dtype)
+        at = Batch(torch.arange(len(x), device=x.device) if index is None else index, epoch, seed)
         for step in steps:
-            x = step(x, c, generator, fill)
+            x = step(x, c, generator, fill, at)
         return x
 
     return apply

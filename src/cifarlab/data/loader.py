@@ -11,8 +11,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-# uint8 batch, generator -> float batch in [0, 1]
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+# uint8 batch, generator, the images' indices in the split, the epoch (1-based) -> float batch in [0, 1]
+Augment = Callable[[torch.Tensor, torch.Generator, torch.Tensor, int], torch.Tensor]
 
 
 def shard(length: int, rank: int, world: int) -> tuple[int, int]:
@@ -56,6 +56,7 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.whiten = whiten.to(images.device) if whiten is not None else None  # (D, D) ZCA matrix
         self.samplewise = samplewise  # none, center or std: per image, before the per-channel normalization
+        self.epoch = 1  # the epoch the augmentation is told (the trainer sets it before each epoch)
         device = images.device
         # x / 255 normalized is x * scale + shift with scale = 1 / (255 std), shift = -mean / std.
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -102,8 +103,9 @@ class DeviceLoader:
                 index = order[start:stop]
                 images, labels = self.images[index], self.labels[index]
             else:
+                index = torch.arange(start, stop, device=self.images.device)
                 images = self.images[start:stop]
                 labels = self.labels[start:stop]
             if self.augment is not None:
-                images = self.augment(images, self.augment_generator)
+                images = self.augment(images, self.augment_generator, index, self.epoch)
             yield self.normalize(images), labels

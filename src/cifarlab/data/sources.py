@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,6 +282,7 @@ class DatasetEntry:
     binary_archive: Optional[str] = None  # the ARCHIVES key for data.format=binary, when that differs
     needs_root: bool = False  # read only from data.root (nothing to search for)
     root_is_file: bool = False  # data.root names a file (not a folder or an archive to extract)
+    seeded: bool = False  # the seed changes what is read (a generated set, a folder's test split)
 
     def archive_key(self, fmt: str) -> Optional[str]:
         return self.binary_archive if fmt == "binary" and self.binary_archive else self.archive
@@ -296,14 +298,23 @@ DATASETS: dict[str, DatasetEntry] = {
     # Debian's dataset-fashion-mnist package puts the IDX files in /usr/share/datasets.
     "fashion-mnist": DatasetEntry((1, 28, 28), 10, _idx_reader("fashion-mnist"), _has_idx, cache_folder="fashion-mnist",
                                   system_dirs=(Path("/usr/share/datasets/fashion-mnist"),)),
-    "synthetic": DatasetEntry((3, 32, 32), 10, generate=synthetic),
+    "synthetic": DatasetEntry((3, 32, 32), 10, generate=synthetic, seeded=True),
     # your own data (data/local.py): only from data.root; shape and classes are known once read
-    "folder": DatasetEntry(None, None, _read_folder, needs_root=True),
+    "folder": DatasetEntry(None, None, _read_folder, needs_root=True, seeded=True),
     "npz": DatasetEntry(None, None, _read_npz, needs_root=True, root_is_file=True),
 }
 
 # (C, H, W) and class count of each dataset, known without reading it (for `cifarlab summary`).
 SHAPES = {name: (entry.shape, entry.classes) for name, entry in DATASETS.items() if entry.shape is not None}
+
+
+def known_shape(data) -> Optional[tuple[tuple[int, int, int], int]]:
+    """(input shape, class count) of a data section (a DataConfig) before anything is read (CIFAR-100's
+    coarse labels: 20 classes); None where only reading the data tells (your own data)."""
+    if data.dataset not in SHAPES:
+        return None
+    shape, classes = SHAPES[data.dataset]
+    return shape, 20 if data.dataset == "cifar100" and data.labels == "coarse" else classes
 
 
 def dataset_entry(dataset: str) -> DatasetEntry:
@@ -348,8 +359,36 @@ def _load_dataset(dataset: str, root: Optional[str], o: ReadOptions, allow_downl
     raise DataError(f"{dataset}: not found in {where}; set data.root=FOLDER or .tar.gz{hint}")
 
 
-def dataset_from_config(data_config, seed: int = 0) -> Dataset:
+# datasets read by a warm run starter (studies/warm.py) before it forks runs: a run forked from it finds
+# its dataset here, in memory it shares with the starter, instead of reading it again
+KEPT: dict[tuple, Dataset] = {}
+KEPT_AT_MOST = 2
+
+
+def dataset_key(data_config, seed: int = 0) -> tuple:
+    """What decides the dataset `dataset_from_config` reads (its limits aside): the same key, the same arrays."""
+    entry = dataset_entry(data_config.dataset)
+    root = os.path.abspath(os.path.expanduser(data_config.root)) if data_config.root else str(cache_dir())
+    return (data_config.dataset, root, data_config.format, data_config.labels, repr(data_config.image_size),
+            data_config.test_size, data_config.download, seed if entry.seeded else None)
+
+
+def keep_dataset(data_config, seed: int = 0) -> None:
+    """Read the dataset of `data_config` into KEPT (the oldest of KEPT_AT_MOST others let go)."""
+    key = dataset_key(data_config, seed)
+    if key not in KEPT:
+        while len(KEPT) >= KEPT_AT_MOST:
+            KEPT.pop(next(iter(KEPT)))
+        KEPT[key] = _read_dataset(data_config, seed)
+
+
+def _read_dataset(data_config, seed: int) -> Dataset:
     options = ReadOptions(data_config.format, data_config.labels, data_config.image_size, data_config.test_size, seed)
-    ds = load_dataset(data_config.dataset, data_config.root, allow_download=data_config.download, options=options)
+    return load_dataset(data_config.dataset, data_config.root, allow_download=data_config.download, options=options)
+
+
+def dataset_from_config(data_config, seed: int = 0) -> Dataset:
+    ds = KEPT.get(dataset_key(data_config, seed)) if KEPT else None
+    ds = ds if ds is not None else _read_dataset(data_config, seed)
     return ds.head(data_config.train_limit, data_config.test_limit)
 

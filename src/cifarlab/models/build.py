@@ -213,11 +213,5 @@ def check_layer_names(model: nn.Module, names: Sequence[str], key: str = "analys
                           f"(layers: {', '.join(shown)}{', or a dotted path inside one' if len(known) > len(shown) + 1 else ''})")
 
 
-def layer(model: nn.Module, name: str) -> nn.Module:
-    """The module of `model` a layer name addresses (see check_layer_names)."""
-    check_layer_names(model, [name], "")
-    return model.get_submodule(name)
-
-
 def build_layers(items: list, input_shape: tuple[int, int, int]) -> nn.Sequential:
     return nn.Sequential(build_items(items, tuple(input_shape), "layer")[0])

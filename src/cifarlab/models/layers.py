@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..validation import LAYER_ARGUMENTS, LAYER_NAMES, suggestion
+from .whitening import build_whitening, check_whitening
 
 # ---------------------------------------------------------------- layer items
 
@@ -147,15 +148,27 @@ def _conv(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple
         raise ConfigError(f"{where}: kernel {kernel} does not fit a {shape[1]}x{shape[2]} input")
     if a["init"] == "glorot":
         _init_glorot(module)
+    elif a["init"] == "dirac":
+        _init_dirac(module)
     return module, (a["filters"], h, w)
 
 
+def _init_dirac(module: nn.Module) -> None:
+    """airbench's conv initialization: torch's default, then the first min(in, out) filters the identity
+    (a Dirac delta at the kernel's center on their own input channel), zero bias."""
+    weight = module.weight.data
+    nn.init.dirac_(weight[:weight.shape[1]])
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 INITS = ("torch", "glorot")
+CONV_INITS = (*INITS, "dirac")
 
 
-def _check_init(a: dict[str, Any], where: str) -> None:
-    if a["init"] not in INITS:
-        raise ConfigError(f"{where}: init={a['init']!r} must be torch or glorot")
+def _check_init(a: dict[str, Any], where: str, allowed: tuple[str, ...] = INITS) -> None:
+    if a["init"] not in allowed:
+        raise ConfigError(f"{where}: init={a['init']!r} must be {', '.join(allowed[:-1])} or {allowed[-1]}")
 
 
 def _check_conv(a: dict[str, Any], where: str) -> None:
@@ -163,7 +176,7 @@ def _check_conv(a: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: conv padding={a['padding']!r} must be same, valid or a number")
     if isinstance(a["stride"], bool) or not isinstance(a["stride"], int) or a["stride"] < 1:
         raise ConfigError(f"{where}: conv stride={a['stride']!r} must be a whole number >= 1")
-    _check_init(a, where)
+    _check_init(a, where, CONV_INITS)
 
 
 POOL_TYPES = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
@@ -238,12 +251,21 @@ def _batchnorm(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, 
         norm = BiasedBatchNorm2d if len(shape) == 3 else BiasedBatchNorm1d
     else:
         norm = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
-    return norm(shape[0], eps=a["eps"], momentum=a["momentum"]), shape
+    module = norm(shape[0], eps=a["eps"], momentum=a["momentum"])
+    # Keras' scale / center: without them there is no weight (gamma: the scale stays 1) or bias (beta: 0)
+    if not a["scale"]:
+        module.weight = None
+    if not a["center"]:
+        module.bias = None
+    return module, shape
 
 
 def _check_batchnorm(a: dict[str, Any], where: str) -> None:
     if a["variance"] not in VARIANCES:
         raise ConfigError(f"{where}: batchnorm variance={a['variance']!r} must be unbiased, biased or fused")
+    for key in ("scale", "center"):
+        if not isinstance(a[key], bool):
+            raise ConfigError(f"{where}: batchnorm {key}={a[key]!r} must be true or false")
     if not 0 < float(a["momentum"]) <= 1 or float(a["eps"]) <= 0:
         raise ConfigError(f"{where}: batchnorm needs 0 < momentum <= 1 and eps > 0 "
                           f"(got momentum={a['momentum']}, eps={a['eps']}; momentum in torch's convention: "
@@ -285,6 +307,11 @@ def _check_residual(a: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: residual takes a non-empty list of layers, got {a['layers']!r}")
 
 
+def _check_factor(a: dict[str, Any], where: str) -> None:
+    if isinstance(a["factor"], bool) or not isinstance(a["factor"], (int, float)):
+        raise ConfigError(f"{where}: scale factor={a['factor']!r} must be a number")
+
+
 def _same_shape(make: Callable[[dict[str, Any]], nn.Module]) -> Builder:
     """The builder of a module that keeps its input's shape, made from the arguments alone."""
     return lambda a, shape, where: (make(a), shape)
@@ -308,8 +335,14 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "dense": LayerKind(_dense, ("units", "bias", "init"), "units", {"bias": True, "init": "torch"}, prefix="fc",
                        needs="flat", check=_check_init),
     # momentum in torch's convention (the new batch's weight); variance: how the moving variance moves
-    "batchnorm": LayerKind(_batchnorm, ("momentum", "eps", "variance"), None,
-                           {"momentum": 0.1, "eps": 1e-5, "variance": "unbiased"}, prefix="bn", check=_check_batchnorm),
+    # scale / center: Keras' names (false: no weight / no bias)
+    "batchnorm": LayerKind(_batchnorm, ("momentum", "eps", "variance", "scale", "center"), None,
+                           {"momentum": 0.1, "eps": 1e-5, "variance": "unbiased", "scale": True, "center": True},
+                           prefix="bn", check=_check_batchnorm),
+    # a frozen patch-whitening conv fitted on the training split (models/whitening.py), bias frozen later
+    "whiten": LayerKind(build_whitening, ("kernel", "eps", "samples", "bias_epochs"), "kernel",
+                        {"kernel": 2, "eps": 5e-4, "samples": 5000, "bias_epochs": 3}, needs="image",
+                        check=check_whitening),
     "relu": LayerKind(_same_shape(lambda a: nn.ReLU())),
     "gelu": LayerKind(_same_shape(lambda a: nn.GELU())),
     "elu": LayerKind(_same_shape(lambda a: nn.ELU())),
@@ -327,7 +360,7 @@ LAYER_KINDS: dict[str, LayerKind] = {
     # x + layers(x); the layers must keep the shape
     "residual": LayerKind(_residual, ("layers",), "layers", prefix="res", check=_check_residual),
     # multiply by a constant (e.g. logits x 0.125, as in ResNet-9)
-    "scale": LayerKind(_same_shape(lambda a: Scale(float(a["factor"]))), ("factor",), "factor"),
+    "scale": LayerKind(_same_shape(lambda a: Scale(float(a["factor"]))), ("factor",), "factor", check=_check_factor),
     "dropout": LayerKind(_same_shape(lambda a: nn.Dropout(a["p"])), ("p",), "p", {"p": 0.5}, prefix="drop",
                          check=_check_rate("dropout")),
     "dropout2d": LayerKind(_same_shape(lambda a: nn.Dropout2d(a["p"])), ("p",), "p", {"p": 0.5}, prefix="drop",

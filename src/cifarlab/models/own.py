@@ -14,6 +14,7 @@ run needs the model passed again (`model=`).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -96,12 +97,38 @@ def import_file(path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    folder = str(path.resolve().parent)
+    added = folder not in sys.path
+    if added:  # its sibling files import as they do under `python file.py`
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
+        if added:
+            sys.path.remove(folder)
         raise
     return module
+
+
+def guarded_script(file: str) -> bool:
+    """Whether importing a script again leaves its work undone: it has an `if __name__ == ...:` guard
+    and no bare top-level call (such as `main()`) outside it."""
+    try:
+        tree = ast.parse(Path(file).read_text(errors="replace"))
+    except (OSError, SyntaxError, ValueError):
+        return False
+    guarded = False
+    for node in tree.body:
+        if isinstance(node, ast.If):
+            test = node.test
+            guarded = guarded or (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
+                                  and test.left.id == "__name__")
+            if not guarded:
+                return False
+        elif isinstance(node, ast.Expr) and not isinstance(node.value, ast.Constant):
+            return False  # a bare call at the top: the script does its work when imported
+    return guarded
 
 
 def first_line(error: BaseException) -> str:
@@ -172,8 +199,8 @@ def build_own(model_config, input_shape: tuple[int, int, int], classes: int,
         model = make_module(import_factory(model_config.module), model_config.args, input_shape, classes, name)
     else:
         raise ConfigError(f"the run's model was passed in Python ({model_config.given}) and cannot be rebuilt from "
-                          "its config: pass it again (load_run(run, model=...)), or train it from a .py file with "
-                          "model.module")
+                          "its config: pass it again (cifarlab.load_run(run, model=...), cifarlab.resume(run, "
+                          "model=...)), or train it from a .py file with model.module")
     check_output(model, input_shape, classes, name)
     return model
 
@@ -205,7 +232,7 @@ def reference_of(obj: Any) -> Optional[str]:
     if found is not obj:
         return None
     if module == "__main__" or module.startswith("cifarlab_own_"):  # a script, or a file import_file imported
-        if not file or not file.endswith(".py") or "__name__" not in Path(file).read_text(errors="replace"):
+        if not file or not file.endswith(".py") or not guarded_script(file):
             return None
         return f"{Path(file).resolve()}:{qualname}"
     return f"{module}:{qualname}"

@@ -31,7 +31,9 @@ class LayerRow:
         """The output shape as text: "16x16x32", "multiple" (called more than once, as Keras says) or "unused"."""
         if self.calls > 1:
             return "multiple"
-        return "x".join(str(s) for s in self.output_shape) if self.calls else "unused"
+        if not self.calls:
+            return "unused"
+        return "x".join(str(s) for s in self.output_shape) if self.output_shape else "-"  # no tensor (a tuple)
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
@@ -86,7 +88,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Layer
         own = [own_params(module) for _, module in model.named_modules() if next(module.children(), None) is not None]
         trainable, non_trainable = sum(t for t, _ in own), sum(n for _, n in own)
         if trainable or non_trainable:
-            rows.append(LayerRow(type(model).__name__, "own parameters", None, trainable, non_trainable, calls=0))
+            rows.append(LayerRow(type(model).__name__, "own parameters", None, trainable, non_trainable))
     return rows
 
 

@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from .reach import connect_timeout, reach_scheduler, slurm_reachable
 from .slurm import check_slurm, slurm_cluster, slurm_cores, slurm_jobs
 from .spec import Study
+from .warm import Starters, WarmStarter, thread_starter
 
 IN_USE = 75  # exit code of a job whose run another process kept writing (EX_TEMPFAIL)
 EXECUTORS = ("local", "dask", "slurm")
@@ -61,6 +62,7 @@ class Job:
     log: Path
     settings: list[str] = field(default_factory=list)  # key=value added to a fresh start (train.threads)
     device: str = "auto"  # the run's train.device
+    warm: bool = True  # may be forked from a warm process (studies/warm.py) that read config_path's data
 
     def wants_gpu(self, gpus_exist: bool) -> bool:
         """Whether the run takes a GPU (Dask resource GPU=1) where `gpus_exist`."""
@@ -79,10 +81,11 @@ class Job:
 
 
 def run_job(job: Job, gpu: Optional[str] = None, cancelled: Callable[[], bool] = lambda: False,
-            lock_wait_s: float = 120.0) -> int:
-    """Train `job` in its own process group on this machine (on `gpu` if given) and return the exit
-    code. A run still locked by a process that is going away (a worker killed a moment ago) is waited
-    for up to `lock_wait_s`; a training process whose task is `cancelled()` is stopped."""
+            lock_wait_s: float = 120.0, starter: Optional[WarmStarter] = None) -> int:
+    """Train `job` in its own process group on this machine (on `gpu` if given), forked from `starter`'s
+    warm process if given, and return the exit code. A run still locked by a process that is going away
+    (a worker killed a moment ago) is waited for up to `lock_wait_s`; a training process whose task is
+    `cancelled()` is stopped."""
     deadline = time.monotonic() + lock_wait_s
     while job.run_dir.exists() and runs.lock_holder(job.run_dir) is not None:
         if time.monotonic() > deadline:
@@ -100,7 +103,10 @@ def run_job(job: Job, gpu: Optional[str] = None, cancelled: Callable[[], bool] =
                   f"{f' GPU {gpu}' if gpu is not None else ''}: {' '.join(command)}\n")
         log.flush()
         started = time.perf_counter()
-        process = processes.start(command, env, log)
+        if starter is not None and job.warm:
+            process = starter.start(command, env, log, job.config_path)
+        else:
+            process = processes.start(command, env, log)
         try:
             code = watch(process, cancelled)
         except BaseException:
@@ -135,10 +141,12 @@ class Executor(Protocol):
 @dataclass
 class LocalExecutor:
     """Runs jobs as processes on this machine, `workers` at a time; with GPUs, each job takes the
-    first free GPU from a queue and gives it back when it ends."""
+    first free GPU from a queue and gives it back when it ends; with `warm`, each worker forks its jobs
+    from a warm process of its own."""
 
     workers: int = 1
     gpus: list[str] = field(default_factory=list)
+    warm: bool = True
 
     @property
     def run_threads(self) -> Optional[int]:
@@ -155,21 +163,26 @@ class LocalExecutor:
 
         def one(job: Job) -> tuple[str, int]:
             gpu = free.get() if job.wants_gpu(bool(self.gpus)) else None
+            starter = starters.take() if job.warm else None
             try:
-                code = run_job(job, gpu)
+                code = run_job(job, gpu, starter=starter)
             finally:
+                starters.give(starter)
                 if gpu is not None:
                     free.put(gpu)
             if done is not None:
                 done(job.id, code)
             return job.id, code
 
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            return dict(pool.map(one, jobs))
+        warm = min(self.workers, sum(job.warm for job in jobs)) if self.warm else 0
+        with Starters(warm, jobs[0].log.parent if jobs else Path()) as starters:
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                return dict(pool.map(one, jobs))
 
 
-def dask_task(job: Job) -> int:
-    """What a Dask worker runs: the job, stopped if the scheduler drops the task (the sweep went away)."""
+def dask_task(job: Job, session: Optional[str] = None) -> int:
+    """What a Dask worker runs: the job (forked from this thread's warm process for the sweep `session`,
+    if given), stopped if the scheduler drops the task (the sweep went away)."""
     from distributed import get_worker
 
     worker = get_worker()
@@ -179,7 +192,7 @@ def dask_task(job: Job) -> int:
         task = worker.state.tasks.get(key)
         return task is None or task.state in ("cancelled", "released", "forgotten")
 
-    return run_job(job, cancelled=cancelled)
+    return run_job(job, cancelled=cancelled, starter=thread_starter(session) if session else None)
 
 
 def _dask():
@@ -207,6 +220,7 @@ class DaskExecutor:
     retries_s: float = 600.0  # how long to wait for a first worker
     check_cluster: Optional[Callable[[], None]] = None  # raises when make_cluster's machines cannot be reached
     jobs: int = 0  # workers make_cluster's cluster keeps (Slurm: a job that ended early is replaced)
+    warm: bool = True  # each worker thread forks the sweep's runs from a warm process of its own
 
     @property
     def run_threads(self) -> Optional[int]:
@@ -239,6 +253,7 @@ class DaskExecutor:
         distributed = _dask()
         client, cluster = self.connect()
         results: dict[str, Any] = {}
+        session = os.urandom(8).hex() if self.warm else None
         try:
             client.wait_for_workers(1, timeout=self.retries_s)
             pending, running, placed = list(jobs), {}, {job.id: 0 for job in jobs}
@@ -255,7 +270,7 @@ class DaskExecutor:
                         continue
                     pending.remove(job)
                     placed[job.id] += 1
-                    future = client.submit(dask_task, job, key=f"cifarlab-{job.id}-{os.urandom(4).hex()}",
+                    future = client.submit(dask_task, job, session, key=f"cifarlab-{job.id}-{os.urandom(4).hex()}",
                                            pure=False, resources={"GPU": 1} if gpu else None)
                     running[future] = job
                 if not running:
@@ -317,23 +332,24 @@ def local_cluster(workers: int, gpus: list[str]):
 
 def make_executor(name: str, *, workers: int = 1, gpus: Optional[list[str]] = None, address: Optional[str] = None,
                   scheduler_file: Optional[str] = None, slurm: Optional[dict[str, Any]] = None,
-                  logs: Optional[Path] = None) -> Executor:
-    """The executor a study asks for: local | dask | slurm (the Slurm jobs' output in `logs`)."""
+                  logs: Optional[Path] = None, warm: bool = True) -> Executor:
+    """The executor a study asks for: local | dask | slurm (the Slurm jobs' output in `logs`); `warm`:
+    runs are forked from warm processes (studies/warm.py), else each starts a new interpreter."""
     gpus = list(gpus or [])
     if name not in EXECUTORS:
         raise ConfigError(f"unknown executor {name!r} (choose from: {', '.join(EXECUTORS)})")
     if name == "local":
         if address or scheduler_file:
             raise ConfigError("--address and --scheduler-file need --executor dask")
-        return LocalExecutor(workers=len(gpus) if gpus and workers == 1 else workers, gpus=gpus)
+        return LocalExecutor(workers=len(gpus) if gpus and workers == 1 else workers, gpus=gpus, warm=warm)
     if name == "dask":
         address = address or (None if scheduler_file else os.environ.get("DASK_SCHEDULER_ADDRESS"))
-        return DaskExecutor(workers=workers, gpus=gpus, address=address, scheduler_file=scheduler_file)
+        return DaskExecutor(workers=workers, gpus=gpus, address=address, scheduler_file=scheduler_file, warm=warm)
     slurm = slurm or {}
     check_slurm(slurm)
     return DaskExecutor(make_cluster=lambda: slurm_cluster(slurm, logs), threads=slurm_cores(slurm),
                         gpu_workers=int(slurm.get("gpus_per_run", 0)) > 0, jobs=slurm_jobs(slurm),
-                        check_cluster=lambda: slurm_reachable(connect_timeout()))
+                        check_cluster=lambda: slurm_reachable(connect_timeout()), warm=warm)
 
 
 # ---------------------------------------------------------------- a study's jobs
@@ -407,7 +423,8 @@ def study_executor(study: Study, name: Optional[str] = None, workers: Optional[i
         check_slurm(study.slurm, str(study.path))
     executor = make_executor(name, workers=workers, gpus=local_gpus(), address=address or settings.get("address"),
                              scheduler_file=str(scheduler_file) if scheduler_file else None, slurm=study.slurm,
-                             logs=folder / "logs" / "slurm" if folder is not None else None)
+                             logs=folder / "logs" / "slurm" if folder is not None else None,
+                             warm=settings.get("warm", True))
     return name, executor, workers
 
 

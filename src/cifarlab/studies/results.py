@@ -20,7 +20,9 @@ from ..models.build import load_preset
 from ..settings import flat_settings
 from .spec import REFERENCE_FIELDS, Reference, RunSpec, Study, slug, value_text
 
-COLUMNS = ["train_acc", "val_acc", "test_acc", "best_epoch", "epochs_run", "train_time_s", "train_img_per_s"]
+# of summary.json, averaged over a row's repeats; tested_epoch: the epoch whose accuracies the row shows
+COLUMNS = ["train_acc", "val_acc", "test_acc", "best_epoch", "tested_epoch", "epochs_run", "train_time_s",
+           "train_img_per_s"]
 ACCURACIES = ("train_acc", "val_acc", "test_acc")
 FIXED = {"label", "variant", "runs", "completed", "status", "stop_reason", "params", "ids", "reduced", *COLUMNS}
 FORMATS = {"csv": "results.csv", "markdown": "results.md", "latex": "results.tex"}
@@ -66,7 +68,7 @@ def collect(study: Study, out: Path) -> list[dict[str, Any]]:
 def settings_used(run: RunSpec) -> dict[str, Any]:
     """Every setting of a run's config by its dotted key, with the preset's own parameter values
     (model.batchnorm, model.kernels, ...) where the run left them at the preset's default."""
-    used = flat_settings(run.config.to_dict())
+    used = {k: v for k, v in flat_settings(run.config.to_dict()).items() if not k.startswith("model.args.")}
     used["model.args"] = run.config.model.args  # your factory's arguments: one column, as the study sets them
     preset = run.config.model.preset
     if preset:
@@ -154,7 +156,7 @@ def table(rows: list[dict[str, Any]], latex: bool = False) -> tuple[list[str], l
         name = key.split("_")[0]
         header += [f"{name} %"] + ([f"{name} % (report)", f"Δ {name}"] if key in refs else [])
     extra = [k for k in ("best_epoch", "time_s") if any(f"ref_{k}" in row for row in rows)]
-    header += ["best epoch", *(["best epoch (report)"] if "best_epoch" in extra else []), "epochs", "stop", "time (s)",
+    header += ["tested epoch", *(["epoch (report)"] if "best_epoch" in extra else []), "epochs", "stop", "time (s)",
                *(["time (s) (report)"] if "time_s" in extra else []), "img/s", "params", "status"]
     cells = []
     for row in rows:
@@ -163,7 +165,8 @@ def table(rows: list[dict[str, Any]], latex: bool = False) -> tuple[list[str], l
             line.append(pct(row, key, latex))
             if key in refs:
                 line += [two(row.get(f"ref_{key}")), signed(row.get(f"diff_{key}"))]
-        line += [num(row.get("best_epoch")), *([num(row.get("ref_best_epoch"))] if "best_epoch" in extra else []),
+        tested = row.get("tested_epoch") if row.get("tested_epoch") is not None else row.get("best_epoch")
+        line += [num(tested), *([num(row.get("ref_best_epoch"))] if "best_epoch" in extra else []),
                  num(row.get("epochs_run")), row.get("stop_reason", ""), num(row.get("train_time_s")),
                  *([num(row.get("ref_time_s"))] if "time_s" in extra else []), num(row.get("train_img_per_s")),
                  f"{row['params']:,}" if row.get("params") else "-", row["status"]]

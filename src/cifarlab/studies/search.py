@@ -32,6 +32,7 @@ class SearchWorker(Job):
     is the search folder (never locked: each trial locks its own run folder)."""
 
     argv: list[str] = field(default_factory=list)
+    warm: bool = False  # a long-lived process: a cold start costs it little
 
     def command(self) -> list[str]:
         return self.argv

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..config import Config, load_config
-from ..data.sources import SHAPES, dataset_from_config
+from ..data.sources import dataset_from_config, known_shape
 from ..data.splits import validation_count
 from ..errors import CifarlabError, ConfigError
 from ..models.build import build_model, check_layer_names
@@ -36,7 +36,7 @@ from ..yamlfiles import apply_override, read_yaml
 
 STUDY_KEYS = {"name", "description", "config", "base", "axes", "variants", "repeats", "reference", "executor", "slurm",
               "search", "tune"}
-EXECUTOR_KEYS = {"name", "workers", "address", "scheduler_file"}
+EXECUTOR_KEYS = {"name", "workers", "address", "scheduler_file", "warm"}
 REFERENCE_KEYS = {"source", "scale", "rows", "notes"}
 REFERENCE_FIELDS = ("train_acc", "val_acc", "test_acc", "best_epoch", "time_s", "params")  # accuracies in %
 SCALE_KEYS = ("train_images", "epochs")
@@ -158,6 +158,8 @@ def load_study(path: Path, overrides: Optional[list[str]] = None, only: Optional
     executor = {"name": executor} if isinstance(executor, str) else executor
     if not isinstance(executor, dict) or set(executor) - EXECUTOR_KEYS:
         raise ConfigError(f"{path}: executor is a name (local, dask, slurm) or {{{', '.join(sorted(EXECUTOR_KEYS))}}}")
+    if not isinstance(executor.get("warm", True), bool):
+        raise ConfigError(f"{path}: executor.warm must be true or false, got {executor['warm']!r}")
     for key in ("slurm", "search", "tune"):
         if not isinstance(spec.get(key) or {}, dict):
             raise ConfigError(f"{path}: {key} must be a mapping")
@@ -172,9 +174,14 @@ def config_with(base: dict[str, Any], values: dict[str, Any], overrides: Optiona
     `overrides`; a bad key or value is a ConfigError naming `source`. Values that set model.module or
     model.layers replace the base's preset (and its parameters)."""
     tree = json.loads(json.dumps(base))  # a deep copy of plain YAML data
-    if {"model.module", "model.layers"} & set(values) and isinstance(tree.get("model"), dict):
-        # a run with its own network next to a preset: the base's preset and its parameters do not apply
-        tree["model"] = {k: v for k, v in tree["model"].items() if k in ("defaults", "args")}
+    chosen = {"model.preset", "model.module", "model.layers"} & set(values)
+    if chosen and isinstance(tree.get("model"), dict):
+        # a variant choosing the network (a preset next to your module, say): the base's other choices go,
+        # its preset parameters when the variant leaves presets, its module's args when it leaves the module
+        keep = {"defaults"} | ({"args"} if "model.module" in chosen else set())
+        if chosen == {"model.preset"} and tree["model"].get("preset") is not None:
+            keep = set(tree["model"]) - {"module", "layers", "args", "given"}
+        tree["model"] = {k: v for k, v in tree["model"].items() if k in keep}
     for key, value in values.items():
         apply_override(tree, key.split("."), value)
     return load_config(tree, overrides, source=source)
@@ -254,9 +261,9 @@ def check_run(config: Config, datasets: dict[str, Any], read_data: bool = True) 
     """Raise the error a run of `config` would meet while preparing its data and model (datasets are
     read once per data section and seed, into `datasets`)."""
     if not read_data:
-        if config.analysis.tsne.layers and config.data.dataset in SHAPES:
-            shape, classes = SHAPES[config.data.dataset]
-            check_model_layers(config, shape, classes)
+        known = known_shape(config.data)
+        if known and (config.analysis.tsne.layers or config.model.module or config.model.given):
+            check_model_layers(config, *known)
         return
     key = json.dumps([config.data.model_dump(mode="json"), config.seed])
     if key not in datasets:
@@ -268,12 +275,13 @@ def check_run(config: Config, datasets: dict[str, Any], read_data: bool = True) 
     if isinstance(found, CifarlabError):
         raise found
     validation_count(len(found.y_train), config.data.val_size)
-    if config.analysis.tsne.layers:
+    if config.analysis.tsne.layers or config.model.module or config.model.given:  # your own model: it builds and fits
         check_model_layers(config, found.image_shape, len(found.classes))
 
 
 def check_model_layers(config: Config, shape: tuple[int, int, int], classes: int) -> None:
-    """The layers analysis.tsne.layers names exist in the network the config builds."""
+    """The network the config builds (your own model: imported, called, its output checked) has the
+    layers analysis.tsne.layers names."""
     check_layer_names(build_model(config.model, shape, classes), config.analysis.tsne.layers)
 
 

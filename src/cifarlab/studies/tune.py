@@ -132,7 +132,11 @@ class Pruning:
         if self.metric not in record:
             raise ConfigError(f"tune.metric {self.metric!r} is not measured (the epoch has: "
                               f"{', '.join(k for k in record if k.startswith(('train_', 'val_')))})")
-        self.trial.report(record[self.metric], record["epoch"])
+        try:
+            self.trial.report(record[self.metric], record["epoch"])
+        except _optuna().exceptions.UpdateFinishedTrialError:  # failed by another worker: its heartbeats came late
+            trainer.stop("trial failed by another worker (its heartbeats came late); it is tried again")
+            return
         if self.trial.should_prune():
             self.pruned_at = record["epoch"]
             trainer.stop(f"pruned by optuna at epoch {record['epoch']}")
@@ -210,14 +214,15 @@ def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[fl
             continue
         with quiet():
             trial = opened.ask()
+            opened._storage.record_heartbeat(trial._trial_id)  # at once: a worker dying now leaves a stale trial
         if sum(1 for t in counting(opened.get_trials(deepcopy=False)) if t.number < trial.number) >= trials:
             trial.set_user_attr("surplus", True)  # another worker asked for the last trial at the same moment
-            opened.tell(trial, state=optuna.trial.TrialState.FAIL)
+            opened.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             continue
         try:
             values = suggest(trial, search)
         except Exception as e:  # noqa: BLE001 - check_search should have refused it; the trial must not stay RUNNING
-            opened.tell(trial, state=optuna.trial.TrialState.FAIL)
+            opened.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             raise ConfigError(f"{study.path}: Optuna refused the search block ({type(e).__name__}: {e})") from None
         folder = trial_folder(out, trial.number)
         trial.set_user_attr("run", folder.name)
@@ -227,15 +232,20 @@ def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[fl
             with Heartbeat(opened, trial, settings.heartbeat):
                 fit(trial_config(study, values, overrides), run_dir=folder, callbacks=[pruning], progress=False)
         except Interrupted:  # SIGTERM (scancel, a job's time limit) or SIGINT: failed, retried by another worker
-            trial.set_user_attr("error", "its worker was stopped")
-            frozen = opened.tell(trial, state=optuna.trial.TrialState.FAIL)
-            with quiet():
-                retry_class()(max_retry=RETRIES)(opened, frozen)
+            done = (folder / runs.SUMMARY).is_file() and runs.read_summary(folder).get("status") == "completed"
+            if done:  # stopped in the analysis after training: the trial's result stands
+                opened.tell(trial, runs.read_summary(folder)[settings.metric], skip_if_finished=True)
+                raise
+            if not opened._storage.get_trial(trial._trial_id).state.is_finished():  # else failed and queued already
+                trial.set_user_attr("error", "its worker was stopped")
+                frozen = opened.tell(trial, state=optuna.trial.TrialState.FAIL)
+                with quiet():
+                    retry_class()(max_retry=RETRIES)(opened, frozen)
             raise
         except CifarlabError as e:  # diverged, a bad value combination: this trial failed, the search goes on
             log.warning("trial %d failed: %s", trial.number, e)
             trial.set_user_attr("error", str(e).splitlines()[0] if str(e) else type(e).__name__)
-            opened.tell(trial, state=optuna.trial.TrialState.FAIL)
+            opened.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             ran += 1
             continue
         summary = runs.read_summary(folder)

@@ -25,6 +25,8 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any, Optional
 
+import torch
+
 from .. import runs
 from ..errors import TrainingFailed
 from ..hooks import Callback, TrainerView
@@ -169,8 +171,9 @@ class NaNGuard(Callback):
 
 class BestCheckpoint(Callback):
     """best.pt: the weights of the epoch with the best `monitor` value (the same rule as early
-    stopping, so the stopped run's best epoch is the one saved). When training ends, `restore`
-    puts those weights back for the test score; the summary's best_epoch is the tested epoch."""
+    stopping, so the stopped run's best epoch is the one saved). When training ends, `restore` (the
+    tested weights are the best: train.test_weights) puts those weights back for the test score;
+    summary.json's best_epoch is the best epoch, tested_epoch the one whose weights were tested."""
 
     def __init__(self, monitor: str, min_delta: float = 0.0, restore: bool = True):
         self.monitor = Monitor(monitor, min_delta)
@@ -243,3 +246,41 @@ class MetricsLog(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lines = state["lines"]
+
+
+class Lookahead(Callback):
+    """airbench's lookahead: every `every` steps an exponential average of the weights (and the batch-norm
+    statistics) moves towards them, ema += (1 - d) (weights - ema) with d = decay x (step / total steps)^power,
+    and the weights are set to it; at the run's last step (train.epochs x steps per epoch) the weights
+    take the average. Early on d is ~0 (the average is the weights); towards the end the weights are pulled
+    back to the average. So the weights each epoch ends with (the ones scored, saved in best.pt and
+    last.pt, and tested) are the pulled-back ones, and the final ones are the average: train.test_weights
+    chooses between best.pt and last.pt as always. The average is in last.pt, so a resumed run is exact."""
+
+    def __init__(self, every: int, decay: float, power: float):
+        self.every, self.decay, self.power = every, decay, power
+        self.ema: Optional[dict[str, torch.Tensor]] = None
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        if self.ema is None:
+            self.ema = {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
+        self.ema = {k: v.to(trainer.device) for k, v in self.ema.items()}
+
+    @torch.no_grad()
+    def on_step_end(self, trainer: TrainerView, batch: int, logs: Optional[dict[str, float]]) -> None:
+        total, step = trainer.config.train.epochs * trainer.steps_per_epoch, trainer.step
+        if step % self.every and step < total:
+            return
+        state = trainer.model.state_dict()
+        if step % self.every == 0:
+            weight = 1 - self.decay * (min(step, total) / total) ** self.power
+            for key, average in self.ema.items():
+                average.lerp_(state[key].to(average.dtype), weight)
+        for key, average in self.ema.items():
+            state[key].copy_(average)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema = dict(state["ema"])

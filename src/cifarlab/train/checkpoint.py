@@ -23,9 +23,9 @@ from .strategy import SingleProcess
 # What a resumed run must share with its checkpoint: the network, the data and its split (seed). A new
 # data.root (the data moved) or train.* / optim.* / schedule.* settings are allowed.
 FIXED_ON_RESUME = ("model", "data", "seed")
-# and single keys: another optimizer cannot take the saved state; the batch size sets the step count
-# the schedule and a mid-epoch position are measured in
-FIXED_KEYS_ON_RESUME = (("optim", "name"), ("train", "batch_size"))
+# and single keys: another optimizer cannot take the saved state (nor other parameter groups: bias_lr_scale
+# splits the biases off); the batch size sets the step count the schedule and a mid-epoch position are measured in
+FIXED_KEYS_ON_RESUME = (("optim", "name"), ("optim", "bias_lr_scale"), ("train", "batch_size"))
 MOVABLE_DATA_KEYS = ("root", "download")
 
 

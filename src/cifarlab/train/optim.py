@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.penalty import kernels, l2_penalty  # noqa: F401 (the trainer and recipes take them from here)
 from .formulas import FLAVOR_OPTIM_DEFAULTS, FrameworkOptimizer, ProximalAdagrad, flavor_optim_values
+from .muon import Muon
 
 
 def _rule(c) -> Optional[str]:
@@ -99,6 +99,21 @@ def _proximal_adagrad(c, params: list[nn.Parameter]) -> torch.optim.Optimizer:
                            initial_accumulator_value=0.1 if initial is None else initial)
 
 
+def _muon(c, params: list) -> torch.optim.Optimizer:
+    """Muon on the 4-D conv filters at optim.muon_lr, SGD (optim.lr, momentum, nesterov, weight_decay)
+    on the rest; both with optim.momentum."""
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    split = []
+    for group in groups:
+        filters = [p for p in group["params"] if p.dim() == 4]
+        others = [p for p in group["params"] if p.dim() != 4]
+        if others:
+            split.append({**group, "params": others})
+        if filters:
+            split.append({**group, "params": filters, "muon": True, "lr": c.muon_lr, "weight_decay": 0.0})
+    return Muon(split, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
+
+
 # optim.name -> builder; the config accepts exactly these names, in this order in its errors.
 OPTIMIZERS: dict[str, Callable[[Any, list[nn.Parameter]], torch.optim.Optimizer]] = {
     "sgd": _sgd,
@@ -108,6 +123,7 @@ OPTIMIZERS: dict[str, Callable[[Any, list[nn.Parameter]], torch.optim.Optimizer]
     "rmsprop": _rmsprop,
     "adadelta": _adadelta,
     "proximal-adagrad": _proximal_adagrad,
+    "muon": _muon,
 }
 
 
@@ -115,4 +131,25 @@ def make_optimizer(c, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer an OptimConfig names, over the model's trainable parameters."""
     if c.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={c.name}: unknown optimizer (known: {', '.join(OPTIMIZERS)})")
-    return OPTIMIZERS[c.name](c, [p for p in model.parameters() if p.requires_grad])
+    return OPTIMIZERS[c.name](c, parameter_groups(c, model))
+
+
+def parameter_groups(c, model: nn.Module) -> list:
+    """The trainable parameters, as one list, or as groups when some take another rule: biases at
+    optim.bias_lr_scale x the learning rate (and weight_decay / that scale, so that the decay per step
+    stays the weights'), and the bias of a layer with `bias_epochs` (a whitening layer) in a group of its
+    own that the LR schedule sets to zero after that many epochs (`frozen_after_epochs`)."""
+    scale = getattr(c, "bias_lr_scale", 1.0)
+    frozen = {id(m.bias): m.bias_epochs for m in model.modules()
+              if getattr(m, "bias_epochs", None) is not None and getattr(m, "bias", None) is not None}
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if scale == 1.0 and not frozen:
+        return [p for _, p in named]
+    is_bias = lambda name: name.rsplit(".", 1)[-1] == "bias"  # noqa: E731
+    bias_settings = {"lr": c.lr * scale, "weight_decay": c.weight_decay / scale} if scale != 1.0 else {}
+    groups = [{"params": [p for name, p in named if not is_bias(name) and id(p) not in frozen]},
+              {"params": [p for name, p in named if is_bias(name) and id(p) not in frozen], **bias_settings}]
+    for epochs in sorted(set(frozen.values())):
+        params = [p for _, p in named if frozen.get(id(p)) == epochs]
+        groups.append({"params": params, "frozen_after_epochs": epochs, **bias_settings})
+    return [group for group in groups if group["params"]]

@@ -91,7 +91,8 @@ class LRSchedule:
         f = self.factor(step)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
-            group["lr"] = group["initial_lr"] * f
+            frozen = group.get("frozen_after_epochs")  # a whitening layer's bias (train/optim.py parameter_groups)
+            group["lr"] = 0.0 if frozen is not None and step >= frozen * self.steps_per_epoch else group["initial_lr"] * f
         return optimizer.param_groups[0]["lr"]
 
     def epoch_end(self, record: dict[str, Any]) -> None:

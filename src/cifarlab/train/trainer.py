@@ -26,17 +26,19 @@ from ..config import Config
 from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
 from ..data.prepare import eval_loader, prepare_data, select_device, to_device
-from ..data.sources import SHAPES
+from ..data.sources import known_shape
 from ..errors import CifarlabError, Interrupted, TrainingFailed
 from ..hooks import HOOKS, Callback
 from ..evaluation import Evaluation, autocast, autocast_dtype, with_penalty
 from ..models.build import build_model, check_layer_names
 from ..models.own import OwnModel
+from ..models.whitening import fit_whitening
 from . import distributed
 from .checkpoint import check_resumable, state_keys
 from .compiling import CompiledOrEager, compile_pays
 from .rundir import RunDirectory
-from .optim import kernels, l2_penalty, make_optimizer
+from ..models.penalty import kernels, l2_penalty
+from .optim import make_optimizer
 from .schedules import LRSchedule
 from .signals import SignalFlag, signal_name, stoppable
 from .strategy import strategy_for
@@ -59,8 +61,9 @@ class Trainer(RunDirectory):
         self.callback_keys = state_keys(self.callbacks)
         # a callback may define any subset of the hooks (the Callback base class defines them all)
         self.hooks = {hook: [getattr(cb, hook) for cb in self.callbacks if hasattr(cb, hook)] for hook in HOOKS}
-        if config.data.dataset in SHAPES and (config.analysis.tsne.layers or config.model.module):  # before any data
-            check_layer_names(build_model(config.model, *SHAPES[config.data.dataset], model), config.analysis.tsne.layers)
+        known = known_shape(config.data)
+        if known and (config.analysis.tsne.layers or config.model.module):  # checked before any data is read
+            check_layer_names(build_model(config.model, *known, model), config.analysis.tsne.layers)
         self.splits = splits = prepare_data(config)
         self.classes = splits.dataset.classes
         self.input_shape = splits.dataset.image_shape
@@ -79,12 +82,13 @@ class Trainer(RunDirectory):
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.augment_generator = strategy.augment_generator(self.generator, config.seed)
         self.rank_states: list[dict[str, Any]] = []  # every rank's RNG states at the last epoch end (for last.pt)
-        augment = build_augment(config.augment, splits.mean)
+        augment = build_augment(config.augment, splits.mean, config.seed)
         self.train_loader = DeviceLoader(*to_device(splits.train, device), config.train.batch_size, splits.mean,
                                          splits.std, shuffle=True, generator=self.generator, augment=augment,
                                          channels_last=config.train.channels_last, whiten=splits.whiten,
                                          augment_generator=self.augment_generator, rank=strategy.rank,
                                          world=strategy.world, samplewise=splits.samplewise)
+        fit_whitening(self.model, self.train_loader)  # a `whiten` layer's filters, from the training split
         self.schedule = LRSchedule(config.schedule, config.optim.lr, config.train.epochs, len(self.train_loader))
         self.compiling = compile_pays(config.train.compile, device, config.train.epochs * len(self.train_loader))
         trained = strategy.wrap(self.model)  # what the training forward calls: the model, or its DDP wrapper
@@ -177,7 +181,7 @@ class Trainer(RunDirectory):
         """Train one epoch (from the saved position when resuming mid-epoch) and score it."""
         c, strategy = self.config, self.strategy
         epoch_start = time.perf_counter()
-        self.current_epoch = epoch
+        self.current_epoch = self.train_loader.epoch = epoch
         position, self.position = self.position, None
         generator_at_start = position["generator"] if position else self.generator.get_state()
         skip = position["batch"] if position else 0
