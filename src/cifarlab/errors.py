@@ -41,3 +41,9 @@ class Interrupted(CifarlabError):
         self.exit_code = 128 + signum
         self.run_dir = run_dir  # where last.pt was saved
         self.next_step = next_step or f"state saved, resume with: cifarlab train --resume {run_dir}"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for one-line reports."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from .api import fit
-from .errors import CifarlabError
+from .errors import CifarlabError, first_line
 from .studies.executors import run_jobs, run_state, study_executor
 from .studies.results import FORMATS, collect, summarize_study, write_results
 from .studies.slurm import slurm_job_script
@@ -62,9 +62,8 @@ def run_study(study: Union[Study, PathLike], *, overrides: Optional[list[str]] =
     try:
         summarize_study(study, folder)
     except Exception as e:  # noqa: BLE001 - the runs are done and kept: say how to write the tables again
-        lines = str(e).splitlines()
         error = CifarlabError(f"{folder}: every run finished, but the tables failed ({type(e).__name__}: "
-                              f"{lines[0] if lines else ''}); write them again, without training, with: cifarlab study "
+                              f"{first_line(e)}); write them again, without training, with: cifarlab study "
                               f"export {study.path} --out {folder}")
         error.exit_code = 1
         raise error from e

@@ -29,7 +29,7 @@ from .config import Config, load_config
 from .data.loader import DeviceLoader
 from .data.prepare import Splits, eval_loader, prepare_data, select_device
 from .evaluation import Evaluation, evaluate, with_penalty
-from .errors import CifarlabError, ConfigError, DataError, RunInUse, WriteError
+from .errors import CifarlabError, ConfigError, DataError, RunInUse, WriteError, first_line
 from .files import append_line, atomic_write
 from .models.build import build_model
 from .models.own import OwnModel
@@ -250,8 +250,7 @@ def load_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
         state = torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError,
             TypeError, AttributeError) as e:  # what torch.load raises on a damaged or foreign file
-        lines = str(e).strip().splitlines()
-        raise DataError(f"{path}: not a cifarlab checkpoint ({lines[0] if lines else type(e).__name__})") from None
+        raise DataError(f"{path}: not a cifarlab checkpoint ({first_line(e) or type(e).__name__})") from None
     if not isinstance(state, dict):
         raise DataError(f"{path}: not a cifarlab checkpoint (holds a {type(state).__name__})")
     return state

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..evaluation import eval_mode
 from ..models.build import check_layer_names
+from ..models.summary import is_leaf
 
 # one call of a module in a forward pass: name, module, id of its input, its output, the output's values then
 Call = tuple[str, nn.Module, int, torch.Tensor, np.ndarray]
@@ -40,10 +41,6 @@ class LayerOutput:
     @property
     def title(self) -> str:
         return f"{self.name} + {self.activation}" if self.activation else self.name
-
-
-def is_leaf(module: nn.Module) -> bool:
-    return next(module.children(), None) is None
 
 
 @torch.inference_mode()

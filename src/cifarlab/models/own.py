@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
+from .summary import device_of
 
 Factory = Callable[..., nn.Module]
 OwnModel = Union[nn.Module, Factory]
@@ -131,11 +132,6 @@ def guarded_script(file: str) -> bool:
     return guarded
 
 
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
-
-
 def make_module(factory: Factory, args: dict[str, Any], input_shape: tuple[int, int, int], classes: int,
                 name: str) -> nn.Module:
     """Call a factory the way the module docstring says, and check what it returns."""
@@ -171,11 +167,9 @@ def check_output(model: nn.Module, input_shape: tuple[int, int, int], classes: i
     logit per class (else a one-line ConfigError)."""
     was_training = model.training
     try:
-        parameter = next(iter(model.parameters()), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
         with torch.no_grad():
             model.eval()
-            out = model(torch.zeros(2, *input_shape, device=device))
+            out = model(torch.zeros(2, *input_shape, device=device_of(model)))
     except Exception as e:
         raise ConfigError(f"{name}: a forward pass of images {tuple(input_shape)} failed: {type(e).__name__}: "
                           f"{first_line(e)}") from None

@@ -44,12 +44,23 @@ def count_params(module: nn.Module) -> tuple[int, int]:
     return trainable, frozen + stats
 
 
+def is_leaf(module: nn.Module) -> bool:
+    """A module without children (conv1, features.3): a layer of its own."""
+    return next(module.children(), None) is None
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's parameters are (the CPU for a model without any)."""
+    parameter = next(iter(model.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def layers_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The rows of a summary: a Sequential's layers; for any other module its leaf modules (every
     module without children: conv1, features.3), each by its module name."""
     if isinstance(model, nn.Sequential):
         return list(model.named_children())
-    return [(name, m) for name, m in model.named_modules() if name and next(m.children(), None) is None]
+    return [(name, m) for name, m in model.named_modules() if name and is_leaf(m)]
 
 
 def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> list[LayerRow]:
@@ -69,9 +80,8 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Layer
     was_training = model.training
     try:
         model.eval()
-        parameter = next(iter(model.parameters()), None)
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=parameter.device if parameter is not None else "cpu"))
+            model(torch.zeros(1, *input_shape, device=device_of(model)))
     finally:
         model.train(was_training)
         for hook in hooks:
@@ -85,7 +95,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Layer
             shape = (shape[1], shape[2], shape[0])
         rows.append(LayerRow(name, type(modules[name]).__name__, shape, *count_params(modules[name]), calls=len(seen)))
     if not isinstance(model, nn.Sequential):  # parameters held by a module with children, outside every row
-        own = [own_params(module) for _, module in model.named_modules() if next(module.children(), None) is not None]
+        own = [own_params(module) for _, module in model.named_modules() if not is_leaf(module)]
         trainable, non_trainable = sum(t for t, _ in own), sum(n for _, n in own)
         if trainable or non_trainable:
             rows.append(LayerRow(type(model).__name__, "own parameters", None, trainable, non_trainable))

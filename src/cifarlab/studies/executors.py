@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from .. import processes, runs
 from ..config import write_config
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from .reach import connect_timeout, reach_scheduler, slurm_reachable
 from .slurm import check_slurm, slurm_cluster, slurm_cores, slurm_jobs
 from .spec import Study
@@ -288,7 +288,7 @@ class DaskExecutor:
                     try:
                         result = future.result()
                     except Exception as e:  # KilledWorker: the task's workers died too often
-                        result = f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                        result = f"failed ({type(e).__name__}: {first_line(e)})"
                     future.release()  # a finished run's result must not be recomputed if its worker dies
                     if result in STOPPED and placed[job.id] < PLACES:  # its machine stopped it: elsewhere, resumed
                         pending.append(job)

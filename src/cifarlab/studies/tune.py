@@ -31,7 +31,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 from .. import runs
 from ..config import Config, write_config
-from ..errors import CifarlabError, ConfigError, Interrupted
+from ..errors import CifarlabError, ConfigError, Interrupted, first_line
 from .reach import connect_timeout
 from .results import COLUMNS, write_report, write_results
 from .space import check_search, finite_number, trial_config
@@ -161,7 +161,7 @@ def open_study(study: Study, settings: Settings, out: Path, storage: Optional[st
                                                  heartbeat_stale_trial_callback=retry_class()(max_retry=RETRIES))
     except Exception as e:  # noqa: BLE001 - a wrong URL, an unreachable server, a missing driver
         raise ConfigError(f"--storage {url}: cannot open the Optuna storage ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                          f"{first_line(e)})") from None
     seed = (settings.seed if settings.seed is not None else study.runs[0].config.seed) + worker
 
     def sampler(seed: int):
@@ -232,9 +232,9 @@ def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[fl
             with Heartbeat(opened, trial, settings.heartbeat):
                 fit(trial_config(study, values, overrides), run_dir=folder, callbacks=[pruning], progress=False)
         except Interrupted:  # SIGTERM (scancel, a job's time limit) or SIGINT: failed, retried by another worker
-            done = (folder / runs.SUMMARY).is_file() and runs.read_summary(folder).get("status") == "completed"
-            if done:  # stopped in the analysis after training: the trial's result stands
-                opened.tell(trial, runs.read_summary(folder)[settings.metric], skip_if_finished=True)
+            finished = runs.read_summary(folder) if (folder / runs.SUMMARY).is_file() else {}
+            if finished.get("status") == "completed":  # stopped in the analysis after training: the result stands
+                opened.tell(trial, finished[settings.metric], skip_if_finished=True)
                 raise
             if not opened._storage.get_trial(trial._trial_id).state.is_finished():  # else failed and queued already
                 trial.set_user_attr("error", "its worker was stopped")
@@ -244,7 +244,7 @@ def work(study: Study, out: Path, fit: Fit, *, trials: int, timeout: Optional[fl
             raise
         except CifarlabError as e:  # diverged, a bad value combination: this trial failed, the search goes on
             log.warning("trial %d failed: %s", trial.number, e)
-            trial.set_user_attr("error", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            trial.set_user_attr("error", first_line(e) or type(e).__name__)
             opened.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             ran += 1
             continue

@@ -27,7 +27,7 @@ from ..data.augment import build_augment, mix_batch
 from ..data.loader import DeviceLoader
 from ..data.prepare import eval_loader, prepare_data, select_device, to_device
 from ..data.sources import known_shape
-from ..errors import CifarlabError, Interrupted, TrainingFailed
+from ..errors import CifarlabError, Interrupted, TrainingFailed, first_line
 from ..hooks import HOOKS, Callback
 from ..evaluation import Evaluation, autocast, autocast_dtype, with_penalty
 from ..models.build import build_model, check_layer_names
@@ -251,9 +251,8 @@ class Trainer(RunDirectory):
             if isinstance(e, TrainingFailed):
                 self.record_failure("diverged", str(e))
             elif isinstance(e, Exception):
-                lines = str(e).splitlines()
                 self.record_failure("failed", str(e) if isinstance(e, CifarlabError) else
-                                    f"{type(e).__name__}: {lines[0] if lines else ''}")
+                                    f"{type(e).__name__}: {first_line(e)}")
             self.tell_failure(e)
             raise
         finally:
@@ -303,7 +302,7 @@ class Trainer(RunDirectory):
         chosen = next(r for r in self.history if r["epoch"] == self.selected_epoch)
         summary = self.write_summary(
             "completed", stop_reason, best_epoch=self.best_epoch or self.selected_epoch, best_value=self.best_value,
-            tested_epoch=self.selected_epoch, test_weights=self.tested_weights(),
+            tested_epoch=self.selected_epoch, test_weights=self.weights_tested(),
             train_loss=chosen["train_loss"], train_acc=chosen["train_acc"], val_loss=chosen.get("val_loss"),
             val_acc=chosen.get("val_acc"), test_loss=self.test_result.loss, test_acc=self.test_result.acc,
             train_time_s=round(self.train_time, 3), wall_time_s=round(self.elapsed(), 3),
@@ -312,7 +311,7 @@ class Trainer(RunDirectory):
         self.analyse(summary)
         return self.run_dir
 
-    def tested_weights(self) -> str:
+    def weights_tested(self) -> str:
         """best | last: the checkpoint holding the tested weights (best.pt only where a BestCheckpoint wrote it)."""
         return "best" if self.config.train.tested_weights() == "best" and self.best_epoch is not None else "last"
 
