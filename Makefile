@@ -24,8 +24,10 @@ $(STAMP): $(CORE)
 demo: $(CORE)
 	$(BIN)/cifarlab demo -c configs/quickstart.yaml --cifar10-root $(CIFAR10_HEAD)
 
+# one worker per core (at most 8), every process on one thread; tests that share a trained run or a
+# Slurm cluster run in one worker, slow tests first (tests/conftest.py). One file: pytest tests/test_x.py
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 8
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

@@ -1,3 +1,5 @@
+import ast
+import functools
 import glob
 import os
 import pwd
@@ -13,6 +15,54 @@ from helpers import free_port
 REPO = Path(__file__).resolve().parent.parent
 CIFAR10_HEAD = Path(os.environ.get("CIFARLAB_CIFAR10_HEAD", REPO.parent / "shared" / "data" / "cifar10-head"))
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+# ---------------------------------------------------------------- two workers (`make test`: pytest -n auto)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist every process a worker runs trains on one thread (cifarlab's default threads
+    follow OMP_NUM_THREADS, as torch's do): two workers never put four compute threads on two cores."""
+    config.addinivalue_line("markers", "slow: over about 8 s; scheduled first so no worker waits at the end")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable: the rest keep their order), so the last test a worker runs is a short one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@functools.cache
+def shared_fixtures(path: str) -> tuple[bool, frozenset[str]]:
+    """(whether the test file has a module-scoped fixture, the tests in it that take trained_run), read from
+    its source: the controller of pytest-xdist sees node ids, not fixtures."""
+    tree = ast.parse((REPO / path).read_text())
+    module_scoped = any(isinstance(k, ast.keyword) and k.arg == "scope" and getattr(k.value, "value", None) == "module"
+                        for k in ast.walk(tree))
+    readers = frozenset(node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+                        and "trained_run" in [a.arg for a in node.args.args])
+    return module_scoped, readers
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Tests are handed out one at a time, except those that share an expensive fixture, which go to one
+    worker together so it is built once: every test of a file with a module-scoped fixture (a Slurm
+    cluster, trained runs), and every test that takes trained_run. Bigger units go first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtures(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path, _, name = nodeid.partition("::")
+            module_scoped, readers = shared_fixtures(path)
+            if module_scoped:
+                return path
+            return "trained_run" if name.partition("[")[0] in readers else nodeid
+
+    return SharedFixtures(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -181,6 +181,7 @@ def test_two_ranks_from_the_command_line_train_as_one_process_and_listen_on_loop
     assert not (two.path / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_fit_and_a_resume_of_two_ranks_continue_exactly(cifar10_head, tmp_path):
     settings = {**RANDOM, "data.root": str(cifar10_head), "train.devices": 2, "train.out_dir": str(tmp_path)}
     whole = cifarlab.fit(None, overrides={**settings, "train.epochs": 2}, progress=False)

@@ -46,6 +46,7 @@ def table(folder: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_gives_the_local_results_and_a_rerun_starts_nothing(cifar10_head, tmp_path):
     study = load_study(write_study(tmp_path, cifar10_head))
     run_jobs(study, tmp_path / "local", workers=2)
@@ -131,6 +132,7 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
         proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", ["worker", "worker-group"])
 def test_a_killed_dask_worker_redoes_its_run_and_leaves_no_orphan(kill, cifar10_head, tmp_path):
     path = write_study(tmp_path, cifar10_head, limit=300, epochs=4, repeats=2)

@@ -2,12 +2,15 @@
 
 import shutil
 
+import pytest
+
 import nbformat
 from nbclient import NotebookClient
 
 from conftest import CIFAR10_HEAD, REPO
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes_every_cell(tmp_path, monkeypatch):
     # a copy beside a copy of configs/, so the notebook's relative paths hold and its runs/ stay in tmp_path
     shutil.copytree(REPO / "configs", tmp_path / "configs")

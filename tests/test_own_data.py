@@ -158,6 +158,7 @@ def test_precision_choices(monkeypatch):
     assert autocast_dtype(cuda, "auto") == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_fp16_training_scales_the_loss_and_resumes_exactly(cifar10_head, tmp_path):
     # 180 training images (3 steps an epoch) on report 002's small lab-m1: float16 convolutions are ~50x slower
     # than float32 on CPUs without float16 units; the scaler still skips overflowing steps and scales back in epoch 1

@@ -339,6 +339,7 @@ def test_recipe_configs_load(name):
     assert config.model.preset in {"cnn3-avg", "cnn3-fast", "resnet-fast"}
 
 
+@pytest.mark.slow
 def test_cnn3_fast_recipe_learns_cifar10_head_with_flip_shift_tta(cifar10_head, tmp_path):
     # the recipe compressed to 3 epochs (one-cycle spans train.epochs); the full one is benchmarked
     config = load_config(CONFIGS / "cnn3-fast.yaml", [f"data.root={cifar10_head}", "train.epochs=3",
@@ -351,6 +352,7 @@ def test_cnn3_fast_recipe_learns_cifar10_head_with_flip_shift_tta(cifar10_head, 
     assert evaluate_run(run, "test")["acc"] == pytest.approx(summary["test_acc"])
 
 
+@pytest.mark.slow
 def test_fmnist_fast_recipe_learns_fashion_mnist(fashion_mnist, tmp_path):
     # one epoch on the first 12,000 images; the full recipe (24 epochs, 60,000) is benchmarked
     config = load_config(CONFIGS / "fmnist-fast.yaml", [f"data.root={fashion_mnist}", "train.epochs=1",

@@ -267,6 +267,7 @@ def test_a_class_folder_with_images_in_one_split_only(cifar10_head, tmp_path, em
 # ---------------------------------------------------------------- 5. a run says where it stopped
 
 
+@pytest.mark.slow
 def test_sigterm_while_embedding_ends_truthfully_and_report_finishes_it(cifar10_head, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(cli_command(

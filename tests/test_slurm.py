@@ -135,7 +135,7 @@ SlurmctldPidFile={folder / 'slurmctld.pid'}
 SlurmdPidFile={folder / 'slurmd.pid'}
 SlurmctldLogFile={folder / 'slurmctld.log'}
 SlurmdLogFile={folder / 'slurmd.log'}
-NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={len(os.sched_getaffinity(0))} RealMemory={memory_mb} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={os.cpu_count()} RealMemory={memory_mb} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
     for daemon in ("slurmctld", "slurmd"):
@@ -241,6 +241,7 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_a_study_on_slurm_completes_on_127_0_0_1_and_a_rerun_submits_nothing(slurm, cifar10_head, tmp_path):
     path = write_study(tmp_path, cifar10_head, epochs=2, jobs=2)
     ids = [run.id for run in load_study(path).runs]
@@ -286,6 +287,7 @@ def job_of(pid: int) -> str:
     return variables[b"SLURM_JOB_ID"].decode()
 
 
+@pytest.mark.slow
 def test_a_cancelled_job_s_run_is_resumed_and_the_study_completes(slurm, cifar10_head, tmp_path):
     path = write_study(tmp_path, cifar10_head, epochs=4, jobs=1, limit=600)
     ids = [run.id for run in load_study(path).runs]
@@ -336,6 +338,7 @@ slurm: {{interface: lo, cores: 1, memory: 2GB, time: '00:30:00'}}
 """
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # retried_trial_number
 def test_a_search_on_two_slurm_jobs_retries_the_trial_of_a_killed_worker(slurm, postgres, cifar10_head, tmp_path):
     optuna = pytest.importorskip("optuna")

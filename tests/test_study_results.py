@@ -43,6 +43,7 @@ def table_of(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_variants_that_set_disjoint_keys_keep_every_setting(cifar10_head, tmp_path, monkeypatch):
     study_file = tmp_path / "study.yaml"
     study_file.write_text(DISJOINT.format(root=cifar10_head))

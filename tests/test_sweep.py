@@ -42,6 +42,7 @@ def results(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_grid_study_end_to_end_and_repeatable(cifar10_head, tmp_path):
     study = load_study(write_study(tmp_path, GRID.format(root=cifar10_head)))
     assert [r.id for r in study.runs] == [
@@ -73,6 +74,7 @@ def row_id(row: dict) -> str:
     return f"optim.name-{row['optim.name']}_model.batchnorm-{row['model.batchnorm']}_seed0"
 
 
+@pytest.mark.slow
 def test_a_diverging_variant_fails_and_the_rest_go_on(cifar10_head, tmp_path):
     text = f"""
 name: diverge
@@ -103,6 +105,7 @@ def wait_until_unlocked(run_dirs, timeout: float = 60) -> None:
     wait_for(lambda: not any(runs.lock_holder(d) for d in run_dirs if d.is_dir()), "every run to be unlocked", timeout)
 
 
+@pytest.mark.slow
 def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_head, tmp_path):
     text = GRID.format(root=cifar10_head)
     path = write_study(tmp_path, text)
@@ -152,6 +155,7 @@ def test_study_errors_name_the_problem(tmp_path):
         load_study(write_study(tmp_path, "name: x\naxes: {optim.name: adam}\n"))
 
 
+@pytest.mark.slow
 def test_a_study_with_runs_without_validation_plots_training_accuracy(tmp_path):
     path = write_study(tmp_path, """
 name: no-val

@@ -56,6 +56,7 @@ def test_cnn3_avg_learns_cifar10_head(trained_run, tmp_path):
     assert json.loads((run / "eval_test.json").read_text())["acc"] == report["acc"]
 
 
+@pytest.mark.slow
 def test_same_config_twice_gives_identical_metrics(cifar10_head, tmp_path):
     overrides = [f"data.root={cifar10_head}", "data.train_limit=1200", "train.epochs=2", "train.log_every=5",
                  "augment.preset=crop-flip", "model.preset=cnn3", f"train.out_dir={tmp_path}", "analysis.report=false"]
@@ -68,6 +69,7 @@ def test_same_config_twice_gives_identical_metrics(cifar10_head, tmp_path):
     assert without_time(changed / "metrics.jsonl") != rows
 
 
+@pytest.mark.slow
 def test_short_fashion_mnist_run(fashion_mnist, tmp_path):
     # (no report.html: a failing figure would not fail this run; the report is checked in test_analysis.py)
     config = load_config(overrides=["data.dataset=fashion-mnist", "data.train_limit=12000", "train.epochs=2",

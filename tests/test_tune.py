@@ -54,6 +54,7 @@ def check_trials(out: Path, storage: str, count: int) -> list:
     return trials
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(cifar10_head, tmp_path):
     out = tmp_path / "out"
     result = run_cli("tune", write_search(tmp_path, cifar10_head), "--trials", "4", "--workers", "2", "--out", out)
@@ -107,6 +108,7 @@ def test_search_mistakes_name_the_key(cifar10_head, tmp_path):
         assert not (tmp_path / "x" / "trial-0000").exists()
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_study_on_postgresql(postgres, cifar10_head, tmp_path):
     out = tmp_path / "out"
     result = run_cli("tune", write_search(tmp_path, cifar10_head), "--trials", "3", "--workers", "2",
@@ -127,6 +129,7 @@ def test_an_unreachable_storage_is_one_line(cifar10_head, tmp_path):
     assert result.returncode == 2 and "cannot open the Optuna storage" in result.stderr and url in result.stderr
 
 
+@pytest.mark.slow
 def test_trial_workers_as_tasks_of_a_local_dask_cluster(cifar10_head, tmp_path):
     out = tmp_path / "out"
     result = run_cli("tune", write_search(tmp_path, cifar10_head), "--executor", "dask", "--workers", "2",

@@ -77,6 +77,7 @@ def kept_datasets():
     sources.KEPT.clear()
 
 
+@pytest.mark.slow
 def test_a_warm_run_trains_exactly_as_a_cold_one(cifar10_head, tmp_path):
     study = load_study(write_study(tmp_path, cifar10_head))
     # one worker: the second run is forked from the warm process that read the data for the first
@@ -111,6 +112,7 @@ def test_a_dataset_kept_by_the_warm_process_is_shared_not_read_again(cifar10_hea
     assert not np.array_equal(other_seed.x_train, sources.dataset_from_config(synthetic.data, 1).x_train)
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_warm_run_saves_it_and_the_study_resumes_it(cifar10_head, tmp_path):
     study = load_study(write_study(tmp_path, cifar10_head, runs_count=1, epochs=6, limit=600))
     out, run_dir = tmp_path / "out", tmp_path / "out" / study.runs[0].id
@@ -138,6 +140,7 @@ def test_sigterm_to_a_warm_run_saves_it_and_the_study_resumes_it(cifar10_head, t
     assert runs.read_summary(run_dir)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_killing_the_sweep_kills_its_warm_processes_and_runs_and_the_lock_holds_meanwhile(cifar10_head, tmp_path):
     study = load_study(write_study(tmp_path, cifar10_head, runs_count=2, epochs=50, limit=600))
     out = tmp_path / "out"
@@ -163,6 +166,7 @@ def test_killing_the_sweep_kills_its_warm_processes_and_runs_and_the_lock_holds_
     wait_for(lambda: not any(runs.lock_holder(out / r.id) for r in study.runs), "the runs' locks to go", timeout=30)
 
 
+@pytest.mark.slow
 def test_a_warm_process_that_cannot_start_leaves_the_runs_to_cold_starts(cifar10_head, tmp_path, monkeypatch):
     monkeypatch.setattr(warm, "PRELOAD", ("cifarlab.no_such_module", *warm.PRELOAD))
     study = load_study(write_study(tmp_path, cifar10_head, runs_count=2, epochs=1))

@@ -20,9 +20,22 @@ PARENT_ENV = "CIFARLAB_PARENT_PID"  # set for a child: the pid it must not outli
 PR_SET_PDEATHSIG = 1
 
 
+def cores() -> int:
+    """CPU threads a cifarlab process uses when train.threads is not given: OMP_NUM_THREADS where it is set
+    (torch's own rule), else the cores this process may run on, its affinity mask (what taskset, a
+    container's cpuset or a Slurm job's binding allows), not every core of the machine."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def cores_per(processes: int) -> int:
-    """CPU threads for each of `processes` processes sharing this machine's cores."""
-    return max(1, (os.cpu_count() or 1) // max(1, processes))
+    """CPU threads for each of `processes` processes sharing this process' cores."""
+    return max(1, cores() // max(1, processes))
 
 
 def die_with_parent() -> None:

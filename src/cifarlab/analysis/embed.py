@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import processes
 from ..errors import ConfigError
 from ..files import atomic_write, save_array
 
@@ -67,7 +68,7 @@ POINTS_PER_THREAD = 5_000  # gradient threads: one per this many points (more on
 
 def tsne_plan(points: int, n_jobs: int = 0) -> dict[str, Any]:
     """How a t-SNE of `points` points runs: gradient method and threads sized to the input."""
-    cores = n_jobs or os.cpu_count() or 1
+    cores = n_jobs or processes.cores()
     return {"method": "bh" if points < BARNES_HUT_BELOW else "fft",
             "threads": max(1, min(cores, points // POINTS_PER_THREAD))}
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import processes
 from ..data.loader import shard
 from ..evaluation import Evaluation, evaluate
 from . import distributed
@@ -34,7 +35,7 @@ class SingleProcess:
 
     def setup(self, devices: int, device: torch.device, threads: Optional[int]) -> torch.device:
         """Set the CPU threads and return the device to train on."""
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.set_num_threads(threads or processes.cores())
         return device
 
     def augment_generator(self, generator: torch.Generator, seed: int) -> torch.Generator:
