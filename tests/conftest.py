@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -37,30 +38,30 @@ def pytest_collection_modifyitems(config, items):
 
 
 @functools.cache
-def shared_fixtures(path: str) -> tuple[bool, frozenset[str]]:
-    """(whether the test file has a module-scoped fixture, the tests in it that take trained_run), read from
-    its source: the controller of pytest-xdist sees node ids, not fixtures."""
+def work_units(path: str) -> tuple[Optional[str], frozenset[str]]:
+    """How the tests of a file are handed out, read from its source (pytest-xdist's controller sees node ids,
+    not fixtures): (the unit of every test in the file, or None; the tests that take trained_run). A file
+    whose fixtures or tests take trained_run and that has a module-scoped fixture goes with trained_run's
+    readers; another file with a module-scoped fixture is a unit of its own."""
     tree = ast.parse((REPO / path).read_text())
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    readers = frozenset(f.name for f in functions if "trained_run" in [a.arg for a in f.args.args])
     module_scoped = any(isinstance(k, ast.keyword) and k.arg == "scope" and getattr(k.value, "value", None) == "module"
                         for k in ast.walk(tree))
-    readers = frozenset(node.name for node in tree.body if isinstance(node, ast.FunctionDef)
-                        and "trained_run" in [a.arg for a in node.args.args])
-    return module_scoped, readers
+    whole = ("trained_run" if readers else path) if module_scoped else None
+    return whole, readers
 
 
 def pytest_xdist_make_scheduler(config, log):
     """Tests are handed out one at a time, except those that share an expensive fixture, which go to one
-    worker together so it is built once: every test of a file with a module-scoped fixture (a Slurm
-    cluster, trained runs), and every test that takes trained_run. Bigger units go first."""
+    worker together so it is built once (work_units): a Slurm cluster, trained runs. Bigger units go first."""
     from xdist.scheduler import LoadScopeScheduling
 
     class SharedFixtures(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path, _, name = nodeid.partition("::")
-            module_scoped, readers = shared_fixtures(path)
-            if module_scoped:
-                return path
-            return "trained_run" if name.partition("[")[0] in readers else nodeid
+            whole, readers = work_units(path)
+            return whole or ("trained_run" if name.partition("[")[0] in readers else nodeid)
 
     return SharedFixtures(config, log)
 

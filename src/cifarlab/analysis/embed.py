@@ -4,13 +4,15 @@ the silhouette score."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import os
+import queue
 import re
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -128,31 +130,70 @@ def feature_files(run_dir: Path) -> dict[str, dict[int, Path]]:
     return found
 
 
+def concurrent_tsne(jobs: list[tuple[int, Path]], seed: int) -> Iterator[tuple[int, np.ndarray, float]]:
+    """(index, embedding, seconds) of the t-SNE of each job's features file, in the jobs' order, computed as
+    many at a time as the cores hold their threads (tsne_plan): openTSNE's loops release the GIL, so two 1,000-point
+    embeddings on two cores take about 1.1x one. The threads are daemons, so a signal that ends the analysis
+    does not wait for the embeddings under way; they write nothing, the caller (this thread) does."""
+    from threadpoolctl import threadpool_limits
+
+    if not jobs:
+        return
+    points = len(np.load(jobs[0][1], mmap_mode="r"))
+    threads = tsne_plan(points)["threads"]
+    parallel = max(1, min(len(jobs), processes.cores() // threads))
+    finished: queue.Queue = queue.Queue()
+
+    def work(index: int, path: Path) -> None:
+        started = time.perf_counter()
+        try:
+            finished.put((index, tsne(np.load(path).astype(np.float32), seed=seed, n_jobs=threads),
+                          time.perf_counter() - started))
+        except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
+            finished.put((index, error, 0.0))
+
+    pending, running, ready = list(jobs), 0, {}
+    with threadpool_limits(threads, user_api="blas"):  # once for all: the limit is process-wide
+        for index, _ in jobs:  # in the jobs' order, so the progress lines are too
+            while index not in ready:
+                while pending and running < parallel:
+                    threading.Thread(target=work, args=pending.pop(0), daemon=True).start()
+                    running += 1
+                done, result, seconds = finished.get()
+                running -= 1
+                if isinstance(result, BaseException):
+                    raise result
+                ready[done] = (result, seconds)
+            yield (index, *ready.pop(index))
+
+
 def embed_run(run_dir: Path, seed: int = 0, recompute: bool = False) -> list[dict[str, Any]]:
-    """Embed every captured (layer, epoch) of a run (cached beside the features as .tsne.npy) and
-    score it, logging a line as each is done. Rows of {layer, epoch, points, method, cached, seconds,
-    knn_acc, silhouette, embedding, labels}; all but the arrays also go to features/tsne.json."""
+    """Embed every captured (layer, epoch) of a run (cached beside the features as .tsne.npy; several at
+    once, concurrent_tsne) and score it, logging a line as each is done. Rows of {layer, epoch, points,
+    method, cached, seconds, knn_acc, silhouette, embedding, labels} in (layer, epoch) order; all but the
+    arrays also go to features/tsne.json."""
     files = feature_files(run_dir)
     if not files:
         raise ConfigError(f"{run_dir}: no captured features (set analysis.tsne.layers, e.g. [flatten, fc1])")
     labels = np.load(Path(run_dir) / "features" / "labels.npy")
     pairs = [(layer, epoch, path) for layer, by_epoch in files.items() for epoch, path in sorted(by_epoch.items())]
-    rows = []
-    for number, (layer, epoch, path) in enumerate(pairs, start=1):
+    cache = [path.with_name(path.name.replace(".npy", ".tsne.npy")) for _, _, path in pairs]
+    reused = [index for index, cached in enumerate(cache) if cached.is_file() and not recompute]
+    computed = concurrent_tsne([(i, pairs[i][2]) for i in range(len(pairs)) if i not in reused], seed)
+    found: dict[int, dict[str, Any]] = {}
+    for number, (index, embedding, seconds) in enumerate(
+            itertools.chain(((i, np.load(cache[i]), 0.0) for i in reused), computed), start=1):
         started = time.perf_counter()
-        cached = path.with_name(path.name.replace(".npy", ".tsne.npy"))
-        reuse = cached.is_file() and not recompute
-        if reuse:
-            embedding = np.load(cached)
-        else:
-            embedding = tsne(np.load(path).astype(np.float32), seed=seed)
-            atomic_write(cached, lambda tmp, e=embedding: save_array(tmp, e.astype(np.float32)))
+        layer, epoch, _ = pairs[index]
+        if index not in reused:
+            atomic_write(cache[index], lambda tmp, e=embedding: save_array(tmp, e.astype(np.float32)))
         row = {"layer": layer, "epoch": epoch, "points": len(labels), "method": tsne_plan(len(labels))["method"],
-               "cached": reuse, **separation(embedding, labels, seed=seed)}
-        row["seconds"] = round(time.perf_counter() - started, 3)
+               "cached": index in reused, **separation(embedding, labels, seed=seed)}
+        row["seconds"] = round(seconds + time.perf_counter() - started, 3)
         log.info("t-SNE %d/%d: %s epoch %d, %d points%s: %.1f s (k-NN accuracy %.1f%%)", number, len(pairs), layer,
-                 epoch, len(labels), " (cached)" if reuse else "", row["seconds"], 100 * row["knn_acc"])
-        rows.append({**row, "embedding": embedding, "labels": labels})
+                 epoch, len(labels), " (cached)" if index in reused else "", row["seconds"], 100 * row["knn_acc"])
+        found[index] = {**row, "embedding": embedding, "labels": labels}
+    rows = [found[index] for index in range(len(pairs))]
     scores = [{k: v for k, v in row.items() if k not in ("embedding", "labels")} for row in rows]
     atomic_write(Path(run_dir) / "features" / "tsne.json", json.dumps(scores, indent=2) + "\n")
     return rows
