@@ -4,8 +4,9 @@ same split:
      patience 5 on validation accuracy, best weights restored) trained the way the reports train
      (benchmarks/reference.py: per-sample numpy augmentation in a DataLoader);
   2. the same recipe through cifarlab (configs/quickstart.yaml with 100 epochs);
-  3. cifarlab's best 3-conv-layer recipe, configs/cnn3-fast.yaml (target: >= 80 % test accuracy in
-     no more wall time than 1. needs to early-stop);
+  3. cifarlab's best 3-conv-layer recipe, configs/cnn3-fast.yaml, seeds 0, 1, 2 (target: mean >= 80 % test
+     accuracy, each run in no more wall time than 1. needs to early-stop), and configs/cifar10-head-best.yaml
+     (any network: mean >= 83 %, each run at most 120 s of training);
   4. full Fashion-MNIST with configs/fmnist-fast.yaml, seeds 0, 1, 2, each a `cifarlab train` process
      timed from its start to its test score (target: mean >= 94.0 %, each <= 300 s);
   5. the ablation study configs/studies/cnn3-fast-ablation.yaml (each ingredient of cnn3-fast taken
@@ -115,19 +116,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         results.append(cifarlab_run("report 001 (same as reference)", REPO / "configs" / "quickstart.yaml",
                                     [*data, "train.epochs=100"], out_dir))
-        results.append(cifarlab_run("cnn3-fast", REPO / "configs" / "cnn3-fast.yaml", data, out_dir))
         budget = results[0]["wall_s"] if not args.skip_reference else None
-        fast = results[-1]
-        targets = {"cnn3_fast": {"target_test_acc": 0.80, "wall_budget_s": budget, "test_acc": fast["test_acc"],
-                                 "wall_s": fast["wall_s"], "met": budget is not None and fast["test_acc"] >= 0.80
-                                 and fast["wall_s"] <= budget}}
+        targets = {}
+        for name, target, limit in (("cnn3-fast", 0.80, budget), ("cifar10-head-best", 0.83, None)):
+            seeds = [cifarlab_run(name, REPO / "configs" / f"{name}.yaml", [*data, f"seed={seed}"], out_dir)
+                     for seed in (0, 1, 2)]
+            results.extend(seeds)
+            mean = sum(r["test_acc"] for r in seeds) / len(seeds)
+            wall, train = max(r["wall_s"] for r in seeds), max(r["train_s"] for r in seeds)
+            if name == "cnn3-fast":  # each run's whole wall time within the reference's early-stopping run
+                met = limit is not None and mean >= target and wall <= limit
+            else:  # each run at most 120 s of training
+                met = mean >= target and train <= 120
+            targets[name] = {"target_test_acc": target, "mean_test_acc": round(mean, 4),
+                             "test_acc": [r["test_acc"] for r in seeds], "max_wall_s": wall, "max_train_s": train,
+                             "wall_budget_s": limit, "train_budget_s": None if limit is not None else 120, "met": met}
         fashion = None
         if not args.skip_fashion_mnist:
             seeds = [fashion_mnist_run(seed, out_dir) for seed in (0, 1, 2)]
             mean_acc = sum(r["test_acc"] for r in seeds) / len(seeds)
             fashion = {"config": "configs/fmnist-fast.yaml", "data": "fashion-mnist (60,000 + 10,000)", "seeds": seeds,
                        "mean_test_acc": round(mean_acc, 4), "max_wall_s": max(r["wall_s"] for r in seeds)}
-            targets["fmnist_fast"] = {"target_test_acc": 0.94, "wall_budget_s": 300, "test_acc": fashion["mean_test_acc"],
+            targets["fmnist-fast"] = {"target_test_acc": 0.94, "wall_budget_s": 300, "test_acc": fashion["mean_test_acc"],
                                       "wall_s": fashion["max_wall_s"],
                                       "met": mean_acc >= 0.94 and fashion["max_wall_s"] <= 300}
         study = None if args.skip_ablation else ablation(data, out_dir)

@@ -12,7 +12,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -65,6 +65,7 @@ def nearest_neighbors(x: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndar
 
 
 BARNES_HUT_BELOW = 10_000  # points; openTSNE's own rule: FFT's fixed cost per step dominates below
+STOP_CHECK_EVERY = 25  # iterations between a concurrent t-SNE's looks at its stop event
 POINTS_PER_THREAD = 5_000  # gradient threads: one per this many points (more only pay in their overhead)
 
 
@@ -75,12 +76,14 @@ def tsne_plan(points: int, n_jobs: int = 0) -> dict[str, Any]:
             "threads": max(1, min(cores, points // POINTS_PER_THREAD))}
 
 
-def tsne(features: np.ndarray, seed: int = 0, n_jobs: int = 0, perplexity: float = 30.0) -> np.ndarray:
+def tsne(features: np.ndarray, seed: int = 0, n_jobs: int = 0, perplexity: float = 30.0,
+         stop: Optional[threading.Event] = None) -> np.ndarray:
     """(N, 2) t-SNE embedding: PCA to 50 dimensions, exact 3 x perplexity nearest neighbors, PCA
     initialization, 125 early-exaggeration + 375 iterations (openTSNE's default is 250 + 500; with PCA
     initialization and its learning rate N/12 the shorter run gave the same k-NN accuracy and silhouette
     in benchmarks/tsne.py at 60% of the time), gradients and threads as `tsne_plan` sizes them to N.
-    `n_jobs`: at most this many threads (0: the cores)."""
+    `n_jobs`: at most this many threads (0: the cores). `stop`: once set, the optimization ends within
+    STOP_CHECK_EVERY iterations (the embedding is then unfinished)."""
     from openTSNE import TSNE, affinity
     from openTSNE.nearest_neighbors import PrecomputedNeighbors
     from threadpoolctl import threadpool_limits
@@ -96,7 +99,9 @@ def tsne(features: np.ndarray, seed: int = 0, n_jobs: int = 0, perplexity: float
                                                 knn_index=PrecomputedNeighbors(*nearest_neighbors(reduced, k)))
         model = TSNE(n_components=2, perplexity=perplexity, initialization="pca",
                      negative_gradient_method=plan["method"], early_exaggeration_iter=125, n_iter=375,
-                     n_jobs=plan["threads"], random_state=seed, verbose=False)
+                     n_jobs=plan["threads"], random_state=seed, verbose=False,
+                     **({} if stop is None else {"callbacks": lambda *_: stop.is_set(),
+                                                  "callbacks_every_iters": STOP_CHECK_EVERY}))
         return np.asarray(model.fit(reduced.astype(np.float64), affinities=affinities))
 
 
@@ -132,9 +137,10 @@ def feature_files(run_dir: Path) -> dict[str, dict[int, Path]]:
 
 def concurrent_tsne(jobs: list[tuple[int, Path]], seed: int) -> Iterator[tuple[int, np.ndarray, float]]:
     """(index, embedding, seconds) of the t-SNE of each job's features file, in the jobs' order, computed as
-    many at a time as the cores hold their threads (tsne_plan): openTSNE's loops release the GIL, so two 1,000-point
-    embeddings on two cores take about 1.1x one. The threads are daemons, so a signal that ends the analysis
-    does not wait for the embeddings under way; they write nothing, the caller (this thread) does."""
+    many at a time as the cores hold their threads (tsne_plan): openTSNE's loops release the GIL, so two
+    1,000-point embeddings on two cores take about 1.1x one. The threads write nothing (the caller does).
+    When the caller's thread is interrupted (a signal's exception), the threads under way are stopped and
+    waited for before the exception goes on: a process must not exit while they run native code."""
     from threadpoolctl import threadpool_limits
 
     if not jobs:
@@ -143,28 +149,34 @@ def concurrent_tsne(jobs: list[tuple[int, Path]], seed: int) -> Iterator[tuple[i
     threads = tsne_plan(points)["threads"]
     parallel = max(1, min(len(jobs), processes.cores() // threads))
     finished: queue.Queue = queue.Queue()
+    stop = threading.Event()
 
     def work(index: int, path: Path) -> None:
-        started = time.perf_counter()
+        began = time.perf_counter()
         try:
-            finished.put((index, tsne(np.load(path).astype(np.float32), seed=seed, n_jobs=threads),
-                          time.perf_counter() - started))
+            finished.put((index, tsne(np.load(path).astype(np.float32), seed=seed, n_jobs=threads, stop=stop),
+                          time.perf_counter() - began))
         except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
             finished.put((index, error, 0.0))
 
-    pending, running, ready = list(jobs), 0, {}
-    with threadpool_limits(threads, user_api="blas"):  # once for all: the limit is process-wide
-        for index, _ in jobs:  # in the jobs' order, so the progress lines are too
-            while index not in ready:
-                while pending and running < parallel:
-                    threading.Thread(target=work, args=pending.pop(0), daemon=True).start()
-                    running += 1
-                done, result, seconds = finished.get()
-                running -= 1
-                if isinstance(result, BaseException):
-                    raise result
-                ready[done] = (result, seconds)
-            yield (index, *ready.pop(index))
+    pending, started, ready, received = list(jobs), [], {}, 0
+    try:
+        with threadpool_limits(threads, user_api="blas"):  # once for all: the limit is process-wide
+            for index, _ in jobs:  # in the jobs' order, so the progress lines are too
+                while index not in ready:
+                    while pending and len(started) - received < parallel:
+                        started.append(threading.Thread(target=work, args=pending.pop(0)))
+                        started[-1].start()
+                    done, result, seconds = finished.get()
+                    received += 1
+                    if isinstance(result, BaseException):
+                        raise result
+                    ready[done] = (result, seconds)
+                yield (index, *ready.pop(index))
+    finally:
+        stop.set()
+        for thread in started:
+            thread.join()
 
 
 def embed_run(run_dir: Path, seed: int = 0, recompute: bool = False) -> list[dict[str, Any]]:
