@@ -178,6 +178,63 @@ def test_tsne_is_sized_to_its_input():
     assert tsne_plan(40000, 2) == {"method": "fft", "threads": 2}
 
 
+def test_embeddings_at_once_equal_one_at_a_time_and_an_interruption_stops_them(tmp_path, monkeypatch):
+    import threading
+
+    from cifarlab.analysis.embed import concurrent_tsne
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # two cores' worth: two 400-point embeddings at once
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 64)) * 4
+    jobs = []
+    for index in range(3):
+        features = (np.repeat(centers, 100, axis=0) + rng.normal(size=(400, 64))).astype(np.float32)
+        np.save(tmp_path / f"f{index}.npy", features)
+        jobs.append((index, tmp_path / f"f{index}.npy"))
+    before = threading.active_count()
+    done = list(concurrent_tsne(jobs, seed=3))
+    assert [index for index, _, _ in done] == [0, 1, 2]  # in the jobs' order, whichever finished first
+    for index, embedding, seconds in done:
+        assert np.array_equal(embedding, tsne(np.load(jobs[index][1]), seed=3)) and seconds > 0
+    assert threading.active_count() == before
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted_after(found: list) -> None:  # a signal's exception in the caller, as SIGTERM raises it
+        for item in concurrent_tsne(jobs, seed=3):
+            found.append(item)
+            raise Interrupted
+
+    found: list = []
+    with pytest.raises(Interrupted):
+        interrupted_after(found)
+    assert len(found) == 1 and threading.active_count() == before  # the embedding under way stopped and joined
+    stop = threading.Event()
+    stop.set()
+    unfinished = tsne(np.load(jobs[0][1]), seed=3, stop=stop)  # stopped within 25 iterations: not the result
+    assert unfinished.shape == (400, 2) and not np.array_equal(unfinished, done[0][1])
+
+
+def test_cores_follow_omp_num_threads_then_the_affinity_mask(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from cifarlab import processes
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert processes.cores() == 3 and processes.cores_per(2) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert processes.cores() == len(os.sched_getaffinity(0))
+    one = sorted(os.sched_getaffinity(0))[:1]  # a process bound to one core (taskset, a Slurm job's binding)
+    code = "from cifarlab import processes; print(processes.cores())"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, one))
+    assert out.stdout.strip() == "1"
+
+
 def test_the_analysis_phase_is_timed_step_by_step(trained_run):
     summary = runs.read_summary(trained_run)
     analysis = summary["analysis"]
