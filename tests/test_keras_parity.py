@@ -88,6 +88,12 @@ class KerasTwin:
 
             self.copies.append(copy)
             return x, (a["filters"], *x.shape[1:3]), None
+        if kind == "whiten":  # a conv of fixed filters (fitted on the training split) and a bias, no padding
+            layer = layers.Conv2D(module.weight.shape[0], a["kernel"], padding="valid")
+            x = layer(x)
+            self.copies.append(lambda layer=layer, m=module: layer.set_weights(
+                [m.weight.detach().permute(2, 3, 1, 0).numpy(), m.bias.detach().numpy()]))
+            return x, (module.weight.shape[0], *x.shape[1:3]), None
         if kind == "dense":
             layer = layers.Dense(a["units"], use_bias=a["bias"])
             x = layer(x)
@@ -105,7 +111,8 @@ class KerasTwin:
             self.copies.append(copy)
             return x, (a["units"],), None
         if kind == "batchnorm":
-            layer = layers.BatchNormalization(momentum=1 - a["momentum"], epsilon=a["eps"])
+            layer = layers.BatchNormalization(momentum=1 - a["momentum"], epsilon=a["eps"], scale=a["scale"],
+                                              center=a["center"])
             x = layer(x)
 
             def copy(layer=layer, m=module, order=order):
@@ -115,7 +122,8 @@ class KerasTwin:
                         v = v.reshape(order).permute(1, 2, 0).reshape(-1)
                     return v.numpy()
 
-                layer.set_weights([keras_order(t) for t in (m.weight, m.bias, m.running_mean, m.running_var)])
+                layer.set_weights([keras_order(t) for t in (m.weight, m.bias, m.running_mean, m.running_var)
+                                   if t is not None])
 
             self.copies.append(copy)
             return x, shape, order
@@ -150,8 +158,10 @@ def randomize_batchnorm(net, seed=0):
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 

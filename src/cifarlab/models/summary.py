@@ -37,10 +37,12 @@ class LayerRow:
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
-    """(trainable, non_trainable) parameter counts of a module, Keras style."""
+    """(trainable, non_trainable) parameter counts of a module, Keras style: batch norm's moving statistics
+    and weights held as buffers (the fitted, frozen filters of a whitening layer) are non-trainable."""
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    stats = sum(b.numel() for name, b in module.named_buffers() if name.split(".")[-1] in ("running_mean", "running_var"))
+    stats = sum(b.numel() for name, b in module.named_buffers()
+                if name.split(".")[-1] in ("running_mean", "running_var", "weight"))
     return trainable, frozen + stats
 
 
