@@ -118,19 +118,19 @@ def main() -> None:
                                     [*data, "train.epochs=100"], out_dir))
         budget = results[0]["wall_s"] if not args.skip_reference else None
         targets = {}
-        for name, target, limit in (("cnn3-fast", 0.80, budget), ("cifar10-head-best", 0.83, None)):
+        # (recipe, target mean test accuracy, each run's wall-time budget, each run's training-time budget):
+        # cnn3-fast within the reference's early-stopping run (unmeasured: not met), the best in 120 s of training
+        recipes = (("cnn3-fast", 0.80, budget or 0.0, None), ("cifar10-head-best", 0.83, None, 120.0))
+        for name, target, wall_limit, train_limit in recipes:
             seeds = [cifarlab_run(name, REPO / "configs" / f"{name}.yaml", [*data, f"seed={seed}"], out_dir)
                      for seed in (0, 1, 2)]
             results.extend(seeds)
             mean = sum(r["test_acc"] for r in seeds) / len(seeds)
             wall, train = max(r["wall_s"] for r in seeds), max(r["train_s"] for r in seeds)
-            if name == "cnn3-fast":  # each run's whole wall time within the reference's early-stopping run
-                met = limit is not None and mean >= target and wall <= limit
-            else:  # each run at most 120 s of training
-                met = mean >= target and train <= 120
+            met = mean >= target and (wall_limit is None or wall <= wall_limit) and (train_limit is None or train <= train_limit)
             targets[name] = {"target_test_acc": target, "mean_test_acc": round(mean, 4),
                              "test_acc": [r["test_acc"] for r in seeds], "max_wall_s": wall, "max_train_s": train,
-                             "wall_budget_s": limit, "train_budget_s": None if limit is not None else 120, "met": met}
+                             "wall_budget_s": wall_limit, "train_budget_s": train_limit, "met": met}
         fashion = None
         if not args.skip_fashion_mnist:
             seeds = [fashion_mnist_run(seed, out_dir) for seed in (0, 1, 2)]

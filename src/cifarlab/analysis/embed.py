@@ -7,10 +7,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import queue
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -135,48 +135,30 @@ def feature_files(run_dir: Path) -> dict[str, dict[int, Path]]:
     return found
 
 
-def concurrent_tsne(jobs: list[tuple[int, Path]], seed: int) -> Iterator[tuple[int, np.ndarray, float]]:
-    """(index, embedding, seconds) of the t-SNE of each job's features file, in the jobs' order, computed as
-    many at a time as the cores hold their threads (tsne_plan): openTSNE's loops release the GIL, so two
-    1,000-point embeddings on two cores take about 1.1x one. The threads write nothing (the caller does).
-    When the caller's thread is interrupted (a signal's exception), the threads under way are stopped and
-    waited for before the exception goes on: a process must not exit while they run native code."""
+def concurrent_tsne(jobs: list[tuple[int, Path]], points: int, seed: int) -> Iterator[tuple[int, np.ndarray, float]]:
+    """(index, embedding, seconds) of the t-SNE of each job's features file (`points` rows each), in the
+    jobs' order, computed as many at a time as the cores hold their threads (tsne_plan): openTSNE's loops
+    release the GIL, so two 1,000-point embeddings on two cores take about 1.1x one. The threads write
+    nothing (the caller does). When the caller's thread is interrupted (a signal's exception), the
+    embeddings under way are stopped and waited for before the exception goes on: a process must not exit
+    while a thread runs native code."""
     from threadpoolctl import threadpool_limits
 
-    if not jobs:
-        return
-    points = len(np.load(jobs[0][1], mmap_mode="r"))
     threads = tsne_plan(points)["threads"]
-    parallel = max(1, min(len(jobs), processes.cores() // threads))
-    finished: queue.Queue = queue.Queue()
     stop = threading.Event()
 
-    def work(index: int, path: Path) -> None:
+    def work(job: tuple[int, Path]) -> tuple[int, np.ndarray, float]:
         began = time.perf_counter()
-        try:
-            finished.put((index, tsne(np.load(path).astype(np.float32), seed=seed, n_jobs=threads, stop=stop),
-                          time.perf_counter() - began))
-        except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
-            finished.put((index, error, 0.0))
+        embedding = tsne(np.load(job[1]).astype(np.float32), seed=seed, n_jobs=threads, stop=stop)
+        return job[0], embedding, time.perf_counter() - began
 
-    pending, started, ready, received = list(jobs), [], {}, 0
+    pool = ThreadPoolExecutor(max(1, processes.cores() // threads))
     try:
         with threadpool_limits(threads, user_api="blas"):  # once for all: the limit is process-wide
-            for index, _ in jobs:  # in the jobs' order, so the progress lines are too
-                while index not in ready:
-                    while pending and len(started) - received < parallel:
-                        started.append(threading.Thread(target=work, args=pending.pop(0)))
-                        started[-1].start()
-                    done, result, seconds = finished.get()
-                    received += 1
-                    if isinstance(result, BaseException):
-                        raise result
-                    ready[done] = (result, seconds)
-                yield (index, *ready.pop(index))
+            yield from pool.map(work, jobs)
     finally:
         stop.set()
-        for thread in started:
-            thread.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def embed_run(run_dir: Path, seed: int = 0, recompute: bool = False) -> list[dict[str, Any]]:
@@ -190,11 +172,11 @@ def embed_run(run_dir: Path, seed: int = 0, recompute: bool = False) -> list[dic
     labels = np.load(Path(run_dir) / "features" / "labels.npy")
     pairs = [(layer, epoch, path) for layer, by_epoch in files.items() for epoch, path in sorted(by_epoch.items())]
     cache = [path.with_name(path.name.replace(".npy", ".tsne.npy")) for _, _, path in pairs]
-    reused = [index for index, cached in enumerate(cache) if cached.is_file() and not recompute]
-    computed = concurrent_tsne([(i, pairs[i][2]) for i in range(len(pairs)) if i not in reused], seed)
+    reused = {index for index, cached in enumerate(cache) if cached.is_file() and not recompute}
+    computed = concurrent_tsne([(i, pairs[i][2]) for i in range(len(pairs)) if i not in reused], len(labels), seed)
     found: dict[int, dict[str, Any]] = {}
     for number, (index, embedding, seconds) in enumerate(
-            itertools.chain(((i, np.load(cache[i]), 0.0) for i in reused), computed), start=1):
+            itertools.chain(((i, np.load(cache[i]), 0.0) for i in sorted(reused)), computed), start=1):
         started = time.perf_counter()
         layer, epoch, _ = pairs[index]
         if index not in reused:

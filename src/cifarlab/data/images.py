@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 
 # Larger images are refused before decoding (a PNG of a few KB can declare 30000 x 30000 pixels:
 # a decompression bomb). Photos of up to 40 megapixels pass.
@@ -44,5 +44,5 @@ def decode_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: image is too large ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: not a readable image ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: not a readable image ({first_line(e)})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()

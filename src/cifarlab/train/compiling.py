@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..data.downloads import cache_dir
+from ..errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class CompiledOrEager:
         try:
             out = self.compiled(x)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
-            log.warning("train.compile: torch.compile failed (%s); training eagerly", str(e).splitlines()[0])
+            log.warning("train.compile: torch.compile failed (%s); training eagerly", first_line(e))
             self.compiled = self.model
             out = self.model(x)
         self.checked = True

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import processes
 from ..data.loader import DeviceLoader, shard
-from ..errors import CifarlabError, ConfigError
+from ..errors import CifarlabError, ConfigError, first_line
 from ..evaluation import Evaluation, evaluate
 
 INIT_METHOD_ENV = "CIFARLAB_DIST_INIT"  # the launcher's file:// rendezvous, for its ranks
@@ -174,7 +174,6 @@ def peer_errors() -> Iterator[None]:
     except RuntimeError as e:
         if not lost_rank(e):
             raise
-        lines = str(e).strip().splitlines()
-        raise RankLost(f"rank {rank()}: another rank ended, see its output ({lines[0] if lines else e})") from None
+        raise RankLost(f"rank {rank()}: another rank ended, see its output ({first_line(e)})") from None
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..errors import first_line
 from ..files import append_line, atomic_write
 from ..optional import optional_modules
 from ..settings import flat_settings
@@ -157,8 +158,7 @@ class TensorBoardLogger(Logger):
                 warnings.simplefilter("ignore")
                 self.writer.add_graph(model, example)
         except Exception as e:  # noqa: BLE001 - a model the tracer cannot handle still trains
-            lines = str(e).strip().splitlines()
-            log.warning("tensorboard: no model graph (%s: %s)", type(e).__name__, lines[0] if lines else "")
+            log.warning("tensorboard: no model graph (%s: %s)", type(e).__name__, first_line(e))
         finally:
             model.train(training)
 

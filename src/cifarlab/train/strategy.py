@@ -12,7 +12,6 @@ and only rank 0 runs the callbacks and writes the run directory.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, ContextManager, Optional
 
 import numpy as np
