@@ -1,6 +1,8 @@
 # Every target sets up .venv itself: torch 2.13.0 (a CPU build on our machines), then cifarlab in
 # editable mode. `make demo` installs only what the demo needs (cifarlab's own dependencies); `make
-# test` and the others add the test extras (keras, onnx, loggers, dask, optuna, ...).
+# test` and the others add the test extras (keras, onnx, loggers, dask, optuna, ...), with uv where
+# it installs (its downloads and bytecode compilation run in parallel), else pip. Both compile the
+# bytecode at install: where PYTHONDONTWRITEBYTECODE is set, nothing would compile it later.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,6 +20,8 @@ $(CORE): pyproject.toml
 	touch $(CORE)
 
 $(STAMP): $(CORE)
+	( $(BIN)/pip install --quiet uv && \
+	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[test,export,loggers,cluster]' ) || \
 	$(BIN)/pip install --quiet -e '.[test,export,loggers,cluster]'
 	touch $(STAMP)
 

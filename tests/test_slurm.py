@@ -241,46 +241,6 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> str:
     return output
 
 
-@pytest.mark.slow
-def test_a_study_on_slurm_completes_on_127_0_0_1_and_a_rerun_submits_nothing(slurm, cifar10_head, tmp_path):
-    path = write_study(tmp_path, cifar10_head, epochs=2, jobs=2)
-    ids = [run.id for run in load_study(path).runs]
-    out = tmp_path / "out"
-    sweep = start(slurm, "sweep", path, "--out", out)
-    try:
-        # while a run trains in a job: the listeners of the daemons, the scheduler (in the sweep) and the workers (jobs)
-        trainer = wait_for(running(sweep, lambda: next((int(h) for r in ids if (out / r).is_dir()
-                                                         for h in [runs.lock_holder(out / r)] if h), None)),
-                           "a run to train in a Slurm job", timeout=300)
-        in_jobs = slurm.job_pids()
-        assert trainer in in_jobs  # the training process runs inside a Slurm job
-        print(slurm.run("sinfo"), slurm.run("squeue"), sep="\n")
-        daemons = listening(set(slurm.pids.values()))
-        scheduler = listening({sweep.pid} | descendants(sweep.pid))
-        workers = listening(in_jobs)
-        print("listeners: daemons", sorted(daemons), "scheduler", sorted(scheduler), "workers", sorted(workers))
-        assert {f"127.0.0.1:{port}" for port in slurm.ports.values()} <= daemons
-        assert scheduler and len(workers) >= 2  # the scheduler; each worker's nanny, worker and HTTP server
-        assert all(a.startswith("127.0.0.1:") for a in daemons | scheduler | workers), (daemons, scheduler, workers)
-        output = finish(sweep)
-    finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, signal.SIGKILL)
-            sweep.wait()
-    assert "on Slurm through Dask" in output and output.count(": completed") == 2, output
-    for run_id in ids:
-        assert runs.read_summary(out / run_id)["status"] == "completed"
-        assert epochs_of(out / run_id) == [1, 2]  # each epoch once
-    assert list((out / "logs" / "slurm").glob("*.err"))  # the jobs' own output beside the study, not in the cwd
-    wait_for(lambda: not slurm.queue(), "the study's jobs to leave squeue", timeout=60, interval=0.2)
-    submitted = slurm.known_jobs()
-    assert len(submitted) >= 2
-    again = start(slurm, "sweep", path, "--out", out)
-    output = finish(again)
-    assert output.count("skipped (completed before)") == 2, output
-    assert slurm.known_jobs() <= submitted and not slurm.queue()  # nothing was submitted
-
-
 def job_of(pid: int) -> str:
     """The Slurm job a process runs in (SLURM_JOB_ID, which the job's processes inherit)."""
     variables = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
@@ -288,7 +248,8 @@ def job_of(pid: int) -> str:
 
 
 @pytest.mark.slow
-def test_a_cancelled_job_s_run_is_resumed_and_the_study_completes(slurm, cifar10_head, tmp_path):
+def test_a_study_on_slurm_listens_on_127_0_0_1_resumes_a_cancelled_job_s_run_and_a_rerun_submits_nothing(
+        slurm, cifar10_head, tmp_path):
     path = write_study(tmp_path, cifar10_head, epochs=4, jobs=1, limit=600)
     ids = [run.id for run in load_study(path).runs]
     out = tmp_path / "out"
@@ -304,22 +265,37 @@ def test_a_cancelled_job_s_run_is_resumed_and_the_study_completes(slurm, cifar10
             return None
 
         victim, trainer = wait_for(running(sweep, mid_run), "a run to finish an epoch in a Slurm job", timeout=300)
-        job = job_of(trainer)
-        print(slurm.run("squeue"))
-        slurm.run("scancel", job)
+        # while the run trains in a job: the listeners of the daemons, the scheduler (in the sweep) and the worker (a job)
+        in_jobs = slurm.job_pids()
+        assert trainer in in_jobs  # the training process runs inside a Slurm job
+        print(slurm.run("sinfo"), slurm.run("squeue"), sep="\n")
+        daemons = listening(set(slurm.pids.values()))
+        scheduler = listening({sweep.pid} | descendants(sweep.pid))
+        workers = listening(in_jobs)
+        print("listeners: daemons", sorted(daemons), "scheduler", sorted(scheduler), "workers", sorted(workers))
+        assert {f"127.0.0.1:{port}" for port in slurm.ports.values()} <= daemons
+        assert scheduler and len(workers) >= 2  # the scheduler; the worker's nanny, worker and HTTP server
+        assert all(a.startswith("127.0.0.1:") for a in daemons | scheduler | workers), (daemons, scheduler, workers)
+        slurm.run("scancel", job_of(trainer))
         output = finish(sweep)
     finally:
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
             sweep.wait()
-    assert output.count(": completed") == 2, output
+    assert "on Slurm through Dask" in output and output.count(": completed") == 2, output
     for run_id in ids:
         assert runs.read_summary(out / run_id)["status"] == "completed", run_id
         assert epochs_of(out / run_id) == [1, 2, 3, 4], run_id  # no epoch lost or written twice
     starts = [line for line in (out / "logs" / f"{victim}.log").read_text().splitlines() if "-m cifarlab.cli train" in line]
     assert len(starts) == 2 and "--resume" in starts[1], starts  # started, then resumed in another job
-    assert len(slurm.known_jobs() - before) >= 2  # the cancelled job was replaced
+    assert list((out / "logs" / "slurm").glob("*.err"))  # the jobs' own output beside the study, not in the cwd
     wait_for(lambda: not slurm.queue(), "the study's jobs to leave squeue", timeout=60, interval=0.2)
+    submitted = slurm.known_jobs()
+    assert len(submitted - before) >= 2  # the cancelled job was replaced
+    again = start(slurm, "sweep", path, "--out", out)
+    output = finish(again)
+    assert output.count("skipped (completed before)") == 2, output
+    assert slurm.known_jobs() <= submitted and not slurm.queue()  # nothing was submitted
 
 
 SEARCH = """
@@ -333,7 +309,7 @@ base:
 search:
   optim.lr: {{float: [3.0e-4, 3.0e-3], log: true}}
   train.batch_size: {{choice: [32, 64]}}
-tune: {{sampler: random, heartbeat: 5}}
+tune: {{sampler: random, heartbeat: 3}}
 slurm: {{interface: lo, cores: 1, memory: 2GB, time: '00:30:00'}}
 """
 
