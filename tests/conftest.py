@@ -131,11 +131,11 @@ def copy_run(run: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(cifar10_head, tmp_path_factory) -> Path:
-    """cnn3-avg trained 4 epochs on the whole CIFAR-10 head (4653 train, 517 validation, 1017 test
-    images), with the features of flatten and fc1 of 300 test images captured at the beginning, middle and
+    """cnn3-avg trained 4 epochs in bfloat16 on the whole CIFAR-10 head (4653 train, 517 validation, 1017
+    test images), with the features of flatten and fc1 of 300 test images captured at the beginning, middle and
     last epoch (0: before the first step, 2, 4) and embedded, and its report.html."""
     return train_once(tmp_path_factory, "trained", [
-        f"data.root={cifar10_head}", "train.epochs=4", "model.preset=cnn3-avg",
+        f"data.root={cifar10_head}", "train.epochs=4", "model.preset=cnn3-avg", "train.precision=bf16",
         "analysis.tsne.layers=[flatten,fc1]", "analysis.tsne.samples=300", "analysis.tsne.split=test"])
 
 

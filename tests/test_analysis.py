@@ -76,7 +76,7 @@ def test_eval_reports_confusion_and_top_k(trained_run, tmp_path):
 def test_predict_matches_eval_for_the_same_image(trained_run, tmp_path):
     run = LoadedRun(trained_run)
     images, labels = run.split("test")
-    result = evaluate(run.model, run.loader("test"))
+    result = evaluate(run.model, run.loader("test"), run.config.train.precision)  # as eval and predict score
     paths = []
     for index in (0, 1, 2):
         path = tmp_path / f"test{index}.png"

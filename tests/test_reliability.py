@@ -271,8 +271,8 @@ def test_a_class_folder_with_images_in_one_split_only(cifar10_head, tmp_path, em
 def test_sigterm_while_embedding_ends_truthfully_and_report_finishes_it(cifar10_head, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(cli_command(
-        "train", f"data.root={cifar10_head}", "data.train_limit=600", "data.test_limit=1000", "model.preset=cnn3",
-        "train.epochs=2", "analysis.tsne.layers=[fc1]", "analysis.tsne.samples=1000", "analysis.tsne.split=test",
+        "train", f"data.root={cifar10_head}", "data.train_limit=600", "data.test_limit=600", "model.preset=cnn3",
+        "train.epochs=2", "analysis.tsne.layers=[fc1]", "analysis.tsne.samples=600", "analysis.tsne.split=test",
         "--run-dir", run, "-q"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:  # three embeddings (fc1 at epochs 0, 1, 2): stop the process once the first is cached, during the next
         wait_for(lambda: list((run / "features").glob("*.tsne.npy")) or proc.poll() is not None, "the first embedding",

@@ -27,7 +27,7 @@ def write_study(folder: Path, text: str) -> Path:
 GRID = """
 name: grid
 base:
-  data: {{root: {root}, train_limit: 700, test_limit: 300}}
+  data: {{root: {root}, train_limit: 400, test_limit: 200}}
   model: {{preset: lab-m1}}
   train: {{epochs: 2, log_every: 5}}
   analysis: {{report: false}}

@@ -36,7 +36,7 @@ def test_early_stopping_fires_after_patience_epochs_and_keeps_the_best():
 
 
 def test_cnn3_avg_learns_cifar10_head(trained_run, tmp_path):
-    # trained_run (conftest.py): cnn3-avg, train.epochs=4 on the whole CIFAR-10 head, otherwise the defaults
+    # trained_run (conftest.py): cnn3-avg, train.epochs=4 in bf16 on the whole CIFAR-10 head, otherwise the defaults
     assert runs.read_run_config(trained_run).model.preset == "cnn3-avg"
     run = copy_run(trained_run, tmp_path)  # eval writes eval_test.json
     summary = runs.read_summary(run)
@@ -58,7 +58,7 @@ def test_cnn3_avg_learns_cifar10_head(trained_run, tmp_path):
 
 @pytest.mark.slow
 def test_same_config_twice_gives_identical_metrics(cifar10_head, tmp_path):
-    overrides = [f"data.root={cifar10_head}", "data.train_limit=1200", "train.epochs=2", "train.log_every=5",
+    overrides = [f"data.root={cifar10_head}", "data.train_limit=600", "train.epochs=2", "train.log_every=2",
                  "augment.preset=crop-flip", "model.preset=cnn3", f"train.out_dir={tmp_path}", "analysis.report=false"]
     first = fit(load_config(overrides=overrides))
     second = fit(load_config(overrides=overrides))
