@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/time_to_accuracy.py
 	$(BIN)/python benchmarks/augment_overhead.py
+	$(BIN)/python benchmarks/relu_pool.py
 	$(BIN)/python benchmarks/tsne.py --sklearn
 	$(BIN)/python benchmarks/compile_start.py
 	$(BIN)/python benchmarks/study_overhead.py

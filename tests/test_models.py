@@ -1,4 +1,5 @@
 import re
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -131,3 +132,46 @@ def test_residual_adds_its_input_and_must_keep_the_shape():
         build_layers([{"residual": 3}], (3, 8, 8))
     with pytest.raises(ConfigError, match=r"layer 0 \(residual\) layer 1: unknown layer kind 'conv9'"):
         build_layers([{"residual": ["relu", "conv9"]}], (3, 8, 8))
+
+
+class ReluInputs(torch.overrides.TorchFunctionMode):
+    """The shape of every tensor torch's ReLU runs on in its block."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.relu, torch.nn.functional.relu, torch.relu_):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_relu_before_a_max_pool_runs_after_it_with_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    model = model_for("cnn3")  # conv, BN, ReLU, max-pool x 3: the ReLUs run on the pooled maps
+    written = torch.nn.Sequential(OrderedDict(model.named_children())).train()  # the same modules, each run in the written order
+    images = torch.randn(8, 3, 32, 32)
+    images[:, :, :4] = 0.0  # flat regions: ties in the pools' windows
+    labels = torch.arange(8) % 10
+    results = []
+    for net in (model.train(), written):
+        net.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        with ReluInputs() as seen:
+            logits = net(images)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        results.append((logits, {n: p.grad.clone() for n, p in net.named_parameters()}, seen.shapes))
+    (fast, fast_grads, fast_relus), (plain, plain_grads, plain_relus) = results
+    assert torch.equal(fast, plain)
+    assert all(torch.equal(fast_grads[n], plain_grads[n]) for n in plain_grads)
+    assert plain_relus[:3] == [(8, 32, 32, 32), (8, 64, 16, 16), (8, 128, 8, 8)]
+    assert fast_relus[:3] == [(8, 32, 16, 16), (8, 64, 8, 8), (8, 128, 4, 4)]
+    # a hook on either layer (feature capture, a summary) sees the written order: relu1's output is unpooled
+    captured = []
+    handle = model.relu1.register_forward_hook(lambda m, i, out: captured.append(out.shape))
+    torch.manual_seed(1)
+    with ReluInputs() as seen:
+        assert torch.equal(model(images), plain)
+    handle.remove()
+    assert captured == [(8, 32, 32, 32)] and seen.shapes[0] == (8, 32, 32, 32) and seen.shapes[1] == (8, 64, 8, 8)

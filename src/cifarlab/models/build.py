@@ -1,4 +1,4 @@
-"""Models from presets or YAML layer lists: a ModelConfig -> torch.nn.Sequential with stable layer names.
+"""Models from presets or YAML layer lists: a ModelConfig -> a torch.nn.Sequential (Layers) with stable layer names.
 
 The layer items and their kinds are models/layers.py (the LAYER_KINDS registry).
 
@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 import yaml
 from torch import nn
 
@@ -213,5 +214,41 @@ def check_layer_names(model: nn.Module, names: Sequence[str], key: str = "analys
                           f"(layers: {', '.join(shown)}{', or a dotted path inside one' if len(known) > len(shown) + 1 else ''})")
 
 
+class Layers(nn.Sequential):
+    """nn.Sequential, but a ReLU followed by a max-pool runs as the pool, then the ReLU: the same values and
+    gradients (max commutes with ReLU, ties and -inf padding included) on a quarter of the elements. cnn3's
+    train step is about 8 % faster on a CPU (benchmarks/relu_pool.py). Where either layer has a hook (feature
+    capture, a summary), both run in their written order, so the hook sees what the layer list says."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self._modules.values())
+        i = 0
+        while i < len(layers):
+            if i + 1 < len(layers) and swappable(layers[i], layers[i + 1]):
+                x = layers[i](layers[i + 1](x))
+                i += 2
+            else:
+                x = layers[i](x)
+                i += 1
+        return x
+
+
+def swappable(relu: nn.Module, pool: nn.Module) -> bool:
+    return (type(relu) is nn.ReLU and type(pool) is nn.MaxPool2d and not pool.return_indices
+            and not any(hooked(m) for m in (relu, pool)) and not global_hooks())
+
+
+def hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def global_hooks() -> bool:
+    from torch.nn.modules import module as base
+
+    return bool(base._global_forward_hooks or base._global_forward_pre_hooks or base._global_backward_hooks
+                or base._global_backward_pre_hooks)
+
+
 def build_layers(items: list, input_shape: tuple[int, int, int]) -> nn.Sequential:
-    return nn.Sequential(build_items(items, tuple(input_shape), "layer")[0])
+    return Layers(build_items(items, tuple(input_shape), "layer")[0])
