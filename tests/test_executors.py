@@ -48,14 +48,14 @@ def table(folder: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_dask_local_cluster_gives_the_local_results_and_a_rerun_starts_nothing(cifar10_head, tmp_path):
-    study = load_study(write_study(tmp_path, cifar10_head))
+    study = load_study(write_study(tmp_path, cifar10_head, limit=300))
     run_jobs(study, tmp_path / "local", workers=2)
     summarize_study(study, tmp_path / "local")
     outcome = run_jobs(study, tmp_path / "dask", executor=DaskExecutor(workers=2))
     assert set(outcome.values()) == {"completed"}
     summarize_study(study, tmp_path / "dask")
     assert table(tmp_path / "dask") == table(tmp_path / "local")  # same accuracies, epochs, stops
-    assert float(table(tmp_path / "dask")[0]["test_acc"]) > 0.15
+    assert float(table(tmp_path / "dask")[0]["test_acc"]) > 0.15  # adam: 0.18 on 270 images in 2 epochs
     mtimes = {r.id: (tmp_path / "dask" / r.id / runs.SUMMARY).stat().st_mtime_ns for r in study.runs}
     again = invoke("sweep", study.path, "--executor", "dask", "--workers", "2", "--out", tmp_path / "dask")
     assert again.returncode == 0, again.stderr
