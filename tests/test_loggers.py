@@ -18,6 +18,7 @@ from cifarlab import runs
 from cifarlab.errors import ConfigError, Interrupted
 from cifarlab.train.loggers import LOGGERS, Logger, scalar_metrics
 from cifarlab.hooks import HOOKS
+from helpers import wait_for
 
 METRIC_KEYS = ["lr", "test_acc", "test_loss", "train_acc", "train_loss", "val_acc", "val_loss"]
 
@@ -260,12 +261,24 @@ def wandb_records(path: Path):
             yield record
 
 
+def finished_records(path: Path) -> list:
+    """The records of a W&B run file that holds the run's exit record; None before (a record may be half written)."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        records = list(wandb_records(path))
+    except DecodeError:
+        return None
+    return records if any(r.WhichOneof("record_type") == "exit" for r in records) else None
+
+
 def test_wandb_offline_run_holds_the_history(cifar10_head, tmp_path):
     pytest.importorskip("wandb")
     run = fit(cifar10_head, tmp_path, ["wandb"])
     (folder,) = (run.path / "wandb").glob("offline-run-*")
     (file,) = folder.glob("run-*.wandb")
-    records = list(wandb_records(file))
+    # the file is written by W&B's own service process: read it once that process has written the run's exit
+    records = wait_for(lambda: finished_records(file), "W&B's exit record in its run file", timeout=60)
     kinds = [r.WhichOneof("record_type") for r in records]
     logged = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
               for r in records if r.WhichOneof("record_type") == "history"]
