@@ -175,3 +175,11 @@ def test_a_relu_before_a_max_pool_runs_after_it_with_the_same_values_and_gradien
         assert torch.equal(model(images), plain)
     handle.remove()
     assert captured == [(8, 32, 32, 32)] and seen.shapes[0] == (8, 32, 32, 32) and seen.shapes[1] == (8, 64, 8, 8)
+    # so does a hook on every module (torch.nn.modules.module.register_module_forward_hook)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, out: None)
+    try:
+        with ReluInputs() as seen:
+            model(images)
+    finally:
+        handle.remove()
+    assert seen.shapes[:3] == plain_relus[:3]

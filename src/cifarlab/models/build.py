@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 import yaml
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from ..errors import ConfigError
 from .layers import LAYER_KINDS, build_items, parse_layer
@@ -223,9 +224,10 @@ class Layers(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self._modules.values())
+        swap = not global_hooks()
         i = 0
         while i < len(layers):
-            if i + 1 < len(layers) and swappable(layers[i], layers[i + 1]):
+            if swap and i + 1 < len(layers) and swappable(layers[i], layers[i + 1]):
                 x = layers[i](layers[i + 1](x))
                 i += 2
             else:
@@ -236,7 +238,7 @@ class Layers(nn.Sequential):
 
 def swappable(relu: nn.Module, pool: nn.Module) -> bool:
     return (type(relu) is nn.ReLU and type(pool) is nn.MaxPool2d and not pool.return_indices
-            and not any(hooked(m) for m in (relu, pool)) and not global_hooks())
+            and not hooked(relu) and not hooked(pool))
 
 
 def hooked(module: nn.Module) -> bool:
@@ -245,10 +247,9 @@ def hooked(module: nn.Module) -> bool:
 
 
 def global_hooks() -> bool:
-    from torch.nn.modules import module as base
-
-    return bool(base._global_forward_hooks or base._global_forward_pre_hooks or base._global_backward_hooks
-                or base._global_backward_pre_hooks)
+    """Hooks registered for every module (torch.nn.modules.module.register_module_forward_hook and kin)."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
 
 
 def build_layers(items: list, input_shape: tuple[int, int, int]) -> nn.Sequential:
