@@ -83,3 +83,27 @@ def test_demo_data_choice(cifar10_head):
     expected = "fashion-mnist" if Path("/usr/share/datasets/fashion-mnist").is_dir() else "synthetic"
     assert overrides == [f"data.dataset={expected}"]
     assert "because cifar10: not found" in why
+
+
+def test_the_run_summary_table_has_one_header_line_in_80_columns(small_run, tmp_path, monkeypatch):
+    import io
+
+    import cifarlab
+    from rich.console import Console
+
+    from cifarlab import cli
+    from conftest import copy_run
+
+    run = copy_run(small_run, tmp_path)  # with a long run's wider figures: 100 epochs, 1234.5 s, 12345 img/s
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(epochs_run=100, tested_epoch=100, train_time_s=1234.5, train_img_per_s=12345.0)
+    (run / "summary.json").write_text(json.dumps(summary))
+    printed = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=printed, width=80))
+    cli.print_summary(cifarlab.Run(run))
+    lines = printed.getvalue().splitlines()
+    assert max(len(line) for line in lines[:-1]) <= 80  # the run directory line is as long as its path
+    (header,) = [line for line in lines if line.startswith("┃")]  # one line: the header did not wrap
+    assert header.split() == ["┃", "epochs", "┃", "train", "┃", "val", "┃", "test", "┃", "time", "┃", "img/s", "┃",
+                              "params", "┃"]
+    assert "weights: epoch 100) and training time" in printed.getvalue()  # the title names the tested epoch

@@ -44,9 +44,9 @@ def print_summary(run: "cifarlab.Run") -> None:
     tested = s.get("tested_epoch", s["best_epoch"])
     which = {"best": "the best epoch's", "last": "the last epoch's"}.get(s.get("test_weights"), "the best epoch's")
     table = Table(title=f"accuracy ({which} weights: epoch {tested}) and training time")
-    for column in ("tested epoch", "epochs", "train", "val", "test", "time", "img/s", "params"):
+    for column in ("epochs", "train", "val", "test", "time", "img/s", "params"):  # the title names the tested epoch
         table.add_column(column, justify="right")
-    table.add_row(str(tested), str(s["epochs_run"]), pct(s["train_acc"]), pct(s["val_acc"]),
+    table.add_row(str(s["epochs_run"]), pct(s["train_acc"]), pct(s["val_acc"]),
                   pct(s["test_acc"]), f"{s['train_time_s']:.1f} s", f"{s['train_img_per_s']:.0f}",
                   f"{s['params']['trainable'] + s['params']['non_trainable']:,}")
     out.print(table)
