@@ -18,7 +18,6 @@ from ..evaluation import Evaluation
 from ..files import atomic_write
 from ..hooks import Callback, TrainerView
 from ..models.summary import summarize
-from . import plots
 from .embed import feature_files
 from .figures import FIGURES
 from .metrics import per_class_accuracy
@@ -115,6 +114,8 @@ class ReportCallback(Callback):
 
 def build_comparison(run_dirs: list[Path], output: Path) -> Path:
     """One page comparing runs: a sortable table of their summaries and overlaid curves."""
+    from . import plots  # matplotlib: imported where a figure is drawn, not by every `cifarlab train`
+
     rows, series_acc, series_loss = [], [], []
     for run_dir in run_dirs:
         run_dir = runs.resolve_run(run_dir)
