@@ -1,13 +1,15 @@
 # Every target sets up .venv itself: torch 2.13.0 (a CPU build on our machines), then cifarlab in
 # editable mode. `make demo` installs only what the demo needs (cifarlab's own dependencies); `make
-# test` and the others add the test extras (keras, onnx, loggers, dask, optuna, ...), with uv where
-# it installs (its downloads and bytecode compilation run in parallel), else pip. Both compile the
+# test` and the others add the test extras (keras, onnx, loggers, dask, optuna, ...). Both install with
+# uv where it installs (it unpacks wheels and compiles their bytecode in parallel), else with pip; uv is
+# pointed at pip's local wheels (PIP_FIND_LINKS), where a machine keeps its torch build. Both compile the
 # bytecode at install: where PYTHONDONTWRITEBYTECODE is set, nothing would compile it later.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORE := $(VENV)/.core
 STAMP := $(VENV)/.installed
+UV = $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))
 # Real CIFAR-10 images used by `make demo` when the full set is not in the cache.
 CIFAR10_HEAD ?= ../shared/data/cifar10-head
 
@@ -15,14 +17,12 @@ CIFAR10_HEAD ?= ../shared/data/cifar10-head
 
 $(CORE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e .
+	( $(BIN)/pip install --quiet uv && $(UV) torch==2.13.0 -e . ) || \
+	( $(BIN)/pip install --quiet torch==2.13.0 && $(BIN)/pip install --quiet -e . )
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	( $(BIN)/pip install --quiet uv && \
-	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[test,export,loggers,cluster]' ) || \
-	$(BIN)/pip install --quiet -e '.[test,export,loggers,cluster]'
+	$(UV) -e '.[test,export,loggers,cluster]' || $(BIN)/pip install --quiet -e '.[test,export,loggers,cluster]'
 	touch $(STAMP)
 
 demo: $(CORE)
