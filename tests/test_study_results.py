@@ -48,7 +48,7 @@ def test_variants_that_set_disjoint_keys_keep_every_setting(cifar10_head, tmp_pa
     study_file = tmp_path / "study.yaml"
     study_file.write_text(DISJOINT.format(root=cifar10_head))
     lines = []
-    result = cifarlab.run_study(study_file, out=tmp_path / "out", workers=2, on_run=lambda i, what: lines.append(i))
+    result = cifarlab.run_study(study_file, out=tmp_path / "out", on_run=lambda i, what: lines.append(i))
     assert set(result.outcome.values()) == {"completed"} and sorted(lines) == sorted(result.outcome)
     rows = table_of(tmp_path / "out" / "results.csv")
     assert len(rows) == 6

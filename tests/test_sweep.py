@@ -51,7 +51,7 @@ def test_grid_study_end_to_end_and_repeatable(cifar10_head, tmp_path):
     first, second = tmp_path / "one", tmp_path / "two"
     outcome = run_jobs(study, first, workers=2)
     assert set(outcome.values()) == {"completed"}
-    run_jobs(study, second, workers=2)
+    run_jobs(study, second, workers=1)  # one worker, the runs in another order of starts: the same results
     rows = summarize_study(study, first)
     assert [(r["optim.name"], r["model.batchnorm"]) for r in rows] == [
         ("adam", "true"), ("adam", "false"), ("sgd", "true"), ("sgd", "false")]
@@ -126,7 +126,7 @@ def test_killing_a_sweep_and_rerunning_finishes_only_what_was_missing(cifar10_he
     done_before = {r.id: (out / r.id / "summary.json").stat().st_mtime_ns for r in study.runs
                    if (out / r.id / "summary.json").is_file()}
     assert study.runs[0].id in done_before and len(done_before) < 4
-    outcome = run_jobs(study, out, workers=2)
+    outcome = run_jobs(study, out)
     assert all(outcome[i] == "skipped (completed before)" for i in done_before)
     assert sum(v == "completed" for v in outcome.values()) == 4 - len(done_before)
     for run_id, mtime in done_before.items():
@@ -170,7 +170,7 @@ variants:
 """)
     study = load_study(path)
     out = tmp_path / "out"
-    assert set(run_jobs(study, out, workers=2).values()) == {"completed"}
+    assert set(run_jobs(study, out).values()) == {"completed"}
     summarize_study(study, out)
     # one run has no validation curve: both are drawn (training panels), none is left out
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["curves.pdf", "curves.png", "test_acc.pdf",
