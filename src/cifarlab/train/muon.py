@@ -8,6 +8,7 @@ group with `"muon": True` takes the Muon rule, the others SGD with (Nesterov) mo
 from __future__ import annotations
 
 import torch
+from torch.optim.sgd import sgd
 
 # The quintic Newton-Schulz coefficients of Muon: chosen to push every singular value of the normalized
 # matrix towards ~1 in few steps (they land in about [0.7, 1.2] rather than exactly 1, which is enough).
@@ -23,9 +24,10 @@ def orthogonalize(matrix: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7
     wide = x.shape[0] <= x.shape[1]
     if not wide:
         x = x.T
-    for _ in range(steps):
+    for _ in range(steps):  # x = a x + (b G + c G G) x with G = x x^T, each line one fused matmul
         gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, polynomial, x, beta=a)
     return x if wide else x.T
 
 
@@ -68,14 +70,12 @@ class Muon(torch.optim.Optimizer):
             p.add_(update.to(p.dtype), alpha=-group["lr"])
 
     def _sgd_step(self, group: dict) -> None:
+        """torch's SGD over the whole group at once (its foreach form, as SGD.step takes on a GPU)."""
+        params = [p for p in group["params"] if p.grad is not None]
         momentum = group["momentum"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad
-            if group["weight_decay"]:
-                grad = grad.add(p, alpha=group["weight_decay"])
-            if momentum:
-                buf = self._buffer(p, grad, momentum)
-                grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-            p.add_(grad, alpha=-group["lr"])
+        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        sgd(params, [p.grad for p in params], buffers, foreach=True, weight_decay=group["weight_decay"],
+            momentum=momentum, lr=group["lr"], dampening=0.0, nesterov=group["nesterov"], maximize=False)
+        if momentum:
+            for p, buffer in zip(params, buffers):  # the first step's buffers are made by sgd()
+                self.state[p]["momentum_buffer"] = buffer
