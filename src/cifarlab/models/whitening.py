@@ -74,14 +74,13 @@ def whitening_filters(images: torch.Tensor, kernel: int, eps: float) -> torch.Te
     return torch.cat([filters, -filters])
 
 
-def fit_whitening(model: nn.Module, loader) -> int:
+def fit_whitening(model: nn.Module, loader) -> None:
     """Fit every PatchWhitening of `model` on the first `samples` images of `loader`'s split (a
-    DeviceLoader: its uint8 images, normalized as training normalizes them); the number fitted."""
-    layers = [m for m in model.modules() if isinstance(m, PatchWhitening)]
-    for layer in layers:
+    DeviceLoader: its uint8 images, normalized as training normalizes them). A resumed run fits them
+    too, and last.pt's filters (the same) then replace them."""
+    for layer in [m for m in model.modules() if isinstance(m, PatchWhitening)]:
         images = loader.images[:layer.samples]
         layer.fit(torch.cat([loader.normalize(chunk).float() for chunk in images.split(CHUNK)]))
-    return len(layers)
 
 
 def build_whitening(a: dict[str, Any], shape: tuple, where: str) -> tuple[nn.Module, tuple]:
