@@ -16,29 +16,36 @@ import numpy as np
 import pytest
 import torch
 
-os.environ["KERAS_BACKEND"] = "torch"  # before keras is imported anywhere in this process
-keras = pytest.importorskip("keras")
-if keras.backend.backend() != "torch":  # keras came in earlier with another backend
-    pytest.skip("keras is loaded with another backend", allow_module_level=True)
-pytest.importorskip("scipy")  # the legacy ImageDataGenerator warps with scipy.ndimage
-legacy_image = pytest.importorskip("keras.src.legacy.preprocessing.image")
-from keras import layers  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from cifarlab.config import load_config  # noqa: E402
-from cifarlab.data.augment import affine_matrices, build_augment, draw_affine, shift_channels, warp  # noqa: E402
-from cifarlab.data.prepare import eval_loader, prepare_data  # noqa: E402
-from cifarlab.data.splits import zca_matrix  # noqa: E402
-from cifarlab.errors import ConfigError  # noqa: E402
-from cifarlab.models.build import FLAVOR_LAYER_DEFAULTS, build_layers, build_model, preset_names, resolve_layers  # noqa: E402
-from cifarlab.models.layers import BiasedBatchNorm1d, BiasedBatchNorm2d, parse_layer  # noqa: E402
-from cifarlab.models.summary import count_params  # noqa: E402
-from cifarlab.train.formulas import ARGUMENT_KEYS, KERAS_OPTIMIZERS, TF1_OPTIMIZERS  # noqa: E402
-from cifarlab.train.optim import make_optimizer  # noqa: E402
+from cifarlab.config import load_config
+from cifarlab.data.augment import affine_matrices, build_augment, draw_affine, shift_channels, warp
+from cifarlab.data.prepare import eval_loader, prepare_data
+from cifarlab.data.splits import zca_matrix
+from cifarlab.errors import ConfigError
+from cifarlab.models.build import FLAVOR_LAYER_DEFAULTS, build_layers, build_model, preset_names, resolve_layers
+from cifarlab.models.layers import BiasedBatchNorm1d, BiasedBatchNorm2d, parse_layer
+from cifarlab.models.summary import count_params
+from cifarlab.train.formulas import ARGUMENT_KEYS, KERAS_OPTIMIZERS, TF1_OPTIMIZERS
+from cifarlab.train.optim import make_optimizer
 
 
 # Keras' legacy ImageDataGenerator and its torch backend warn about deprecated numpy / scipy calls.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+keras = layers = legacy_image = stats = None  # imported by `peer` in the one worker that runs this file
+
+
+@pytest.fixture(scope="module", autouse=True)
+def peer():
+    """Keras on its torch backend, imported when these tests run rather than when every worker collects
+    them (about 5 s): being module-scoped, the fixture also keeps this file's tests on one worker."""
+    global keras, layers, legacy_image, stats
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":  # keras came in earlier with another backend
+        pytest.skip("keras is loaded with another backend")
+    pytest.importorskip("scipy")  # the legacy ImageDataGenerator warps with scipy.ndimage
+    legacy_image = pytest.importorskip("keras.src.legacy.preprocessing.image")
+    from keras import layers
+    from scipy import stats
 
 
 # ---------------------------------------------------------------- networks
