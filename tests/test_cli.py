@@ -2,6 +2,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from cifarlab.demo import choose_demo_data
@@ -35,6 +36,7 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_train_with_the_console_script_then_eval(tmp_path):
     # the `cifarlab` script that pip installs, in a process of its own, as a user types it (no report.html:
     # the report of a trained run is checked in test_analysis.py, and `make demo` / .ci/wheel-check write one)

@@ -149,6 +149,7 @@ def test_dict_overrides_become_command_line_overrides():
 # ---------------------------------------------------------------- two ranks
 
 
+@pytest.mark.slow
 def test_two_ranks_from_the_command_line_train_as_one_process_and_listen_on_loopback_only(cifar10_head, tmp_path):
     settings = {**PLAIN, "data.root": str(cifar10_head), "train.epochs": 2}
     log = (tmp_path / "log").open("w")
@@ -210,6 +211,7 @@ cifarlab.fit(None, overrides=json.loads(sys.argv[1]), callbacks=[TestScores()], 
 """
 
 
+@pytest.mark.slow
 def test_ranks_started_like_torchrun_run_user_callbacks_on_rank_0_and_score_each_test_image_once(cifar10_head,
                                                                                                    tmp_path):
     # min_delta 1: no epoch improves on the first, whose weights rank 0 puts back (and shares) for the test
@@ -248,6 +250,7 @@ def start_forever(cifar10_head, out: Path) -> tuple[subprocess.Popen, list[int]]
     return launcher, ranks
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_the_launch_and_leaves_no_process(cifar10_head, tmp_path):
     launcher, ranks = start_forever(cifar10_head, tmp_path)
     os.kill(ranks[1], signal.SIGKILL)
@@ -260,6 +263,7 @@ def test_a_killed_rank_fails_the_launch_and_leaves_no_process(cifar10_head, tmp_
     assert "another rank ended" in err and not (run / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_sigint_to_the_launcher_stops_both_ranks_at_an_epoch_end(cifar10_head, tmp_path):
     launcher, ranks = start_forever(cifar10_head, tmp_path)
     launcher.send_signal(signal.SIGINT)

@@ -56,6 +56,7 @@ def test_cli_trains_the_module_and_records_it(cli_runs):
     assert checkpoint["config"]["model"]["module"] == MODULE and "conv5.weight" in checkpoint["model"]
 
 
+@pytest.mark.slow
 def test_every_command_rebuilds_the_module_in_a_new_process(cli_runs, cifar10_head, tmp_path):
     run, half = cli_runs["whole"], cli_runs["half"]
     image = tmp_path / "frog.png"
@@ -188,6 +189,7 @@ def test_summary_of_an_own_module_follows_keras(capsys):
     assert result.returncode == 0 and "multiple" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_study_compares_an_own_module_with_a_preset(cifar10_head, tmp_path):
     study = tmp_path / "study.yaml"
     study.write_text(textwrap.dedent(f"""

@@ -211,6 +211,7 @@ def same_weights(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_four_epochs_equal_two_plus_resumed_two(cifar10_head, tmp_path):
     # (schedules that span train.epochs, such as cosine, differ between a 2- and a 4-epoch run by design;
     # an interrupted run resumes exactly with any schedule: see the signal and SIGKILL tests)
@@ -239,6 +240,7 @@ def only_run(folder):
     return run
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(cifar10_head, tmp_path):
     extra = ["train.epochs=3", "optim.lr=0.002"]
     straight = fit(load_config(overrides=base_overrides(cifar10_head, tmp_path / "a", *extra)))
@@ -271,6 +273,7 @@ def signalled_straight(cifar10_head, tmp_path_factory):
         return fit(load_config(overrides=base_overrides(cifar10_head, out / "a", *SIGNALLED)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signals_save_state_mid_epoch_and_resume_exactly(cifar10_head, tmp_path, signalled_straight, signum, code):
     straight = signalled_straight
