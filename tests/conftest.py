@@ -24,7 +24,7 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 def pytest_configure(config):
     """Under pytest-xdist every process a worker runs trains on one thread (cifarlab's default threads
     follow OMP_NUM_THREADS, as torch's do): two workers never put four compute threads on two cores."""
-    config.addinivalue_line("markers", "slow: over about 8 s; scheduled first so no worker waits at the end")
+    config.addinivalue_line("markers", "slow: over about 7.5 s; scheduled first so no worker waits at the end")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch
