@@ -217,11 +217,11 @@ def test_a_scheduler_file_that_never_appears(cifar10_head, tmp_path):
     assert not out.exists()
 
 
-def test_slurm_where_there_is_no_slurm(cifar10_head, tmp_path):
+def test_slurm_where_there_is_no_slurm(cifar10_head, tmp_path, monkeypatch):
     pytest.importorskip("dask_jobqueue")
     out = tmp_path / "study"
-    no_slurm = {**WAIT, "PATH": str(Path(sys.executable).parent)}  # a PATH without Slurm's commands, even where it has them
-    result = run_cli("sweep", study_file(tmp_path, cifar10_head), "--executor", "slurm", "--out", out, env=no_slurm)
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # without Slurm's commands, even where it has them
+    result = invoke("sweep", study_file(tmp_path, cifar10_head), "--executor", "slurm", "--out", out)
     assert_error(result, 2, "executor slurm: no scontrol on this machine")
     assert not out.exists()
 

@@ -21,7 +21,7 @@ import pytest
 
 from cifarlab import runs
 from cifarlab.studies.spec import load_study
-from helpers import assert_error, cli_command, descendants, free_port, listening, run_cli, wait_for
+from helpers import assert_error, cli_command, descendants, free_port, invoke, listening, wait_for
 
 REQUIRE = "CIFARLAB_REQUIRE_SLURM"
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
@@ -363,18 +363,19 @@ def test_a_search_on_two_slurm_jobs_retries_the_trial_of_a_killed_worker(slurm, 
     wait_for(lambda: not slurm.queue(), "the search's jobs to leave squeue", timeout=60, interval=0.2)
 
 
-def test_a_slurm_controller_that_does_not_answer_is_one_line(cifar10_head, tmp_path, postgres):
+def test_a_slurm_controller_that_does_not_answer_is_one_line(cifar10_head, tmp_path, postgres, monkeypatch):
     if shutil.which("scontrol") is None:
         pytest.skip("Slurm's commands are not installed (apt-get install slurm-wlm)")
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
     conf = tmp_path / "slurm.conf"  # a controller on a port nothing listens on
     conf.write_text(f"ClusterName=none\nSlurmctldHost={host}(127.0.0.1)\nSlurmctldPort={free_port()}\n"
                     f"NodeName={host} NodeAddr=127.0.0.1 CPUs=1 State=UNKNOWN\nPartitionName=debug Nodes=ALL Default=YES\n")
-    env = {"SLURM_CONF": str(conf), "CIFARLAB_CONNECT_TIMEOUT": "3"}
+    monkeypatch.setenv("SLURM_CONF", str(conf))  # read by scontrol, which cifarlab asks (in this process)
+    monkeypatch.setenv("CIFARLAB_CONNECT_TIMEOUT", "3")
     study = write_study(tmp_path, cifar10_head, epochs=1, jobs=1)
     search = tmp_path / "search.yaml"
     search.write_text(SEARCH.format(root=cifar10_head))
     for args in (["sweep", study], ["tune", search, "--executor", "slurm", "--storage", postgres]):
         out = tmp_path / "out"
-        assert_error(run_cli(*args, "--out", out, env=env), 2, "executor slurm: the Slurm controller")
+        assert_error(invoke(*args, "--out", out), 2, "executor slurm: the Slurm controller")
         assert not out.exists()
