@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -261,7 +262,7 @@ def wandb_records(path: Path):
             yield record
 
 
-def finished_records(path: Path) -> list:
+def finished_records(path: Path) -> Optional[list]:
     """The records of a W&B run file that holds the run's exit record; None before (a record may be half written)."""
     from google.protobuf.message import DecodeError
 
