@@ -58,21 +58,25 @@ def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], l
 def zca_matrix(images: np.ndarray, mean: list[float], std: list[float], epsilon: float = 1e-6,
                chunk: int = 4096) -> np.ndarray:
     """The (D, D) ZCA whitening matrix of normalized training images, D = C*H*W, by Keras'
-    ImageDataGenerator.fit (zca_whitening): with the SVD of the (D, n) data X^T = U S V^T it is
-    U diag(sqrt(n) / (S + eps)) U^T over the min(n, D) singular vectors. Here the same matrix comes
-    from the eigendecomposition of the float64 second-moment matrix X^T X / n = U diag(S^2 / n) U^T,
-    so sqrt(n) / (S + eps) = 1 / (sqrt(eigenvalue) + eps / sqrt(n)); with fewer images than
-    dimensions only the n largest eigenvalues are kept, as the thin SVD keeps n singular vectors."""
+    ImageDataGenerator.fit (zca_whitening): with the thin SVD of the (D, n) data X^T = U S V^T it is
+    U diag(sqrt(n) / (S + eps)) U^T over the min(n, D) singular vectors. With fewer images than
+    dimensions that SVD is taken as Keras takes it (float64): O(n^2 D), against O(D^3) for the
+    eigendecomposition below (300 CIFAR-10 images: a fraction of a second, not 5 s on one core).
+    With more, the same matrix comes from the eigendecomposition of the float64 second-moment matrix
+    X^T X / n = U diag(S^2 / n) U^T, built in chunks: sqrt(n) / (S + eps) = 1 / (sqrt(eigenvalue) +
+    eps / sqrt(n))."""
     n = len(images)
     m = np.asarray(mean, dtype=np.float64).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float64).reshape(1, -1, 1, 1)
     dim = int(np.prod(images.shape[1:]))
+    normalized = lambda block: ((block.astype(np.float64) / 255 - m) / s).reshape(-1, dim)  # noqa: E731
+    if n < dim:
+        _, singular, vectors_t = np.linalg.svd(normalized(images), full_matrices=False)
+        return ((vectors_t.T * (np.sqrt(n) / (singular + epsilon))) @ vectors_t).astype(np.float32)
     sigma = np.zeros((dim, dim))
     for start in range(0, n, chunk):
-        x = ((images[start:start + chunk].astype(np.float64) / 255 - m) / s).reshape(-1, dim)
+        x = normalized(images[start:start + chunk])
         sigma += x.T @ x
-    values, vectors = np.linalg.eigh(sigma / n)  # ascending
-    keep = min(n, dim)
-    values, vectors = values[dim - keep:], vectors[:, dim - keep:]
+    values, vectors = np.linalg.eigh(sigma / n)
     scale = 1.0 / (np.sqrt(np.maximum(values, 0)) + epsilon / np.sqrt(n))
     return ((vectors * scale) @ vectors.T).astype(np.float32)
