@@ -363,7 +363,7 @@ def test_a_search_on_two_slurm_jobs_retries_the_trial_of_a_killed_worker(slurm, 
     wait_for(lambda: not slurm.queue(), "the search's jobs to leave squeue", timeout=60, interval=0.2)
 
 
-def test_a_slurm_controller_that_does_not_answer_is_one_line(cifar10_head, tmp_path, postgres, monkeypatch):
+def test_a_slurm_controller_that_does_not_answer_is_one_line(cifar10_head, tmp_path, monkeypatch):
     if shutil.which("scontrol") is None:
         pytest.skip("Slurm's commands are not installed (apt-get install slurm-wlm)")
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
@@ -375,6 +375,8 @@ def test_a_slurm_controller_that_does_not_answer_is_one_line(cifar10_head, tmp_p
     study = write_study(tmp_path, cifar10_head, epochs=1, jobs=1)
     search = tmp_path / "search.yaml"
     search.write_text(SEARCH.format(root=cifar10_head))
+    # the controller is asked before the storage: a PostgreSQL URL where nothing listens is never reached
+    postgres = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
     for args in (["sweep", study], ["tune", search, "--executor", "slurm", "--storage", postgres]):
         out = tmp_path / "out"
         assert_error(invoke(*args, "--out", out), 2, "executor slurm: the Slurm controller")
