@@ -17,7 +17,7 @@ from torch import nn
 import cifarlab
 from cifarlab import runs
 from cifarlab.errors import ConfigError
-from helpers import assert_error, invoke, run_cli
+from helpers import assert_error, invoke
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "own_model.py"
@@ -204,7 +204,7 @@ def test_a_study_compares_an_own_module_with_a_preset(cifar10_head, tmp_path):
           - {{name: mine, set: {{model.module: "{MODULE}", model.args: {{p: 0.2}}}}}}
           - {{name: preset, set: {{}}}}
     """))
-    result = run_cli("sweep", study, "--out", tmp_path / "out", timeout=600)
+    result = invoke("sweep", study, "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "out" / "results.csv").read_text().splitlines()
     header = table[0].split(",")

@@ -215,7 +215,8 @@ def same_weights(a, b):
 def test_four_epochs_equal_two_plus_resumed_two(cifar10_head, tmp_path):
     # (schedules that span train.epochs, such as cosine, differ between a 2- and a 4-epoch run by design;
     # an interrupted run resumes exactly with any schedule: see the signal and SIGKILL tests)
-    extra = ["train.epochs=4", "augment.cutmix=1.0", "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]
+    extra = ["train.epochs=4", "augment.cutmix=1.0", "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9",
+             "data.train_limit=450", "data.test_limit=100"]
     straight = fit(load_config(overrides=base_overrides(cifar10_head, tmp_path / "a", *extra)))
     half = fit(load_config(overrides=base_overrides(cifar10_head, tmp_path / "b", *extra[1:], "train.epochs=2")))
     resumed = resume(half, ["train.epochs=4"])
@@ -344,10 +345,10 @@ def test_recipe_configs_load(name):
 
 @pytest.mark.slow
 def test_cnn3_fast_recipe_learns_cifar10_head_with_flip_shift_tta(cifar10_head, tmp_path):
-    # the recipe compressed to 2 epochs (one-cycle spans train.epochs); the full one is benchmarked
+    # the recipe compressed to 2 epochs on 3,000 images (one-cycle spans train.epochs); the full one is benchmarked
     config = load_config(CONFIGS / "cnn3-fast.yaml", [f"data.root={cifar10_head}", "train.epochs=2",
-                                                      "data.test_limit=500", f"train.out_dir={tmp_path}",
-                                                      "analysis.report=false"])
+                                                      "data.train_limit=3000", "data.test_limit=500",
+                                                      f"train.out_dir={tmp_path}", "analysis.report=false"])
     assert config.train.tta == "flip-shift" and config.train.precision == "bf16" and config.data.val_size == 0
     run = fit(config)
     summary = runs.read_summary(run)
@@ -358,10 +359,10 @@ def test_cnn3_fast_recipe_learns_cifar10_head_with_flip_shift_tta(cifar10_head, 
 
 @pytest.mark.slow
 def test_fmnist_fast_recipe_learns_fashion_mnist(fashion_mnist, tmp_path):
-    # one epoch on the first 12,000 images; the full recipe (24 epochs, 60,000) is benchmarked
+    # one epoch on the first 12,000 images, tested on 2,000; the full recipe (24 epochs, 60,000) is benchmarked
     config = load_config(CONFIGS / "fmnist-fast.yaml", [f"data.root={fashion_mnist}", "train.epochs=1",
-                                                        "data.train_limit=12000", f"train.out_dir={tmp_path}",
-                                                        "analysis.report=false"])
+                                                        "data.train_limit=12000", "data.test_limit=2000",
+                                                        f"train.out_dir={tmp_path}", "analysis.report=false"])
     assert config.data.dataset == "fashion-mnist" and config.train.precision == "bf16"
     summary = runs.read_summary(fit(config))
     assert summary["test_acc"] > 0.75, summary  # chance is 0.10

@@ -72,7 +72,7 @@ def test_same_config_twice_gives_identical_metrics(cifar10_head, tmp_path):
 @pytest.mark.slow
 def test_short_fashion_mnist_run(fashion_mnist, tmp_path):
     # (no report.html: a failing figure would not fail this run; the report is checked in test_analysis.py)
-    config = load_config(overrides=["data.dataset=fashion-mnist", "data.train_limit=12000", "data.test_limit=2000",
+    config = load_config(overrides=["data.dataset=fashion-mnist", "data.train_limit=6000", "data.test_limit=2000",
                                     "train.epochs=2", "model.preset=cnn3-avg", "train.batch_size=128",
                                     "train.precision=bf16", f"train.out_dir={tmp_path}", "analysis.report=false"])
     summary = runs.read_summary(fit(config))

@@ -11,7 +11,7 @@ from cifarlab import runs
 from cifarlab.errors import ConfigError
 from cifarlab.studies.spec import load_study
 from cifarlab.studies.tune import check_search, tune_settings
-from helpers import assert_error, free_port, invoke, run_cli
+from helpers import assert_error, free_port, invoke
 
 optuna = pytest.importorskip("optuna")
 
@@ -57,7 +57,7 @@ def check_trials(out: Path, storage: str, count: int) -> list:
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(cifar10_head, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("tune", write_search(tmp_path, cifar10_head), "--trials", "4", "--workers", "2", "--out", out)
+    result = invoke("tune", write_search(tmp_path, cifar10_head), "--trials", "4", "--workers", "2", "--out", out)
     assert result.returncode == 0, result.stderr
     trials = check_trials(out, f"sqlite:///{out / 'optuna.db'}", 4)
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both processes ran trials
@@ -111,14 +111,14 @@ def test_search_mistakes_name_the_key(cifar10_head, tmp_path):
 @pytest.mark.slow
 def test_two_workers_share_a_study_on_postgresql(postgres, cifar10_head, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("tune", write_search(tmp_path, cifar10_head), "--trials", "3", "--workers", "2",
-                     "--storage", postgres, "--out", out)
+    result = invoke("tune", write_search(tmp_path, cifar10_head), "--trials", "3", "--workers", "2",
+                    "--storage", postgres, "--out", out)
     assert result.returncode == 0, result.stderr
     assert not (out / "optuna.db").exists()  # nothing went to SQLite
     trials = check_trials(out, postgres, 3)
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}
-    # a third process joins the same search later and adds trials to it
-    more = run_cli("tune", tmp_path / "search.yaml", "--trials", "4", "--storage", postgres, "--out", out)
+    # a third client joins the same search later and adds trials to it
+    more = invoke("tune", tmp_path / "search.yaml", "--trials", "4", "--storage", postgres, "--out", out)
     assert more.returncode == 0, more.stderr
     check_trials(out, postgres, 4)
 
@@ -132,8 +132,8 @@ def test_an_unreachable_storage_is_one_line(cifar10_head, tmp_path):
 @pytest.mark.slow
 def test_trial_workers_as_tasks_of_a_local_dask_cluster(cifar10_head, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("tune", write_search(tmp_path, cifar10_head), "--executor", "dask", "--workers", "2",
-                     "--trials", "3", "--out", out)
+    result = invoke("tune", write_search(tmp_path, cifar10_head), "--executor", "dask", "--workers", "2",
+                    "--trials", "3", "--out", out)
     assert result.returncode == 0, result.stderr
     trials = check_trials(out, f"sqlite:///{out / 'optuna.db'}", 3)
     # trained by the worker processes Dask placed (one may take every trial when the other starts late), none here
