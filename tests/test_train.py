@@ -58,8 +58,9 @@ def test_cnn3_avg_learns_cifar10_head(trained_run, tmp_path):
 
 @pytest.mark.slow
 def test_same_config_twice_gives_identical_metrics(cifar10_head, tmp_path):
-    overrides = [f"data.root={cifar10_head}", "data.train_limit=600", "train.epochs=2", "train.log_every=2",
-                 "augment.preset=crop-flip", "model.preset=cnn3", f"train.out_dir={tmp_path}", "analysis.report=false"]
+    overrides = [f"data.root={cifar10_head}", "data.train_limit=600", "data.test_limit=200", "train.epochs=2",
+                 "train.log_every=2", "augment.preset=crop-flip", "model.preset=cnn3", f"train.out_dir={tmp_path}",
+                 "analysis.report=false"]
     first = fit(load_config(overrides=overrides))
     second = fit(load_config(overrides=overrides))
     assert first != second
