@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,28 @@ def invoke(*args) -> Result:
         torch.set_num_threads(threads)
     # rich colours its output when this process' stdout was a terminal at import (pytest -s)
     return Result(result.exit_code, ANSI.sub("", result.stdout), ANSI.sub("", result.stderr))
+
+
+def invoke_bounded(*args, timeout: float = 120) -> Result:
+    """`invoke(ARGS)` in a thread of its own, for a command whose bounded wait is what the test checks: one that
+    has not returned within `timeout` seconds fails the test instead of hanging it (its daemon thread is left
+    behind), as a process of its own would, without the process' start (torch and the CLI imported again)."""
+    outcome: dict[str, object] = {}
+
+    def target():
+        try:
+            outcome["result"] = invoke(*args)
+        except BaseException as e:  # re-raised in the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="cifarlab command", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise AssertionError(f"cifarlab {' '.join(map(str, args))}: still waiting after {timeout} s")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]  # type: ignore[return-value]
 
 
 def wait_for(predicate, what: str = "a condition", timeout: float = 300, interval: float = 0.05):

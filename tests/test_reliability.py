@@ -26,11 +26,10 @@ from cifarlab import runs
 from cifarlab.data.dataset import Dataset
 from cifarlab.data.local import arrays_dataset
 from cifarlab.errors import DataError
-from helpers import assert_error, cli_command, free_port, invoke, run_cli, wait_for
+from helpers import assert_error, cli_command, free_port, invoke, invoke_bounded, wait_for
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 QUICK = ["model.preset=cnn3", "train.epochs=1", "analysis.report=false", "-q"]
-WAIT = {"CIFARLAB_CONNECT_TIMEOUT": "2"}  # how long a study waits for a server that does not answer
 
 
 def real_images(cifar10_head, n=300):
@@ -175,6 +174,12 @@ axes:
 
 
 @pytest.fixture
+def short_wait(monkeypatch):
+    """How long a study waits for a server that does not answer: 2 s (CIFARLAB_CONNECT_TIMEOUT)."""
+    monkeypatch.setenv("CIFARLAB_CONNECT_TIMEOUT", "2")
+
+
+@pytest.fixture
 def silent_server():
     """A port on 127.0.0.1 whose server accepts connections (the kernel's backlog) and never says a word,
     like a scheduler or database host that hangs; closed when the test ends."""
@@ -190,29 +195,29 @@ def study_file(tmp_path, root) -> Path:
     return path
 
 
-def test_a_dask_address_where_nothing_listens(cifar10_head, tmp_path):
+def test_a_dask_address_where_nothing_listens(cifar10_head, tmp_path, short_wait):
     pytest.importorskip("distributed")
     address, out = f"tcp://127.0.0.1:{free_port()}", tmp_path / "study"
-    result = run_cli("sweep", study_file(tmp_path, cifar10_head), "--executor", "dask", "--address", address,
-                        "--out", out, env=WAIT)
+    result = invoke_bounded("sweep", study_file(tmp_path, cifar10_head), "--executor", "dask", "--address", address,
+                            "--out", out)
     assert_error(result, 2, f"Dask scheduler {address}: no answer within 2 s", "CIFARLAB_CONNECT_TIMEOUT")
     assert not out.exists()  # no configs/, no logs/: nothing written before the scheduler answered
 
 
-def test_a_dask_scheduler_that_accepts_and_never_answers(cifar10_head, tmp_path, silent_server):
+def test_a_dask_scheduler_that_accepts_and_never_answers(cifar10_head, tmp_path, silent_server, short_wait):
     pytest.importorskip("distributed")
     address, out = f"tcp://127.0.0.1:{silent_server}", tmp_path / "study"
-    result = run_cli("sweep", study_file(tmp_path, cifar10_head), "--executor", "dask", "--address", address,
-                        "--out", out, env=WAIT)  # Dask's own timeout leaves this wait unbounded
+    result = invoke_bounded("sweep", study_file(tmp_path, cifar10_head), "--executor", "dask", "--address", address,
+                            "--out", out)  # Dask's own timeout leaves this wait unbounded
     assert_error(result, 2, f"Dask scheduler {address}: no answer within 2 s")
     assert not out.exists()
 
 
-def test_a_scheduler_file_that_never_appears(cifar10_head, tmp_path):
+def test_a_scheduler_file_that_never_appears(cifar10_head, tmp_path, short_wait):
     pytest.importorskip("distributed")
     missing, out = tmp_path / "scheduler.json", tmp_path / "study"
-    result = run_cli("sweep", study_file(tmp_path, cifar10_head), "--executor", "dask", "--scheduler-file", missing,
-                        "--out", out, env=WAIT)
+    result = invoke_bounded("sweep", study_file(tmp_path, cifar10_head), "--executor", "dask", "--scheduler-file",
+                            missing, "--out", out)
     assert_error(result, 2, f"--scheduler-file {missing}: no such file after 2 s")
     assert not out.exists()
 
@@ -227,13 +232,14 @@ def test_slurm_where_there_is_no_slurm(cifar10_head, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("server", ["refused", "silent"])
-def test_a_search_storage_that_cannot_be_reached_writes_nothing(cifar10_head, tmp_path, silent_server, server):
+def test_a_search_storage_that_cannot_be_reached_writes_nothing(cifar10_head, tmp_path, silent_server, server,
+                                                                short_wait):
     pytest.importorskip("optuna")
     port = free_port() if server == "refused" else silent_server
     url, out = f"postgresql://nobody@127.0.0.1:{port}/none", tmp_path / "out"
     path = tmp_path / "search.yaml"
     path.write_text(SEARCH.format(root=cifar10_head, extra="", tune=""))
-    result = run_cli("tune", path, "--storage", url, "--out", out, env=WAIT)  # libpq alone waits forever
+    result = invoke_bounded("tune", path, "--storage", url, "--out", out)  # libpq alone waits forever
     assert_error(result, 2, f"--storage {url}: cannot open the Optuna storage")
     assert not out.exists()
 
