@@ -340,7 +340,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @pytest.mark.parametrize("name", ["quickstart", "cnn3-fast", "fmnist-fast", "resnet-fast"])
 def test_recipe_configs_load(name):
     config = load_config(CONFIGS / f"{name}.yaml", ["data.dataset=synthetic"])
-    assert config.model.preset in {"cnn3-avg", "cnn3-fast", "resnet-fast"}
+    assert config.model.preset in {"cnn3-avg", "cnn3-fast", "airbench", "resnet-fast"}
 
 
 @pytest.mark.slow
@@ -359,7 +359,7 @@ def test_cnn3_fast_recipe_learns_cifar10_head_with_flip_shift_tta(cifar10_head, 
 
 @pytest.mark.slow
 def test_fmnist_fast_recipe_learns_fashion_mnist(fashion_mnist, tmp_path):
-    # one epoch on the first 12,000 images, tested on 2,000; the full recipe (24 epochs, 60,000) is benchmarked
+    # one epoch on the first 12,000 images, tested on 2,000; the full recipe (16 epochs, 60,000) is benchmarked
     config = load_config(CONFIGS / "fmnist-fast.yaml", [f"data.root={fashion_mnist}", "train.epochs=1",
                                                         "data.train_limit=12000", "data.test_limit=2000",
                                                         f"train.out_dir={tmp_path}", "analysis.report=false"])
