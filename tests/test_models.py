@@ -183,3 +183,31 @@ def test_a_relu_before_a_max_pool_runs_after_it_with_the_same_values_and_gradien
     finally:
         handle.remove()
     assert seen.shapes[:3] == plain_relus[:3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keras_batchnorm_moves_by_the_biased_batch_variance_and_normalizes_as_torch(dtype):
+    # Keras' moving variance follows the biased batch variance (test_keras_parity checks it against Keras);
+    # here on what training feeds it: a channels-last batch, in bf16 under autocast too
+    from cifarlab.models.layers import BiasedBatchNorm2d
+
+    ours, theirs = BiasedBatchNorm2d(8, momentum=0.01, eps=1e-3), torch.nn.BatchNorm2d(8, momentum=0.01, eps=1e-3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for bn in (ours, theirs):
+            bn.weight.copy_(torch.rand(8, generator=g) + 0.5)
+            bn.running_mean.copy_(torch.randn(8, generator=g))
+            bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+        theirs.load_state_dict(ours.state_dict())
+    x = (torch.randn(16, 8, 5, 5, generator=g) * 3 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    before_mean, before_var = ours.running_mean.clone(), ours.running_var.clone()
+    out, expected = ours(x), theirs(x)
+    assert torch.equal(out, expected)  # the training output is torch's
+    (out.float() * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+    (expected.float() * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+    assert torch.equal(ours.weight.grad, theirs.weight.grad) and torch.equal(ours.bias.grad, theirs.bias.grad)
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(ours.running_mean, (0.99 * before_mean + 0.01 * mean).float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.running_var, (0.99 * before_var + 0.01 * var).float(), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(theirs.running_var, ours.running_var, rtol=1e-4)  # torch's own moves by the unbiased
+    assert int(ours.num_batches_tracked) == 1

@@ -222,14 +222,18 @@ class _BiasedVariance:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        dims = [d for d in range(x.dim()) if d != 1]
+        # the batch's mean and unbiased variance from the batch norm kernel's own pass (momentum 1 copies
+        # them into zeroed buffers), then the biased variance, var * (n - 1) / n, into the moving one: a
+        # separate var_mean over a float copy took 6x the batch norm's forward on channels-last bf16 inputs (cnn3)
+        mean = torch.zeros_like(self.running_mean)
+        var = torch.zeros_like(self.running_var)
+        out = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
         with torch.no_grad():
-            stats = x.float()
-            var, mean = torch.var_mean(stats, dim=dims, correction=0)
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+            n = x.numel() // x.shape[1]
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * ((n - 1) / n), self.momentum)
             self.num_batches_tracked.add_(1)
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return out
 
 
 class BiasedBatchNorm1d(_BiasedVariance, nn.BatchNorm1d):
