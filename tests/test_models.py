@@ -7,6 +7,7 @@ import torch
 from cifarlab.config import load_config
 from cifarlab.errors import ConfigError
 from cifarlab.models.build import build_layers, build_model, preset_names
+from cifarlab.models.layers import BiasedBatchNorm2d
 from cifarlab.models.summary import count_params, format_summary, summarize
 
 # Parameter counts of the reports' networks: (trainable, non-trainable), from their own tables.
@@ -189,8 +190,6 @@ def test_a_relu_before_a_max_pool_runs_after_it_with_the_same_values_and_gradien
 def test_keras_batchnorm_moves_by_the_biased_batch_variance_and_normalizes_as_torch(dtype):
     # Keras' moving variance follows the biased batch variance (test_keras_parity checks it against Keras);
     # here on what training feeds it: a channels-last batch, in float32 and in bf16 (autocast's convolutions give bf16)
-    from cifarlab.models.layers import BiasedBatchNorm2d
-
     ours, theirs = BiasedBatchNorm2d(8, momentum=0.01, eps=1e-3), torch.nn.BatchNorm2d(8, momentum=0.01, eps=1e-3)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
