@@ -91,6 +91,12 @@ def test_preset_parameters_change_the_network():
     assert wide.conv1.kernel_size == (7, 7) and wide.conv2.kernel_size == (5, 5)
     dropped = model_for("cnn3-avg", (3, 32, 32), 10, "model.dropout=0.2")
     assert [m.p for m in dropped.modules() if isinstance(m, torch.nn.Dropout)] == [0.2, 0.2]
+    # airbench without its whitening layer (configs/studies/fmnist-fast-ablation.yaml): the first conv sees the pixels
+    whitened, bare = (model_for("airbench", (1, 28, 28), 10, f"model.whiten={w}") for w in ("true", "false"))
+    assert list(whitened.named_children())[0][0] == "whiten1" and whitened.conv1.in_channels == 8
+    assert list(bare.named_children())[0][0] == "conv1" and bare.conv1.in_channels == 1
+    # 7 more input channels of conv1's 64 3x3 filters and the whitening bias; its 8 frozen 2x2 filters
+    assert count_params(whitened) == (count_params(bare)[0] + 7 * 64 * 9 + 8, count_params(bare)[1] + 8 * 4)
 
 
 def test_mnist_input_and_class_count_follow_the_dataset():
