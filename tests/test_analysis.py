@@ -9,6 +9,7 @@ from PIL import Image
 
 from cifarlab import runs
 from cifarlab.analysis.embed import separation, tsne
+from cifarlab.analysis.figures import FIGURES
 from cifarlab.analysis.metrics import confusion_matrix, top_k_accuracy
 from cifarlab.api import evaluate_run, predict_files
 from cifarlab.evaluation import evaluate
@@ -102,7 +103,7 @@ def test_predict_refuses_a_file_that_is_not_an_image(trained_run, tmp_path):
     assert f"{bad}: not a readable image" in result.stderr
 
 
-@pytest.mark.parametrize("command, png, min_size", [
+VIZ_CASES = [
     (["viz", "curves"], "curves.png", (1000, 400)),
     (["viz", "samples", "-n", "16"], "samples_train.png", (800, 300)),
     (["viz", "confusion"], "confusion_test.png", (500, 450)),
@@ -111,7 +112,14 @@ def test_predict_refuses_a_file_that_is_not_an_image(trained_run, tmp_path):
     (["viz", "filters"], "filters_conv1.png", (600, 300)),
     (["viz", "tsne"], "tsne_fc1.png", (1200, 400)),
     (["viz", "augment"], "augment.png", (800, 500)),
-])
+]
+
+
+def test_every_figures_entry_has_a_viz_case():
+    assert set(FIGURES) <= {command[1] for command, _, _ in VIZ_CASES}
+
+
+@pytest.mark.parametrize("command, png, min_size", VIZ_CASES)
 def test_every_figure_command_writes_a_png(trained_run, tmp_path, command, png, min_size):
     run = copy_run(trained_run, tmp_path)
     path = run / "plots" / png
