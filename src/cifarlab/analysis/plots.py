@@ -358,6 +358,7 @@ def bar_chart(labels: Sequence[str], means: Sequence[float], stds: Sequence[Any]
     fig, ax = subplots(figsize=(max(5.0, 0.6 * len(labels) + 2), 4.5))
     x = np.arange(len(labels))
     errors = [0 if s is None else s for s in stds]
+    bottom, top, decimals = value_axis(means, errors, references)
     ax.bar(x, means, yerr=errors if any(errors) else None, capsize=3, color="#4c72b0", alpha=0.85, label="measured")
     marked = [(i, r) for i, r in enumerate(references) if r is not None]
     if marked:
@@ -365,10 +366,28 @@ def bar_chart(labels: Sequence[str], means: Sequence[float], stds: Sequence[Any]
                    label="report")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     for i, (m, e) in enumerate(zip(means, errors)):
-        ax.text(i, m + e, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
+        ax.text(i, m + e + 0.01 * (top - bottom), f"{m:.{decimals}f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
+    if bottom > 0:
+        ax.set_ylim(bottom, top)
+        ylabel += " (axis from %g)" % bottom
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return save(fig, path, pdf=True)
+
+
+def value_axis(means: Sequence[float], errors: Sequence[float], references: Sequence[Any]) -> tuple[float, float, int]:
+    """The value axis of a bar chart: from 0 (bottom 0.0), unless the bars differ by less than a quarter of their
+    height (an ablation's 94.2 against 93.7 %), where it starts below the lowest bar so the differences show;
+    and the decimals their labels need to tell the bars apart."""
+    lows = [m - e for m, e in zip(means, errors)]
+    highs = [m + e for m, e in zip(means, errors)] + [r for r in references if r is not None]
+    lo, hi = min(lows), max(highs)
+    decimals = 2 if hi - lo < 2 else 1
+    if lo <= 0 or hi - lo >= 0.25 * hi:
+        return 0.0, hi, decimals
+    span = max(hi - lo, 0.01 * hi)
+    return float(np.floor(lo - span / 2)), hi + span / 4, decimals
+
