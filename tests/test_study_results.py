@@ -177,7 +177,6 @@ def test_bar_chart_axis_zooms_on_close_bars_and_starts_at_zero_otherwise():
     means, stds = [94.17, 93.67, 94.32, 94.02, 94.01, 93.96], [0.10, 0.15, 0.21, 0.16, 0.10, 0.08]
     bottom, top, decimals = value_axis(means, stds, [94.17, None, None, None, None, None])
     assert bottom == 93.0 and 94.53 < top < 94.9 and decimals == 2  # 94.02 and 94.01 are told apart
-    # a study whose rows differ by more than a quarter of the highest (report 002's optimizers) keeps 0
+    # rows that differ by more than a quarter of the highest (an optimizer that fails beside ones that learn) keep 0
     assert value_axis([55.0, 28.0, 61.0], [1.0, 2.0, 0.5], [None] * 3) == (0.0, 61.5, 1)
     assert value_axis([10.2, 10.1], [0, 0], [None, 12.0])[0] == 9.0  # the report's mark stays in view
-

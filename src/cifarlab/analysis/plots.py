@@ -390,4 +390,3 @@ def value_axis(means: Sequence[float], errors: Sequence[float], references: Sequ
         return 0.0, hi, decimals
     span = max(hi - lo, 0.01 * hi)
     return float(np.floor(lo - span / 2)), hi + span / 4, decimals
-
